@@ -1,0 +1,3 @@
+from training.model.config import ModelConfig
+
+__all__ = ["ModelConfig"]

@@ -1,0 +1,66 @@
+"""The model's shape and variant: a typed, validated config (unknown keys are errors)."""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    ffn_size: int = 1024
+    max_position: int = 512
+    type_vocab_size: int = 2
+    pad_token_id: int = 0
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    # "post": LayerNorm after each residual add, as Hugging Face BERT. "pre": LayerNorm before each
+    # sub-layer plus a final LayerNorm (needed by progressive layer dropping).
+    norm: Literal["post", "pre"] = "post"
+    # eager: reference math; sdpa: torch scaled_dot_product_attention; fused: Triton kernels in kernels/
+    # (falls back to sdpa with a logged reason); linear: elu+1 linear attention (CoRe's relaxed model).
+    attention: Literal["eager", "sdpa", "fused", "linear"] = "sdpa"
+    nsp: bool = False
+    # Per-layer head counts / FFN sizes after structured pruning (EarlyBERT); None means uniform.
+    heads_per_layer: Optional[list[int]] = None
+    ffn_per_layer: Optional[list[int]] = None
+    # CoRe relaxed FFN: W = U V with this rank; None means a full-rank FFN.
+    ffn_rank: Optional[int] = None
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def layer_heads(self, i: int) -> int:
+        return self.heads_per_layer[i] if self.heads_per_layer is not None else self.num_heads
+
+    def layer_ffn(self, i: int) -> int:
+        return self.ffn_per_layer[i] if self.ffn_per_layer is not None else self.ffn_size
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("heads_per_layer", "ffn_per_layer"):
+            per_layer = getattr(self, name)
+            if per_layer is not None and len(per_layer) != self.num_layers:
+                raise ValueError(f"model.{name} has {len(per_layer)} entries for {self.num_layers} layers")
+        if self.heads_per_layer is not None and any(h < 1 or h > self.num_heads for h in self.heads_per_layer):
+            raise ValueError(f"model.heads_per_layer entries must be in [1, num_heads={self.num_heads}]")
+        if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
+            raise ValueError(f"model.ffn_rank must be in [1, {min(self.hidden_size, self.ffn_size)}]")
+        return self
