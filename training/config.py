@@ -1,0 +1,295 @@
+"""The run config: one typed, validated YAML file is the single source of truth.
+
+The DeepSpeed JSON is generated from it (see `deepspeed_json`): a template from `deepspeed_configs/` supplies
+the knobs we do not model (loss-scale window, bucket sizes, ...), and every key we own (batch sizes,
+precision, ZeRO stage, clipping, monitor) is filled from this file. A template that sets an owned key is an
+error, so the two can never disagree.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from training.errors import UserError
+from training.model.config import ModelConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunSection(_Strict):
+    name: str = "run"
+    out_dir: str = "runs/default"
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    eval_batch_size: int = 64
+    save_every: int = 500  # steps between checkpoints; 0 = only at the end
+    keep_last: int = 3
+    export_hf: bool = True  # write OUT/hf at the end (when Hugging Face can represent the model)
+    peak_tflops: Optional[float] = None  # for MFU; None = measured bf16/fp32 matmul peak on this device
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("log_every", "eval_every", "eval_batches", "eval_batch_size", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"run.{name} must be positive, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"run.save_every must be >= 0, got {self.save_every}")
+        return self
+
+
+class DataSection(_Strict):
+    dir: str = "data/default"  # written by `python -m training.data prepare` / `build-default`
+    mlm_probability: float = 0.15
+    whole_word_mask: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+        return self
+
+
+class OptimizerSection(_Strict):
+    name: Literal["lamb", "adamw"] = "lamb"
+    lr: float = 2e-3
+    end_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: Optional[int] = None  # default: warmup_fraction of the total steps
+    warmup_fraction: float = 0.06
+    decay_power: float = 1.0  # polynomial decay after warmup (1.0 = linear)
+    min_trust: float = 0.01  # LAMB trust-ratio clamp
+    max_trust: float = 10.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.lr <= 0:
+            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
+        if self.end_lr < 0 or self.end_lr > self.lr:
+            raise ValueError(f"optimizer.end_lr must be in [0, lr], got {self.end_lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 < self.min_trust <= self.max_trust:
+            raise ValueError("optimizer.min_trust must be positive and <= optimizer.max_trust")
+        return self
+
+
+class TrainSection(_Strict):
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    micro_batch_size: int = 32  # per rank
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 disables
+    zero_stage: Literal[0, 1, 2] = 0
+    max_steps: Optional[int] = None  # the single stage's length when `stages` is not given
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.micro_batch_size <= 0:
+            raise ValueError(f"train.micro_batch_size must be positive, got {self.micro_batch_size}")
+        if self.grad_accum <= 0:
+            raise ValueError(f"train.grad_accum must be positive, got {self.grad_accum}")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
+        return self
+
+
+class DeepSpeedSection(_Strict):
+    # Template for the knobs this file does not model; default: deepspeed_configs/<precision>.json
+    template: Optional[str] = None
+    extra: dict[str, Any] = {}  # merged last; may not touch owned keys either
+    tensorboard: bool = True
+    wall_clock_breakdown: bool = False
+
+
+class DistSection(_Strict):
+    timeout_s: int = 1800  # process-group timeout
+    backend: Optional[Literal["gloo", "nccl", "ccl"]] = None  # default: nccl on CUDA, gloo on CPU
+
+
+class StageSection(_Strict):
+    """One stage of the run. The spine runs one stage; stage hooks plug in here."""
+    name: str
+    steps: int
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.steps <= 0:
+            raise ValueError(f"stage '{self.name}': steps must be positive, got {self.steps}")
+        return self
+
+
+class RunConfig(_Strict):
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    model: ModelConfig = ModelConfig()
+    train: TrainSection = TrainSection()
+    optimizer: OptimizerSection = OptimizerSection()
+    deepspeed: DeepSpeedSection = DeepSpeedSection()
+    dist: DistSection = DistSection()
+    stages: Optional[list[StageSection]] = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.stages is None:
+            if self.train.max_steps is None:
+                raise ValueError("set train.max_steps (or give a `stages` list)")
+            self.stages = [StageSection(name="main", steps=self.train.max_steps)]
+        elif not self.stages:
+            raise ValueError("stages: the list is empty")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stages: names must be unique, got {names}")
+        if self.optimizer.name == "lamb" and self.train.zero_stage > 0:
+            raise ValueError(
+                f"optimizer.name=lamb with train.zero_stage={self.train.zero_stage}: LAMB trust ratios are per "
+                "tensor but ZeRO 1/2 hand the optimizer flat partitions; use zero_stage 0 or optimizer adamw")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def warmup_steps(self) -> int:
+        if self.optimizer.warmup_steps is not None:
+            return self.optimizer.warmup_steps
+        return int(self.optimizer.warmup_fraction * self.total_steps)
+
+    def digest(self) -> str:
+        """Hash of the resolved config, compared across ranks at start-up."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/flow collections: 3, 1e-3, true, [1, 2], null, a string."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            if part.isdigit() and isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise UserError(f"--set {key}: '{part}' is not a section")
+        last = parts[-1]
+        if isinstance(node, list) and last.isdigit():
+            node[int(last)] = _parse_value(value)
+        else:
+            node[last] = _parse_value(value)
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown config key '{where}'"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {where + ': ' if where else ''}{msg}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides))
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None
+
+
+# ----------------------------------------------------------------------------------- DeepSpeed JSON
+
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler", "tensorboard", "steps_per_print",
+              "wall_clock_breakdown")
+PRECISION_BLOCKS = ("bf16", "fp16")
+
+
+def _load_template(cfg: RunConfig) -> tuple[dict, str]:
+    name = cfg.deepspeed.template or f"deepspeed_configs/{cfg.train.precision}.json"
+    path = Path(name)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / name
+    if not path.is_file():
+        raise UserError(f"deepspeed.template: file not found: {name}")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as err:
+        raise UserError(f"deepspeed.template {name}: not valid JSON ({err})") from None
+
+
+def deepspeed_json(cfg: RunConfig, world_size: int, out_dir: str | Path | None = None) -> dict:
+    template, template_path = _load_template(cfg)
+    for source, mapping in ((template_path, template), ("deepspeed.extra", cfg.deepspeed.extra)):
+        clash = sorted(set(mapping) & set(OWNED_KEYS))
+        clash += [f"{k}.enabled" for k in PRECISION_BLOCKS if "enabled" in mapping.get(k, {})]
+        clash += ["zero_optimization.stage"] if "stage" in mapping.get("zero_optimization", {}) else []
+        if clash:
+            raise UserError(f"{source} sets {clash}, which the run config owns; set them in the YAML instead")
+    ds = copy.deepcopy(template)
+    ds.update(copy.deepcopy(cfg.deepspeed.extra))
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    ds["gradient_clipping"] = t.grad_clip
+    # The template may tune a precision block (fp16 loss-scale knobs); which one is on is ours to say.
+    for key in PRECISION_BLOCKS:
+        block = ds.pop(key, {})
+        if key == t.precision:
+            ds[key] = {**block, "enabled": True}
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = t.zero_stage
+    ds["zero_optimization"] = zero
+    if t.zero_stage > 0:
+        ds["zero_allow_untested_optimizer"] = True  # our client optimizer is elementwise-safe (AdamW)
+    ds["steps_per_print"] = 10**9  # progress is ours (tqdm + metrics.jsonl)
+    ds["wall_clock_breakdown"] = cfg.deepspeed.wall_clock_breakdown
+    if cfg.deepspeed.tensorboard and out_dir is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(out_dir) / "tensorboard"),
+                             "job_name": cfg.run.name}
+    return ds

@@ -1,0 +1,53 @@
+"""Build (and rebuild, at stage boundaries) the DeepSpeed engine around a model."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from training.config import RunConfig, deepspeed_json
+from training.engine.lamb import build_lamb, param_groups_for
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def check_precision_supported(precision: str) -> None:
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a CUDA device (DeepSpeed's CPU accelerator has no fp16); "
+                        "use bf16 or fp32")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    groups = param_groups_for(model, o.weight_decay)
+    if o.name == "adamw":
+        # foreach AdamW: elementwise, so it is also correct on ZeRO's flat partitions.
+        return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                 foreach=True)
+    optimizer, name = build_lamb(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                 min_trust=o.min_trust, max_trust=o.max_trust)
+    log.info("optimizer: %s", name)
+    return optimizer
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, out_dir: str | Path):
+    """deepspeed.initialize with the JSON generated from `cfg`, in the existing process group."""
+    check_precision_supported(cfg.train.precision)
+    ds_config = deepspeed_json(cfg, world_size, out_dir)
+    optimizer = build_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return engine, ds_config
+
+
+def set_lr(engine, lr: float) -> None:
+    """The LR is a pure function of the global step (see schedule.py), so resume needs no scheduler state."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]

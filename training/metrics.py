@@ -1,0 +1,51 @@
+"""Metrics: OUT/metrics.jsonl (rank 0), TensorBoard through DeepSpeed's monitor, and the MFU denominator."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file."""
+
+    def __init__(self, path: Path, enabled: bool, monitor=None):
+        self.path = path
+        self.enabled = enabled
+        self.monitor = monitor
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.monitor is not None and getattr(self.monitor, "enabled", False):
+            kind = record.get("kind", "train")
+            events = [(f"{kind}/{k}", float(v), record["step"]) for k, v in record.items()
+                      if isinstance(v, (int, float)) and k not in ("step", "kind")]
+            self.monitor.write_events(events)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """A square matmul's rate on this device and dtype: the MFU denominator when run.peak_tflops is unset.
+
+    On a GPU prefer setting run.peak_tflops to the datasheet's dense number; on CPU there is none to look up.
+    """
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    a @ b  # warm-up
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * size**3 / seconds / 1e12
