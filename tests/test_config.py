@@ -23,7 +23,7 @@ def test_defaults_make_a_single_stage(tmp_path):
     ("train: {max_steps: 10}\nmodel: {hidden_size: 100, num_heads: 3}\n", "divisible by model.num_heads"),
     ("train: {max_steps: 0}\n", "train.max_steps must be positive"),
     ("train: {max_steps: 10}\noptimizer: {lr: -1}\n", "optimizer.lr must be positive"),
-    ("train: {max_steps: 10, zero_stage: 2}\n", "LAMB trust ratios are per tensor"),
+    ("train: {max_steps: 10, zero_stage: 2}\noptimizer: {fused: true}\n", "cannot see per-tensor boundaries"),
     ("train: {max_steps: 10, precision: fp8}\n", "train.precision"),
     ("train: {}\n", "set train.max_steps"),
     ("stages: []\n", "the list is empty"),

@@ -39,6 +39,9 @@ class RunSection(_Strict):
     export_hf: bool = True  # write OUT/hf at the end (when Hugging Face can represent the model)
     peak_tflops: Optional[float] = None  # for MFU; None = measured bf16/fp32 matmul peak on this device
     progress: bool = True
+    # Stop (after a checkpoint) once this global step is done, without changing the schedule: a planned
+    # pause, and how tests interrupt a run to check that resume continues it exactly.
+    stop_at_step: Optional[int] = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -74,6 +77,9 @@ class OptimizerSection(_Strict):
     decay_power: float = 1.0  # polynomial decay after warmup (1.0 = linear)
     min_trust: float = 0.01  # LAMB trust-ratio clamp
     max_trust: float = 10.0
+    # LAMB on CUDA: DeepSpeed's fused kernel (its bias correction is folded into the step size, so it is
+    # not step-for-step equal to the pure-PyTorch LAMB used elsewhere and under ZeRO 1/2).
+    fused: bool = False
 
     @model_validator(mode="after")
     def _check(self):
@@ -161,10 +167,10 @@ class RunConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
-        if self.optimizer.name == "lamb" and self.train.zero_stage > 0:
+        if self.optimizer.name == "lamb" and self.optimizer.fused and self.train.zero_stage > 0:
             raise ValueError(
-                f"optimizer.name=lamb with train.zero_stage={self.train.zero_stage}: LAMB trust ratios are per "
-                "tensor but ZeRO 1/2 hand the optimizer flat partitions; use zero_stage 0 or optimizer adamw")
+                f"optimizer.fused=true with train.zero_stage={self.train.zero_stage}: the fused LAMB kernel cannot "
+                "see per-tensor boundaries in ZeRO's flat partitions; set optimizer.fused=false")
         return self
 
     @property

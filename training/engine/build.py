@@ -8,7 +8,7 @@ import deepspeed
 import torch
 
 from training.config import RunConfig, deepspeed_json
-from training.engine.lamb import build_lamb, param_groups_for
+from training.engine.lamb import build_lamb, check_zero_compat, param_groups_for, prepare_for_engine
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -20,26 +20,28 @@ def check_precision_supported(precision: str) -> None:
                         "use bf16 or fp32")
 
 
-def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer, str]:
     o = cfg.optimizer
     groups = param_groups_for(model, o.weight_decay)
     if o.name == "adamw":
         # foreach AdamW: elementwise, so it is also correct on ZeRO's flat partitions.
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                 foreach=True)
+                                 foreach=True), "adamw"
     optimizer, name = build_lamb(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
-                                 min_trust=o.min_trust, max_trust=o.max_trust)
-    log.info("optimizer: %s", name)
-    return optimizer
+                                 min_trust=o.min_trust, max_trust=o.max_trust, prefer_fused=o.fused)
+    check_zero_compat(name, cfg.train.zero_stage)
+    return optimizer, name
 
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, out_dir: str | Path):
     """deepspeed.initialize with the JSON generated from `cfg`, in the existing process group."""
     check_precision_supported(cfg.train.precision)
     ds_config = deepspeed_json(cfg, world_size, out_dir)
-    optimizer = build_optimizer(model, cfg)
+    optimizer, name = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)
+    if name != "adamw":
+        prepare_for_engine(engine, optimizer)  # per-tensor trust under ZeRO 1/2; undo DeepSpeed's init step
     return engine, ds_config
 
 

@@ -175,9 +175,14 @@ class StageRunner:
                     self.metrics.write({"kind": "eval", "step": self.state.step, "stage": stage.name,
                                         "tokens": self.state.tokens, **last_eval,
                                         "wall_s": time.perf_counter() - start_wall})
-                if (run.save_every and self.state.step % run.save_every == 0) or done:
+                pause = self.state.step == run.stop_at_step
+                if (run.save_every and self.state.step % run.save_every == 0) or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
                     self._save()
+                if pause:
+                    bar.close()
+                    self.last_eval = last_eval
+                    return self.state
             self.state.stage_index += 1
             self.state.stage_step = 0
         bar.close()

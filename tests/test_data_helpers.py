@@ -1,0 +1,46 @@
+"""Shared helpers/fixtures for the data tests (imported by the other tests/test_data_*.py)."""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from training.data.prepare import prepare
+
+WORDS = ("the of and to in is was for on that with as by at from his her which an be this are "
+         "history language computer philosophy anarchism mathematics alphabet university "
+         "internationalization photosynthesis electromagnetic unbelievable documentation "
+         "configuration kernel parser tokenizer runtime").split()
+
+
+def make_docs(n: int, seed: int = 0, min_words: int = 3, max_words: int = 60) -> list[str]:
+    """Synthetic documents, each starting with a unique marker word zqNNNNx."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        docs.append(f"zq{i:04d}x " + " ".join(words).capitalize() + ".")
+    return docs
+
+
+def write_lines(path, docs) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(docs) + "\n")
+    return str(path)
+
+
+def quiet_prepare(inputs, out, **kw):
+    kw.setdefault("num_proc", 1)
+    return prepare([str(i) for i in inputs], str(out), quiet=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """A prepared dir: 400 synthetic docs, vocab <= 400, seq_len 32, 10% held out."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    root = tmp_path_factory.mktemp("small_data")
+    corpus = write_lines(root / "corpus.txt", make_docs(400))
+    out = root / "prepared"
+    quiet_prepare([corpus], out, seq_len=32, tokenizer="train:400", heldout_fraction=0.1, seed=3)
+    return str(out)

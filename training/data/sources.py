@@ -1,0 +1,192 @@
+"""Raw-text inputs: resolve paths/globs, open (optionally compressed) files, yield documents.
+
+Every document is yielded with the number of undecodable bytes replaced by U+FFFD in it, so the
+count survives the multi-process `datasets` generator and can be summed into stats.json.
+"""
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import tempfile
+
+from training.errors import UserError
+
+COMPRESSION = {".xz": lzma.open, ".bz2": bz2.open, ".gz": gzip.open}
+FORMATS = (".txt", ".jsonl", ".parquet")
+
+
+def split_suffix(path: str) -> tuple[str, str]:
+    """('.txt', '.xz') for 'a.txt.xz'; ('.jsonl', '') for 'a.jsonl'."""
+    root, ext = os.path.splitext(path.lower())
+    comp = ""
+    if ext in COMPRESSION:
+        comp, (root, ext) = ext, os.path.splitext(root)
+    return ext, comp
+
+
+def resolve_inputs(patterns: list[str]) -> list[str]:
+    """Expand files/globs in the order given; every pattern must match at least one readable file."""
+    files: list[str] = []
+    for pat in patterns:
+        matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
+        if not matches or not os.path.exists(matches[0]):
+            what = "glob matches no file" if glob.has_magic(pat) else "no such file"
+            raise UserError(f"--input {pat}: {what}")
+        for path in matches:
+            if os.path.isdir(path):
+                raise UserError(f"--input {path}: is a directory (give files or a glob like DIR/*.txt)")
+            fmt, _ = split_suffix(path)
+            if fmt not in FORMATS:
+                raise UserError(f"--input {path}: unsupported file type (want .txt/.jsonl/.parquet, "
+                                "optionally .xz/.bz2/.gz)")
+            if not os.access(path, os.R_OK):
+                raise UserError(f"--input {path}: not readable")
+            files.append(os.path.abspath(path))
+    # The same file twice would silently duplicate documents.
+    return list(dict.fromkeys(files))
+
+
+def open_binary(path: str):
+    _, comp = split_suffix(path)
+    return COMPRESSION[comp](path, "rb") if comp else open(path, "rb")
+
+
+def decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 decode replacing bad bytes with U+FFFD (like errors='replace'), counting the bytes."""
+    try:
+        return raw.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        pass
+    parts, bad, pos = [], 0, 0
+    while True:
+        try:
+            parts.append(raw[pos:].decode("utf-8"))
+            return "".join(parts), bad
+        except UnicodeDecodeError as err:
+            parts.append(raw[pos:pos + err.start].decode("utf-8"))
+            parts.append("\ufffd")
+            bad += err.end - err.start
+            pos += err.end
+
+
+def has_blank_line(path: str) -> bool:
+    """A .txt file with any blank line holds blank-line separated documents (else one per line)."""
+    with open_binary(path) as f:
+        seen_text = False
+        for line in f:
+            if line.strip():
+                seen_text = True
+            elif seen_text:
+                return True
+    return False
+
+
+def _txt_docs(path: str):
+    blocks = has_blank_line(path)
+    with open_binary(path) as f:
+        buf, bad = [], 0
+        for raw in f:
+            text, n = decode(raw)
+            bad += n
+            if not blocks:
+                yield text.strip(), bad
+                bad = 0
+            elif text.strip():
+                buf.append(text.rstrip("\r\n"))
+            elif buf:
+                yield "\n".join(buf).strip(), bad
+                buf, bad = [], 0
+        if buf:
+            yield "\n".join(buf).strip(), bad
+
+
+def _jsonl_docs(path: str):
+    with open_binary(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            text, bad = decode(raw)
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+                doc = obj["text"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"--input {path}:{lineno}: not a JSON object with a 'text' field")
+            if not isinstance(doc, str):
+                raise UserError(f"--input {path}:{lineno}: field 'text' is not a string")
+            yield doc.strip(), bad
+
+
+def _parquet_docs(path: str):
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if split_suffix(path)[1]:  # parquet needs a seekable file: decompress to a temp copy
+            plain = os.path.join(tmp, "input.parquet")
+            with open_binary(path) as src, open(plain, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            path_ = plain
+        else:
+            path_ = path
+        try:
+            pf = pq.ParquetFile(path_)
+        except Exception as err:  # pyarrow raises several types for corrupt files
+            raise UserError(f"--input {path}: not a readable parquet file ({err})")
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"--input {path}: parquet file has no 'text' column")
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            col = batch.column(0)
+            if col.type not in ("string", "large_string"):
+                # binary columns: decode ourselves so bad bytes are counted, not fatal
+                for raw in col.to_pylist():
+                    if raw is not None:
+                        text, bad = decode(raw if isinstance(raw, bytes) else str(raw).encode())
+                        yield text.strip(), bad
+                continue
+            for doc in col.to_pylist():
+                if doc is not None:
+                    yield doc.strip(), 0
+
+
+def iter_documents(path: str):
+    """(text, replaced_bytes) per document of one file; blank documents carry only their count."""
+    fmt, _ = split_suffix(path)
+    reader = {".txt": _txt_docs, ".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt]
+    try:
+        yield from reader(path)
+    except (OSError, EOFError, lzma.LZMAError) as err:
+        raise UserError(f"--input {path}: cannot read ({err})")
+
+
+def heldout_score(text: str, seed: int) -> float:
+    """Uniform [0,1) from a hash of (seed, text): a stable split that also keeps duplicates together."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
+                             key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2.0 ** 64
+
+
+def generate_documents(files: list[str], seed: int, max_docs: int | None = None):
+    """`Dataset.from_generator` body: yields rows {text, replaced, score, error}.
+
+    Blank documents are yielded with empty text (so their replaced bytes still count) and are
+    filtered out afterwards; `max_docs` counts non-blank documents only. A UserError becomes a
+    row with `error` set (exceptions from generator worker processes lose their type), which the
+    caller re-raises.
+    """
+    kept = 0
+    try:
+        for path in files:
+            for text, bad in iter_documents(path):
+                if text:
+                    if max_docs is not None and kept >= max_docs:
+                        return
+                    kept += 1
+                yield {"text": text, "replaced": bad, "score": heldout_score(text, seed) if text else 1.0,
+                       "error": None}
+    except UserError as err:
+        yield {"text": "", "replaced": 0, "score": 1.0, "error": str(err)}

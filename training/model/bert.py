@@ -1,0 +1,454 @@
+"""BERT for pre-training (MLM, optional NSP) with Hugging Face-compatible parameter names.
+
+Parameter names and shapes match `transformers.BertForPreTraining`, so HF checkpoints load directly
+and an exported post-LN model loads back into HF (see `training.model.hf`). Differences from HF:
+
+* The pooler (`bert.pooler.dense`) and `cls.seq_relationship` exist only when `cfg.nsp` is true; an
+  MLM-only model never trains them. `export_hf` fills them with freshly initialised weights.
+* `norm: pre` reuses the two per-layer LayerNorms (`attention.output.LayerNorm`, `output.LayerNorm`)
+  as the LayerNorms *before* each sub-layer and adds `bert.encoder.final_layer_norm`. Same names,
+  different maths, so a Pre-LN model cannot be exported to HF.
+* The MLM head runs the transform and the vocab projection only at masked positions when labels are
+  given: with 15% masking that skips ~85% of the [tokens, vocab] matmul and logits memory.
+* Attention backend, per-layer head/FFN sizes (structured pruning), low-rank FFN (CoRe) and
+  progressive layer dropping are selected by `ModelConfig` / forward arguments.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.errors import UserError
+from training.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # label value of positions without an MLM target (HF convention)
+LINEAR_ATTENTION_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention backends. All take q, k, v as [B, H, S, D] and key_padding [B, S] bool (True = real
+# token) or None, and return [B, H, S, D].
+# --------------------------------------------------------------------------------------------------
+
+def eager_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
+    """Reference: softmax(QK^T * scale + mask) V, dropout on the probabilities (as HF eager)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if key_padding is not None:
+        # Additive mask with the dtype's most negative value, exactly as HF builds it.
+        bias = torch.zeros(key_padding.shape, dtype=scores.dtype, device=scores.device)
+        bias.masked_fill_(~key_padding, torch.finfo(scores.dtype).min)
+        scores = scores + bias[:, None, None, :]
+    probs = F.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    return torch.matmul(probs, v)
+
+
+def sdpa_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
+    # Boolean mask: True = may attend. Broadcast over heads and query positions.
+    mask = key_padding[:, None, None, :] if key_padding is not None else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def linear_attention(q, k, v, key_padding, eps: float = LINEAR_ATTENTION_EPS) -> torch.Tensor:
+    """Non-causal linear attention (Katharopoulos et al. 2020), phi(x) = elu(x) + 1.
+
+    out_i = phi(q_i) (sum_j phi(k_j)^T v_j) / (phi(q_i) . sum_j phi(k_j) + eps). Padded keys are
+    excluded by zeroing phi(k) there. No softmax scale and no attention dropout (there are no
+    probabilities to drop). Computed in fp32: the sums over the sequence overflow bf16 precision.
+    """
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    phi_q = F.elu(q) + 1.0
+    phi_k = F.elu(k) + 1.0
+    if key_padding is not None:
+        phi_k = phi_k * key_padding[:, None, :, None].to(phi_k.dtype)
+    kv = torch.einsum("bhsd,bhse->bhde", phi_k, v)  # [B, H, D, D]
+    k_sum = phi_k.sum(dim=2)  # [B, H, D]
+    numerator = torch.einsum("bhsd,bhde->bhse", phi_q, kv)
+    denominator = torch.einsum("bhsd,bhd->bhs", phi_q, k_sum) + eps
+    return (numerator / denominator.unsqueeze(-1)).to(dtype)
+
+
+# The fused kernel is loaded lazily; an import or call failure disables it for the process.
+_fused_state: dict = {"module": None, "disabled": False}
+_logged_reasons: set = set()
+
+
+def _log_fallback_once(reason: str) -> None:
+    if reason not in _logged_reasons:
+        _logged_reasons.add(reason)
+        log.warning("attention: fused kernel not used (%s); falling back to sdpa", reason)
+
+
+def _fused_module():
+    if _fused_state["module"] is None and not _fused_state["disabled"]:
+        try:
+            module = importlib.import_module("kernels.attention")  # the kernels engineer's module
+            module.fused_attention  # noqa: B018 - fail here, not mid-step, if it is missing
+            _fused_state["module"] = module
+        except Exception as err:  # ImportError, AttributeError, or a Triton failure at import
+            _fused_state["disabled"] = True
+            _log_fallback_once(f"import failed: {type(err).__name__}: {err}")
+    return None if _fused_state["disabled"] else _fused_state["module"]
+
+
+def _fused_supported(module, q: torch.Tensor) -> tuple[bool, str]:
+    """Ask the kernel module when it offers `fused_attention_available(device, dtype)`; otherwise
+    Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1."""
+    probe = getattr(module, "fused_attention_available", None)
+    if probe is not None:
+        return probe(q.device, q.dtype)
+    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    return False, f"tensors on {q.device.type} and TRITON_INTERPRET is not set"
+
+
+def fused_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
+    """Triton kernel from `kernels.attention`; sdpa when it cannot run (each reason logged once)."""
+    module = _fused_module()
+    if module is not None:
+        ok, reason = _fused_supported(module, q)
+        if not ok:  # depends on device/dtype: checked per call, not a permanent disable
+            _log_fallback_once(reason)
+            module = None
+    if module is not None:
+        try:
+            return module.fused_attention(q, k, v, key_padding_mask=key_padding, dropout_p=dropout_p,
+                                          softmax_scale=scale)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # unsupported shape etc.: don't retry (and fail) every step
+            _fused_state["disabled"] = True
+            _log_fallback_once(f"call failed: {type(err).__name__}: {err}")
+    return sdpa_attention(q, k, v, key_padding, dropout_p, scale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Modules. Names mirror HF so state_dict keys match.
+# --------------------------------------------------------------------------------------------------
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # padding_idx as HF: the pad row gets no gradient (matters for gradient parity).
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+        seq_len = input_ids.shape[1]
+        if seq_len > self.position_embeddings.num_embeddings:
+            raise UserError(f"sequence length {seq_len} exceeds model.max_position "
+                            f"({self.position_embeddings.num_embeddings})")
+        positions = torch.arange(seq_len, device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    """Q/K/V projections + the backend selected by cfg.attention. `num_heads` may be below
+    cfg.num_heads after head pruning; head_dim stays hidden_size // cfg.num_heads."""
+
+    def __init__(self, cfg: ModelConfig, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = cfg.head_dim
+        self.backend = cfg.attention
+        self.dropout_p = cfg.attention_dropout
+        inner = num_heads * self.head_dim
+        self.query = nn.Linear(cfg.hidden_size, inner)
+        self.key = nn.Linear(cfg.hidden_size, inner)
+        self.value = nn.Linear(cfg.hidden_size, inner)
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, seq, _ = x.shape
+
+        def heads(t):  # [B, S, H*D] -> [B, H, S, D]
+            return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        dropout_p = self.dropout_p if self.training else 0.0
+        scale = self.head_dim ** -0.5
+        if self.backend == "eager":
+            out = eager_attention(q, k, v, key_padding, dropout_p, scale)
+        elif self.backend == "sdpa":
+            out = sdpa_attention(q, k, v, key_padding, dropout_p, scale)
+        elif self.backend == "fused":
+            out = fused_attention(q, k, v, key_padding, dropout_p, scale)
+        else:  # "linear"
+            out = linear_attention(q, k, v, key_padding)
+        return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_heads: int):
+        super().__init__()
+        self.dense = nn.Linear(num_heads * cfg.head_dim, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_heads: int):
+        super().__init__()
+        self.self = SelfAttention(cfg, num_heads)
+        self.output = AttentionOutput(cfg, num_heads)
+
+    def branch(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        """The residual branch: attention, output projection, dropout (no add, no norm)."""
+        return self.output.dropout(self.output.dense(self.self(x, key_padding)))
+
+
+class Intermediate(nn.Module):
+    """hidden -> ffn, GELU. With a rank r: x -> dense_v(dense_u(x)), i.e. W = V U of rank r."""
+
+    def __init__(self, cfg: ModelConfig, ffn_size: int):
+        super().__init__()
+        if cfg.ffn_rank is None:
+            self.dense = nn.Linear(cfg.hidden_size, ffn_size)
+        else:
+            self.dense_u = nn.Linear(cfg.hidden_size, cfg.ffn_rank, bias=False)
+            self.dense_v = nn.Linear(cfg.ffn_rank, ffn_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
+        return F.gelu(x)  # erf GELU == HF "gelu"
+
+
+class Output(nn.Module):
+    """ffn -> hidden projection (full or rank-r like Intermediate), dropout, and a LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig, ffn_size: int):
+        super().__init__()
+        if cfg.ffn_rank is None:
+            self.dense = nn.Linear(ffn_size, cfg.hidden_size)
+        else:
+            self.dense_u = nn.Linear(ffn_size, cfg.ffn_rank, bias=False)
+            self.dense_v = nn.Linear(cfg.ffn_rank, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
+        return self.dropout(x)
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int):
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.attention = Attention(cfg, cfg.layer_heads(index))
+        self.intermediate = Intermediate(cfg, cfg.layer_ffn(index))
+        self.output = Output(cfg, cfg.layer_ffn(index))
+
+    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor], branch_scale: float = 1.0):
+        ln_attn, ln_ffn = self.attention.output.LayerNorm, self.output.LayerNorm
+        if self.pre_norm:
+            # Pre-LN: x + f(LN(x)); the residual stream itself is never normalised here.
+            # branch_scale = 1/keep_prob under progressive layer dropping keeps the expectation.
+            x = x + branch_scale * self.attention.branch(ln_attn(x), key_padding)
+            return x + branch_scale * self.output.project(self.intermediate(ln_ffn(x)))
+        # Post-LN (HF): LN(x + f(x)).
+        x = ln_attn(x + self.attention.branch(x, key_padding))
+        return ln_ffn(x + self.output.project(self.intermediate(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg, i) for i in range(cfg.num_layers))
+        if cfg.norm == "pre":
+            # Pre-LN leaves the residual stream un-normalised; normalise once before the heads.
+            self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x, key_padding, layer_keep_prob: Optional[Sequence[float]] = None):
+        if not self.training:
+            layer_keep_prob = None  # inference runs every layer, unscaled
+        elif layer_keep_prob is not None:
+            layer_keep_prob = [float(p) for p in layer_keep_prob]  # one host copy if a tensor
+        for i, layer in enumerate(self.layer):
+            if layer_keep_prob is None:
+                x = layer(x, key_padding)
+                continue
+            p = layer_keep_prob[i]
+            # Draw from torch's default CPU generator: reproducible under torch.manual_seed and no
+            # device sync. p >= 1 draws nothing, so keep-prob 1 leaves the RNG stream untouched.
+            if p >= 1.0:
+                x = layer(x, key_padding)
+            elif p > 0.0 and torch.rand(()).item() < p:
+                x = layer(x, key_padding, branch_scale=1.0 / p)
+            # else: skipped, identity
+        if hasattr(self, "final_layer_norm"):
+            x = self.final_layer_norm(x)
+        return x
+
+
+class Pooler(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))
+
+
+class Bert(nn.Module):
+    """Embeddings + encoder (+ pooler when cfg.nsp). forward returns the last hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        if cfg.nsp:
+            self.pooler = Pooler(cfg)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None):
+        key_padding = attention_mask.bool() if attention_mask is not None else None
+        x = self.embeddings(input_ids, token_type_ids)
+        return self.encoder(x, key_padding, layer_keep_prob)
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """cls.predictions: transform then the vocab projection tied to the word embeddings.
+
+    `decoder` is an nn.Linear whose weight *is* the word-embedding Parameter and whose bias *is*
+    `self.bias`, so state_dict carries HF's keys (cls.predictions.bias, .decoder.weight/.bias).
+    """
+
+    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = PredictionHeadTransform(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden))
+
+
+class BertForPreTraining(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = Bert(cfg)
+        self.cls = nn.Module()  # plain container so names read cls.predictions / cls.seq_relationship
+        self.cls.predictions = MLMHead(cfg, self.bert.embeddings.word_embeddings)
+        if cfg.nsp:
+            self.cls.seq_relationship = nn.Linear(cfg.hidden_size, 2)
+        self.apply(self._init_weights)
+        if cfg.ffn_rank is not None:
+            self._init_low_rank_factors()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """As HF: N(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero pad row."""
+        std = self.cfg.initializer_range
+        if isinstance(module, MLMHead):
+            nn.init.zeros_(module.bias)  # its decoder shares the embedding: not re-initialised
+        elif isinstance(module, nn.Linear) and module is not self.cls.predictions.decoder:
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _init_low_rank_factors(self) -> None:
+        # A product of two N(0, s) factors has std s^2 sqrt(rank); choose s so U V ~ N(0, std) like
+        # the full-rank matrix it replaces.
+        s = math.sqrt(self.cfg.initializer_range / math.sqrt(self.cfg.ffn_rank))
+        for layer in self.encoder_layers:
+            for part in (layer.intermediate, layer.output):
+                nn.init.normal_(part.dense_u.weight, std=s)
+                nn.init.normal_(part.dense_v.weight, std=s)
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.bert.encoder.layer
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        token_type_ids: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        next_sentence_label: Optional[torch.Tensor] = None,
+        layer_keep_prob: Optional[Union[Sequence[float], torch.Tensor]] = None,
+    ) -> dict:
+        """Returns a dict:
+
+        loss          MLM mean over masked tokens (+ NSP loss when next_sentence_label is given)
+        mlm_loss      fp32 scalar, mlm_correct / mlm_count: int64 scalar tensors (no device sync)
+        nsp_loss      when next_sentence_label is given (requires cfg.nsp)
+        logits        [B, S, vocab] only when labels is None (parity tests / export)
+        nsp_logits    [B, 2] when cfg.nsp
+        """
+        if layer_keep_prob is not None:
+            if self.cfg.norm != "pre":
+                raise UserError("progressive layer dropping (layer_keep_prob) needs model.norm: pre")
+            if len(layer_keep_prob) != self.cfg.num_layers:
+                raise UserError(f"layer_keep_prob has {len(layer_keep_prob)} entries for "
+                                f"{self.cfg.num_layers} layers")
+        if next_sentence_label is not None and not self.cfg.nsp:
+            raise UserError("next_sentence_label given but model.nsp is false (no NSP head)")
+
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob)
+        out: dict = {}
+        losses = []
+        if labels is None:
+            out["logits"] = self.cls.predictions(hidden)
+        else:
+            out.update(self._masked_lm(hidden, labels))
+            losses.append(out["mlm_loss"])
+        if self.cfg.nsp:
+            nsp_logits = self.cls.seq_relationship(self.bert.pooler(hidden))
+            out["nsp_logits"] = nsp_logits
+            if next_sentence_label is not None:
+                out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+                losses.append(out["nsp_loss"])
+        if losses:
+            out["loss"] = sum(losses)
+        return out
+
+    def _masked_lm(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
+        """MLM loss on masked positions only: gather, then transform + vocab projection."""
+        flat_labels = labels.reshape(-1)
+        # nonzero() syncs with the device once per step; the price of data-dependent shapes.
+        positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat_labels.index_select(0, positions)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        logits = self.cls.predictions(selected).float()  # fp32 loss even under bf16
+        count = torch.tensor(positions.numel(), device=labels.device)
+        # Sum / count instead of reduction="mean": a batch with no masked token gives 0, not NaN.
+        loss = F.cross_entropy(logits, targets, reduction="sum") / count.clamp(min=1)
+        correct = (logits.argmax(dim=-1) == targets).sum()
+        return {"mlm_loss": loss, "mlm_correct": correct, "mlm_count": count}

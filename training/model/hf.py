@@ -1,0 +1,228 @@
+"""Hugging Face interop: read a BERT config/checkpoint, export to `transformers.BertForPreTraining`.
+
+Only local directories are read (no hub access). transformers is imported lazily, in export only.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Union
+
+import torch
+from pydantic import ValidationError
+
+from training.errors import UserError
+from training.model.bert import BertForPreTraining
+from training.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+# In HF the decoder shares these tensors; checkpoints may hold either name (or both).
+TIED_ALIASES = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+# Present in some checkpoints, never parameters of ours: skipped silently.
+IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+
+
+def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
+    """ModelConfig from an HF BERT config.json. `overrides` set our own fields (attention, nsp, ...);
+    they default to ModelConfig's defaults (e.g. nsp=False even for a BertForPreTraining checkpoint)."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: expected a Hugging Face model directory")
+    hf = json.loads(path.read_text())
+    if hf.get("model_type", "bert") != "bert":
+        raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not 'bert'")
+    act = hf.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise UserError(f"{path}: hidden_act {act!r} is not supported (only exact 'gelu')")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{path}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        ffn_size=hf["intermediate_size"],
+        max_position=hf.get("max_position_embeddings", 512),
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        pad_token_id=hf.get("pad_token_id") or 0,
+        dropout=hf.get("hidden_dropout_prob", 0.1),
+        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        initializer_range=hf.get("initializer_range", 0.02),
+    )
+    fields.update(overrides)
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as err:
+        raise UserError(f"{path}: invalid model config: {err}") from None
+
+
+def _read_checkpoint(hf_dir: Path) -> dict[str, torch.Tensor]:
+    st, pt = hf_dir / "model.safetensors", hf_dir / "pytorch_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+        return load_file(str(st))
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
+
+
+def _normalise_keys(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map HF BertModel / BertForMaskedLM / BertForPreTraining keys onto our (= HF pre-training) names."""
+    out = {}
+    for key, tensor in raw.items():
+        if not key.startswith(("bert.", "cls.")):
+            key = "bert." + key  # bare BertModel checkpoints have no "bert." prefix
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        out[key] = tensor
+    for alias, target in TIED_ALIASES.items():
+        if alias in out:
+            tensor = out.pop(alias)
+            out.setdefault(target, tensor)
+    return out
+
+
+def _low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r approximation W ~ V U (truncated SVD, singular values split evenly), so a
+    full-rank checkpoint can initialise a CoRe low-rank FFN. Returns (U [r, in], V [out, r])."""
+    left, sing, right_t = torch.linalg.svd(weight.float(), full_matrices=False)
+    root = sing[:rank].sqrt()
+    return root[:, None] * right_t[:rank], left[:, :rank] * root[None, :]
+
+
+def _factorise_ffn(state: dict[str, torch.Tensor], model: BertForPreTraining) -> None:
+    """Replace full-rank FFN tensors by dense_u / dense_v when the model has cfg.ffn_rank."""
+    rank = model.cfg.ffn_rank
+    for i in range(model.cfg.num_layers):
+        for part in ("intermediate", "output"):
+            prefix = f"bert.encoder.layer.{i}.{part}."
+            if prefix + "dense.weight" not in state:
+                continue
+            u, v = _low_rank_factors(state.pop(prefix + "dense.weight"), rank)
+            state[prefix + "dense_u.weight"], state[prefix + "dense_v.weight"] = u, v
+            state[prefix + "dense_v.bias"] = state.pop(prefix + "dense.bias")
+    log.info("factorised the checkpoint's FFN weights to rank %d by truncated SVD", rank)
+
+
+def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
+    """Load an HF BERT checkpoint (BertModel, BertForMaskedLM or BertForPreTraining) into `model`.
+
+    Returns the names of our parameters the checkpoint lacked; these keep their init. Only head
+    tensors (cls.*, bert.pooler.*) may be missing: a missing embedding/encoder tensor, an extra
+    encoder layer or a shape mismatch raises UserError. Checkpoint heads our model does not have
+    (pooler / NSP when cfg.nsp is false) are ignored. Full-rank FFN weights are SVD-factorised into
+    a low-rank model (cfg.ffn_rank).
+    """
+    hf_dir = Path(hf_dir)
+    if model.cfg.norm == "pre":
+        raise UserError("HF BERT checkpoints are Post-LN; loading one into a model.norm: pre model is "
+                        "not supported")
+    state = _normalise_keys(_read_checkpoint(hf_dir))
+    if model.cfg.ffn_rank is not None:
+        _factorise_ffn(state, model)
+
+    ours = dict(model.named_parameters())  # de-duplicated: tied decoder names are not listed
+    unexpected = [k for k in state if k not in ours and k not in IGNORED_KEYS]
+    body_extra = [k for k in unexpected if k.startswith(("bert.embeddings.", "bert.encoder."))]
+    if body_extra:
+        raise UserError(f"{hf_dir}: checkpoint tensor {body_extra[0]} has no counterpart in the model "
+                        f"(layer count or architecture mismatch; {len(body_extra)} such tensors)")
+    if unexpected:
+        log.info("ignoring checkpoint tensors the model does not use: %s", ", ".join(unexpected))
+
+    missing = [k for k in ours if k not in state]
+    body_missing = [k for k in missing if not k.startswith(("cls.", "bert.pooler."))]
+    if body_missing:
+        raise UserError(f"{hf_dir}: checkpoint lacks {body_missing[0]} ({len(body_missing)} "
+                        f"embedding/encoder tensors missing)")
+    for name, param in ours.items():
+        if name in state and tuple(state[name].shape) != tuple(param.shape):
+            raise UserError(f"{hf_dir}: tensor {name} has shape {tuple(state[name].shape)} in the "
+                            f"checkpoint but {tuple(param.shape)} in the model")
+    with torch.no_grad():
+        for name, param in ours.items():
+            if name in state:
+                param.copy_(state[name])
+    if missing:
+        log.info("kept initial values for tensors absent from %s: %s", hf_dir, ", ".join(missing))
+    return missing
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    if cfg.norm == "pre":
+        raise UserError("cannot export to HF: HF BertForPreTraining cannot represent Pre-LN "
+                        "(model.norm: pre); it is Post-LN only")
+    if cfg.attention == "linear":
+        raise UserError("cannot export to HF: HF BERT has softmax attention only, not linear attention")
+    if cfg.ffn_rank is not None:
+        raise UserError("cannot export to HF: HF BERT has no low-rank FFN (model.ffn_rank); "
+                        "multiply the factors out into a full-rank model first")
+    if cfg.heads_per_layer is not None and any(h != cfg.num_heads for h in cfg.heads_per_layer):
+        raise UserError("cannot export to HF: pruned heads (model.heads_per_layer) are not representable; "
+                        "transformers 5 BertConfig has no pruned_heads and fixes head_dim = hidden/heads")
+    if cfg.ffn_per_layer is not None and len(set(cfg.ffn_per_layer)) > 1:
+        raise UserError("cannot export to HF: HF BERT has one intermediate_size for all layers; "
+                        f"model.ffn_per_layer is non-uniform {cfg.ffn_per_layer}")
+
+
+def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
+              tokenizer_dir: PathLike | None = None) -> Path:
+    """Write `out_dir` loadable by `transformers.BertForPreTraining.from_pretrained(out_dir)`.
+
+    Weights are written as float32 safetensors. The tied decoder tensors are left out (HF re-ties
+    them). A model without NSP gets a freshly initialised pooler and NSP classifier (seeded, so
+    exports are reproducible) because HF's pre-training class always has them.
+    """
+    from safetensors.torch import save_file
+    from transformers import BertConfig
+
+    _check_exportable(cfg)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
+               for name, p in model.named_parameters()}  # de-duplicated: no decoder aliases
+    if not cfg.nsp:
+        gen = torch.Generator().manual_seed(0)
+        std, hidden = cfg.initializer_range, cfg.hidden_size
+        tensors["bert.pooler.dense.weight"] = torch.randn(hidden, hidden, generator=gen) * std
+        tensors["bert.pooler.dense.bias"] = torch.zeros(hidden)
+        tensors["cls.seq_relationship.weight"] = torch.randn(2, hidden, generator=gen) * std
+        tensors["cls.seq_relationship.bias"] = torch.zeros(2)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+    hf_cfg = BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.layer_ffn(0),  # uniform (checked above)
+        hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        max_position_embeddings=cfg.max_position,
+        type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.initializer_range,
+        layer_norm_eps=cfg.layer_norm_eps,
+        pad_token_id=cfg.pad_token_id,
+        tie_word_embeddings=True,
+        architectures=["BertForPreTraining"],
+    )
+    hf_cfg.save_pretrained(str(out))
+
+    if tokenizer_dir is not None:
+        copied = [name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).is_file()]
+        if not copied:
+            raise UserError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        for name in copied:
+            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
+    return out

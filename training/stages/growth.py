@@ -1,0 +1,293 @@
+"""Model-growth operators: progressive stacking (Gong et al. 2019) and CompoundGrow (Gu et al. 2021).
+
+Every operator is a pure function on a name -> tensor dict,
+
+    op(tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> dict[str, Tensor]
+
+so the runner applies the *same* operator to the model state dict, to the optimizer's `exp_avg`
+(moment=1) and to its `exp_avg_sq` (moment=2): where a weight is multiplied by s, its first moment is
+multiplied by s and its second by s**2. Inputs are never modified; tensors an operator does not
+change are passed through (same object), new copies are fresh tensors. Keys are Hugging Face
+BertForPreTraining names; any subset works (a state dict has the tied `cls.predictions.decoder.*`
+keys, `named_parameters()` does not) and the result has exactly the keys of the grown model.
+
+Operators and what they preserve:
+
+* `stack`       depth L -> n*L: new layer i is a copy of old layer i % L. Not function-preserving.
+* `grow_ffn`    FFN inner size x k, Net2Net tiling: exactly function-preserving.
+* `grow_hidden` hidden size x k with heads x k (head_dim fixed): exactly function-preserving.
+* `grow_seq`    longer position table (rows copied cyclically); the function on positions below the
+                old max_position is unchanged.
+* `compose(kinds)` / `grow`: several at once, always in the order of KINDS.
+
+Widening convention: new unit j of a grown axis is a copy of old unit j % d ("tile", torch.repeat).
+Tiling, not interleaving, is what keeps attention heads whole: Q/K/V rows are laid out head by head,
+so tiling the [H*head_dim] axis makes new head h an exact copy of old head h % H. A Linear whose
+*input* axis is tiled sums over k copies of each input, so its weight is divided by k.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+from training.model.config import ModelConfig
+
+Tensors = dict[str, torch.Tensor]
+KINDS = ("hidden", "ffn", "stack", "seq")  # the fixed order compose()/grow() applies them in
+
+# Config fields no growth operator can change (they fix a parameter's meaning or a head's shape).
+_FIXED = ("vocab_size", "type_vocab_size", "pad_token_id", "norm", "nsp", "ffn_rank", "layer_norm_eps")
+# Shape fields, and which growth kinds may change each.
+_MAY_CHANGE = {
+    "hidden_size": {"hidden"}, "num_heads": {"hidden"}, "heads_per_layer": {"hidden", "stack"},
+    "ffn_size": {"ffn"}, "ffn_per_layer": {"ffn", "stack"}, "num_layers": {"stack"},
+    "max_position": {"seq"},
+}
+
+# Axis roles of every parameter, first match wins. H: hidden, A: attention inner (heads*head_dim),
+# F: FFN inner, "": never widened. Lower case = the input (fan-in) axis of a Linear: tiling it
+# means a k-fold sum, hence the 1/k. Embedding tables are [rows, hidden]: an output axis.
+_ROLES: list[tuple[re.Pattern, tuple[str, ...]]] = [(re.compile(p), r) for p, r in [
+    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("", "H")),
+    (r"cls\.predictions\.decoder\.weight$", ("", "H")),  # tied to word_embeddings: same rule
+    (r"cls\.predictions\.(decoder\.)?bias$", ("",)),
+    (r"(LayerNorm|final_layer_norm)\.(weight|bias)$", ("H",)),
+    (r"attention\.self\.(query|key|value)\.weight$", ("A", "h")),
+    (r"attention\.self\.(query|key|value)\.bias$", ("A",)),
+    (r"attention\.output\.dense\.weight$", ("H", "a")),
+    (r"intermediate\.dense\.weight$", ("F", "h")),
+    (r"intermediate\.dense(_v)?\.bias$", ("F",)),
+    (r"output\.dense\.weight$", ("H", "f")),
+    (r"intermediate\.dense_u\.weight$", ("", "h")),  # low-rank FFN (CoRe): W = V U
+    (r"intermediate\.dense_v\.weight$", ("F", "")),
+    (r"output\.dense_u\.weight$", ("", "f")),
+    (r"output\.dense_v\.weight$", ("H", "")),
+    (r"(transform|pooler)\.dense\.weight$", ("H", "h")),
+    (r"(output|transform|pooler)\.dense(_v)?\.bias$", ("H",)),
+    (r"seq_relationship\.weight$", ("", "h")),
+    (r"seq_relationship\.bias$", ("",)),
+]]
+# The MLM transform LayerNorm that feeds the tied decoder (see grow_hidden).
+_HEAD_LN = re.compile(r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)$")
+_LAYER = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..+)$")
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def _factor(field: str, a: int, b: int) -> int:
+    if b < a:
+        raise ValueError(f"model.{field} cannot shrink in a growth stage ({a} -> {b})")
+    if b % a:
+        what = "a multiple of the current depth" if field == "num_layers" else "an integer factor"
+        raise ValueError(f"model.{field} must grow by {what} ({a} -> {b} is x{b / a:g})")
+    return b // a
+
+
+def _per_layer(values: Optional[list[int]], factor: int, repeats: int) -> Optional[list[int]]:
+    """What a per-layer list (pruned heads/FFN) becomes: every entry x factor, the list repeated."""
+    return None if values is None else [v * factor for v in values] * repeats
+
+
+def _kinds(kind: Union[str, Iterable[str]]) -> tuple[str, ...]:
+    kinds = KINDS if kind == "compound" else (kind,) if isinstance(kind, str) else tuple(kind)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"unknown growth kind {unknown or kind!r}; expected one of {KINDS} or 'compound'")
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def validate_growth(kind: Union[str, Iterable[str]], old: ModelConfig, new: ModelConfig,
+                    seq_len: Optional[int] = None) -> None:
+    """Raise ValueError (one line) unless `old -> new` is a growth the named operator(s) can do.
+
+    kind: "hidden", "ffn", "stack", "seq", a list of them, or "compound" (any combination).
+    seq_len: the sequence length the grown model will train on; must fit new.max_position.
+    """
+    kinds = _kinds(kind)
+    label = "+".join(kinds)
+    for tag, cfg in (("old", old), ("new", new)):  # configs built with model_copy skip validation
+        if cfg.hidden_size % cfg.num_heads:
+            raise ValueError(f"{tag} model.hidden_size ({cfg.hidden_size}) is not divisible by "
+                             f"model.num_heads ({cfg.num_heads})")
+    for field in _FIXED:
+        if getattr(old, field) != getattr(new, field):
+            raise ValueError(f"{label} growth cannot change model.{field} "
+                             f"({getattr(old, field)!r} -> {getattr(new, field)!r})")
+    if (old.attention == "linear") != (new.attention == "linear"):
+        raise ValueError("growth cannot switch between linear and softmax attention "
+                         "(that is CoRe's transform)")
+    for field, allowed in _MAY_CHANGE.items():
+        if getattr(old, field) != getattr(new, field) and not allowed & set(kinds):
+            raise ValueError(f"{label} growth cannot change model.{field} "
+                             f"({getattr(old, field)!r} -> {getattr(new, field)!r})")
+
+    kh = _factor("hidden_size", old.hidden_size, new.hidden_size)
+    kf = _factor("ffn_size", old.ffn_size, new.ffn_size)
+    reps = _factor("num_layers", old.num_layers, new.num_layers)
+    if new.max_position < old.max_position:
+        raise ValueError(f"model.max_position cannot shrink ({old.max_position} -> {new.max_position})")
+    if new.num_heads != kh * old.num_heads:
+        # Heads must grow with the width: head_dim fixed keeps the 1/sqrt(head_dim) softmax scale and
+        # makes each new head an exact copy of an old one. A wider head_dim changes every score.
+        raise ValueError(f"hidden growth x{kh} keeps head_dim {old.head_dim}: model.num_heads must be "
+                         f"{kh * old.num_heads}, got {new.num_heads}")
+    for field, factor in (("heads_per_layer", kh), ("ffn_per_layer", kf)):
+        expected = _per_layer(getattr(old, field), factor, reps)
+        if getattr(new, field) != expected:
+            raise ValueError(f"model.{field} must become {expected} (x{factor}, repeated x{reps}), "
+                             f"got {getattr(new, field)}")
+    single = {"hidden": kh, "ffn": kf, "stack": reps}
+    if len(kinds) == 1 and single.get(kinds[0]) == 1:
+        raise ValueError(f"{kinds[0]} growth: nothing to grow (old and new model have the same size)")
+    if seq_len is not None:
+        check_seq_len(seq_len, new)
+
+
+def check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
+    if not 0 < seq_len <= cfg.max_position:
+        raise ValueError(f"sequence length {seq_len} does not fit model.max_position {cfg.max_position}")
+
+
+# ------------------------------------------------------------------------------------ operators
+
+def _roles(name: str) -> tuple[str, ...]:
+    for pattern, roles in _ROLES:
+        if pattern.search(name):
+            return roles
+    # Failing beats silently leaving an unknown parameter at its old width.
+    raise ValueError(f"no growth rule for tensor {name!r}")
+
+
+def _widen(tensors: Tensors, factors: dict[str, int], moment: int,
+           extra_divisor: Callable[[str], int] = lambda name: 1) -> Tensors:
+    """Tile every axis whose role is in `factors` by its factor; divide by k per tiled input axis.
+
+    Divides by an integer (t / k**moment) rather than multiplying by 1/k: bit-identical to the
+    textbook formula W / k, which the tests compare against exactly."""
+    out = {}
+    for name, t in tensors.items():
+        roles = _roles(name)
+        if len(roles) != t.dim():
+            raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {len(roles)} dims")
+        divisor = extra_divisor(name)
+        for axis, role in enumerate(roles):
+            k = factors.get(role.upper(), 1)
+            if k > 1:
+                t = t.repeat(*(k if a == axis else 1 for a in range(t.dim())))
+                if role.islower():
+                    divisor *= k
+        out[name] = t / divisor ** moment if divisor != 1 else t
+    return out
+
+
+def grow_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+    """FFN inner size x k (Net2Net, as the CompoundGrow authors' code), exactly function-preserving.
+
+    intermediate.dense [F, H] -> [kF, H]: rows tiled (W1'[i] = W1[i % F]), bias tiled, so the k
+    copies of each inner neuron compute the same activation. output.dense [H, F] -> [H, kF]: columns
+    tiled and divided by k (W2'[:, j] = W2[:, j % F] / k), so the k copies sum back to one. b2 as is.
+    """
+    validate_growth("ffn", old, new)
+    return _widen(tensors, {"F": new.ffn_size // old.ffn_size}, moment)
+
+
+def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+    """Hidden size x k, heads x k (head_dim fixed), exactly function-preserving.
+
+    The hidden state h becomes tile(h, k) everywhere:
+    * embeddings tiled (a lookup has no fan-in to divide) -> their sum is tile(sum);
+    * LayerNorm of tile(x) has tile(x)'s mean and variance = x's, so gamma/beta are just tiled;
+    * every Linear tiles its output axis (and bias) and divides its tiled input axis by k;
+    * Q/K/V tile by head: new head h = old head h % H, same head_dim, same softmax scale, same
+      probabilities; the context is tile(context) and attention.output.dense reads it with 1/k.
+    The one conflict is the tied decoder: as the word embedding it must be tile(E) (no 1/k), but as
+    the vocab projection tile(E) . tile(t) = k * (E . t). Dividing the embedding by k instead would be
+    absorbed by the embedding LayerNorm only up to its eps. So the 1/k goes on the MLM transform's
+    LayerNorm gamma and beta (the decoder's input): exact, at the cost of that LN's affine starting
+    at gamma/k instead of gamma. Pooler and NSP head follow the Linear rule.
+    """
+    validate_growth("hidden", old, new)
+    k = new.hidden_size // old.hidden_size
+    return _widen(tensors, {"H": k, "A": k}, moment,
+                  extra_divisor=lambda name: k if _HEAD_LN.search(name) else 1)
+
+
+def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+    """Depth L -> n*L (progressive stacking): new layer i is a copy of old layer i % L, so the whole
+    stack is copied on top, in order. Everything else unchanged. Moments are copied like weights
+    (the `optimizer_state: copy` option); copies are fresh tensors, never views of their source."""
+    validate_growth("stack", old, new)
+    out = {}
+    for name, t in tensors.items():
+        m = _LAYER.match(name)
+        if m is None:
+            out[name] = t
+            continue
+        i = int(m[2])
+        if i >= old.num_layers:
+            raise ValueError(f"tensor {name!r} is beyond the old model's {old.num_layers} layers")
+        for j in range(i, new.num_layers, old.num_layers):
+            out[f"{m[1]}{j}{m[3]}"] = t if j == i else t.clone()
+    return out
+
+
+def grow_seq(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+    """Input-length growth. The position table is shared across stages, so a longer seq_len needs no
+    weight change while it fits max_position (check with `check_seq_len`). A larger max_position
+    extends the table with the old rows copied cyclically (row p = old row p % old_max): the learned
+    rows keep their values and the new rows start from trained statistics rather than noise. Moments
+    are copied the same way (a copy has no scale, so `moment` is unused)."""
+    validate_growth("seq", old, new)
+    out = dict(tensors)
+    if new.max_position > old.max_position:
+        for name, t in tensors.items():
+            if name.endswith("position_embeddings.weight"):
+                rows = torch.arange(new.max_position, device=t.device) % old.max_position
+                out[name] = t.index_select(0, rows)
+    return out
+
+
+_OPS = {"hidden": grow_hidden, "ffn": grow_ffn, "stack": stack, "seq": grow_seq}
+
+
+def _steps(old: ModelConfig, new: ModelConfig, kinds: tuple[str, ...]):
+    """(kind, from, to) for each kind that changes something, one field group per step."""
+    kh, kf = new.hidden_size // old.hidden_size, new.ffn_size // old.ffn_size
+    cur = old
+    for kind in kinds:
+        if kind == "hidden":
+            update = dict(hidden_size=new.hidden_size, num_heads=new.num_heads,
+                          heads_per_layer=_per_layer(cur.heads_per_layer, kh, 1))
+        elif kind == "ffn":
+            update = dict(ffn_size=new.ffn_size, ffn_per_layer=_per_layer(cur.ffn_per_layer, kf, 1))
+        elif kind == "stack":
+            update = dict(num_layers=new.num_layers, heads_per_layer=new.heads_per_layer,
+                          ffn_per_layer=new.ffn_per_layer)
+        else:
+            update = dict(max_position=new.max_position)
+        nxt = cur.model_copy(update=update)
+        if nxt != cur:
+            yield kind, cur, nxt
+        cur = nxt
+
+
+def compose(kinds: Union[str, Iterable[str]]):
+    """One operator doing several growths at once (CompoundGrow). Whatever order `kinds` lists, they
+    run in KINDS order: widen (hidden, then FFN) before stacking, so only the L old layers are
+    widened and the copies are made from the widened layers; the position table last. Widening and
+    stacking commute, so the order changes cost, not the result. Kinds whose size is unchanged are
+    skipped."""
+    kinds = _kinds(kinds)
+
+    def op(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+        validate_growth(kinds, old, new)
+        for kind, a, b in _steps(old, new, kinds):
+            tensors = _OPS[kind](tensors, a, b, moment)
+        return tensors
+
+    return op
+
+
+grow = compose(KINDS)  # any combination of depth, FFN, hidden and position-table growth

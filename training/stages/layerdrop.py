@@ -1,0 +1,58 @@
+"""Progressive layer dropping (Zhang & He, NeurIPS 2020) as a pure schedule.
+
+DeepSpeed 0.19 no longer ships its `progressive_layer_drop` block, so the schedule lives here and the
+model does the dropping: `BertForPreTraining.forward(..., layer_keep_prob=probs)` in training mode
+skips layer i (identity) with probability 1 - probs[i] and scales a kept layer's residual branches by
+1 / probs[i], so each layer's expected output is the full layer's. Needs `model.norm: pre` (with
+Post-LN a skipped layer would also skip its LayerNorms and the residual stream changes scale).
+
+`step` is whatever the caller counts from the start of dropping; the runner passes the global
+optimizer step, as the paper's t.
+"""
+from __future__ import annotations
+
+import math
+
+from training.model.config import ModelConfig
+
+THETA_BAR = 0.5  # the paper's limit keep ratio
+GAMMA = 0.001  # the paper's decay rate per step
+
+
+def _check(step: float, theta_bar: float, gamma: float) -> None:
+    if step < 0:
+        raise ValueError(f"layer drop: step must be >= 0, got {step}")
+    if not 0.0 < theta_bar <= 1.0:
+        raise ValueError(f"layer drop: theta_bar must be in (0, 1], got {theta_bar}")
+    if gamma < 0:
+        raise ValueError(f"layer drop: gamma must be >= 0, got {gamma}")
+
+
+def keep_ratio(step: float, theta_bar: float = THETA_BAR, gamma: float = GAMMA) -> float:
+    """theta(t) = (1 - theta_bar) exp(-gamma t) + theta_bar: 1 at t = 0, decays to theta_bar."""
+    _check(step, theta_bar, gamma)
+    return (1.0 - theta_bar) * math.exp(-gamma * step) + theta_bar
+
+
+def layer_keep_probs(step: float, num_layers: int, theta_bar: float = THETA_BAR,
+                     gamma: float = GAMMA) -> list[float]:
+    """p_i = 1 - (i / L)(1 - theta(t)) for layer i = 1..L (list index i - 1).
+
+    Deeper layers drop more: the bottom layer is nearly always kept, the top one with theta(t).
+    """
+    if num_layers < 1:
+        raise ValueError(f"layer drop: num_layers must be >= 1, got {num_layers}")
+    drop = 1.0 - keep_ratio(step, theta_bar, gamma)
+    return [1.0 - (i / num_layers) * drop for i in range(1, num_layers + 1)]
+
+
+def expected_layers(step: float, num_layers: int, theta_bar: float = THETA_BAR,
+                    gamma: float = GAMMA) -> float:
+    """Expected number of layers run per forward (for FLOPs-per-token reporting)."""
+    return sum(layer_keep_probs(step, num_layers, theta_bar, gamma))
+
+
+def check_layerdrop(cfg: ModelConfig) -> None:
+    """Config-load check: layer dropping needs Pre-LN layers."""
+    if cfg.norm != "pre":
+        raise ValueError(f"progressive layer dropping needs model.norm: pre, got {cfg.norm!r}")
