@@ -39,6 +39,7 @@ class RunSection(_Strict):
     export_hf: bool = True  # write OUT/hf at the end (when Hugging Face can represent the model)
     peak_tflops: Optional[float] = None  # for MFU; None = measured bf16/fp32 matmul peak on this device
     progress: bool = True
+    eval_at_stage_end: bool = True  # a held-out point at every stage boundary (for time-to-loss curves)
     # Stop (after a checkpoint) once this global step is done, without changing the schedule: a planned
     # pause, and how tests interrupt a run to check that resume continues it exactly.
     stop_at_step: Optional[int] = None
@@ -134,16 +135,46 @@ class DistSection(_Strict):
     backend: Optional[Literal["gloo", "nccl", "ccl"]] = None  # default: nccl on CUDA, gloo on CPU
 
 
+class LayerDropSection(_Strict):
+    """Progressive layer dropping (Zhang & He 2020): theta(t) = (1-theta_bar) exp(-gamma t) + theta_bar."""
+    theta_bar: float = 0.5
+    gamma: float = 0.001
+
+
 class StageSection(_Strict):
-    """One stage of the run. The spine runs one stage; stage hooks plug in here."""
+    """One stage of the run: its length, its model, and the hook that enters it.
+
+    `model` lists only what differs from the top-level `model` (the final model), e.g. a 3-layer
+    first stage of a stacking run says `model: {num_layers: 3}`.
+    """
     name: str
-    steps: int
+    steps: Optional[int] = None
+    tokens: Optional[int] = None  # alternative to steps: converted with the global batch at run time
+    model: dict[str, Any] = {}
+    seq_len: Optional[int] = None  # default: the prepared data's length
+    hook: Optional[str] = None  # how this stage is entered from the previous one
+    hook_args: dict[str, Any] = {}
+    warmup_steps: int = 0  # LR warmup restarted at this stage's start (the first stage uses optimizer.*)
+    optimizer_state: Literal["reset", "carry"] = "carry"
+    layer_drop: Optional[LayerDropSection] = None
 
     @model_validator(mode="after")
     def _check(self):
-        if self.steps <= 0:
-            raise ValueError(f"stage '{self.name}': steps must be positive, got {self.steps}")
+        if (self.steps is None) == (self.tokens is None):
+            raise ValueError(f"stage '{self.name}': give exactly one of steps or tokens")
+        for field in ("steps", "tokens"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ValueError(f"stage '{self.name}': {field} must be positive, got {value}")
+        if self.seq_len is not None and self.seq_len < 8:
+            raise ValueError(f"stage '{self.name}': seq_len must be >= 8, got {self.seq_len}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"stage '{self.name}': warmup_steps must be >= 0")
         return self
+
+    def num_steps(self, tokens_per_step: int) -> int:
+        """Optimizer steps of this stage; `tokens_per_step` = global batch x this stage's seq_len."""
+        return self.steps if self.steps is not None else -(-self.tokens // tokens_per_step)
 
 
 class RunConfig(_Strict):
@@ -167,20 +198,59 @@ class RunConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
+        self._check_stage_transitions()
         if self.optimizer.name == "lamb" and self.optimizer.fused and self.train.zero_stage > 0:
             raise ValueError(
                 f"optimizer.fused=true with train.zero_stage={self.train.zero_stage}: the fused LAMB kernel cannot "
                 "see per-tensor boundaries in ZeRO's flat partitions; set optimizer.fused=false")
         return self
 
-    @property
-    def total_steps(self) -> int:
-        return sum(s.steps for s in self.stages)
+    def stage_model(self, index: int) -> ModelConfig:
+        """The model of stage `index`: the top-level model with the stage's overrides."""
+        stage = self.stages[index]
+        try:
+            return ModelConfig.model_validate({**self.model.model_dump(), **stage.model})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            msg = first["msg"].removeprefix("Value error, ")
+            raise ValueError(f"stage '{stage.name}': model{'.' + where if where else ''}: {msg}") from None
 
-    def warmup_steps(self) -> int:
+    def _check_stage_transitions(self) -> None:
+        from training.stages.hooks import get_hook  # hooks import the model package, not this module
+
+        prev_model, prev_seq = None, None
+        for i, stage in enumerate(self.stages):
+            model = self.stage_model(i)
+            seq = stage.seq_len
+            if seq is not None and seq > model.max_position:
+                raise ValueError(f"stage '{stage.name}': seq_len {seq} exceeds model.max_position "
+                                 f"{model.max_position}")
+            hook = get_hook(stage.hook) if stage.hook else None
+            if i == 0:
+                if hook is not None:
+                    raise ValueError(f"stage '{stage.name}': the first stage has no previous stage to hook from")
+            elif hook is None and model != prev_model:
+                raise ValueError(f"stage '{stage.name}': the model shape changes but the stage names no hook")
+            elif hook is not None:
+                try:
+                    hook.validate(prev_model, model, stage)
+                except ValueError as err:
+                    raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
+                if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
+                    raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences "
+                                     f"({prev_seq} -> {seq})")
+            if stage.layer_drop is not None and model.norm != "pre":
+                raise ValueError(f"stage '{stage.name}': layer_drop needs model.norm: pre")
+            if stage.optimizer_state == "carry" and i > 0 and self.train.zero_stage > 0:
+                raise ValueError(f"stage '{stage.name}': optimizer_state carry needs train.zero_stage 0 "
+                                 "(ZeRO 1/2 state lives in flat partitions); use reset")
+            prev_model, prev_seq = model, seq if seq is not None else prev_seq
+
+    def warmup_steps(self, total_steps: int) -> int:
         if self.optimizer.warmup_steps is not None:
             return self.optimizer.warmup_steps
-        return int(self.optimizer.warmup_fraction * self.total_steps)
+        return int(self.optimizer.warmup_fraction * total_steps)
 
     def digest(self) -> str:
         """Hash of the resolved config, compared across ranks at start-up."""

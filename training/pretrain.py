@@ -52,9 +52,9 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int) -> None
         out.mkdir(parents=True, exist_ok=True)
 
 
-def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
-    from training.model.bert import BertForPreTraining
-    from training.model.hf import load_hf_weights, model_config_from_hf
+def resolve_model(cfg: RunConfig, vocab_size: int) -> None:
+    """Settle the model's shape before planning: from an HF checkpoint if asked; check the vocabulary."""
+    from training.model.hf import model_config_from_hf
 
     if cfg.model.init_from_hf:
         hf_shape = model_config_from_hf(cfg.model.init_from_hf)
@@ -65,10 +65,18 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of data.dir={cfg.data.dir} "
                         f"has {vocab_size} tokens; set model.vocab_size={vocab_size} or prepare the data with "
                         "the model's tokenizer")
-    model = BertForPreTraining(cfg.model)
-    if cfg.model.init_from_hf:
-        missing = load_hf_weights(model, cfg.model.init_from_hf)
-        log.info("initialised from %s (left at init: %s)", cfg.model.init_from_hf, missing or "none")
+
+
+def build_initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """The first stage's model, from scratch or from `model.init_from_hf`."""
+    from training.model.bert import BertForPreTraining
+    from training.model.hf import load_hf_weights
+
+    model_cfg = cfg.stage_model(0)
+    model = BertForPreTraining(model_cfg)
+    if model_cfg.init_from_hf:
+        missing = load_hf_weights(model, model_cfg.init_from_hf)
+        log.info("initialised from %s (left at init: %s)", model_cfg.init_from_hf, missing or "none")
     return model
 
 
@@ -87,7 +95,7 @@ def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
     from training.model.hf import export_hf
 
     try:
-        export_hf(runner.engine.module, cfg.model, out / "hf", tokenizer_dir=data.tokenizer_dir)
+        export_hf(runner.engine.module, runner.model_cfg, out / "hf", tokenizer_dir=data.tokenizer_dir)
         return str(out / "hf")
     except UserError as err:
         return f"not exported: {err}"
@@ -115,16 +123,11 @@ def main(argv=None) -> int:
     prepare_out_dir(out, args.resume, args.overwrite, env.rank)
     torch.distributed.barrier()
 
-    torch.manual_seed(cfg.run.seed + env.rank)  # dropout differs per rank; init is reseeded below
     data = load_data(cfg)
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    model = build_model(cfg, data.vocab_size)
+    resolve_model(cfg, data.vocab_size)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    model.to(device)
-    torch.manual_seed(cfg.run.seed + 1000 + env.rank)
-
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
-    runner = StageRunner(cfg, model, data, out, env.rank, env.world_size, device, peak)
+    runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
     if env.rank == 0:
         (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
@@ -134,6 +137,10 @@ def main(argv=None) -> int:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
     if tag is not None:
         runner.resume(tag)
+    else:
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+        runner.set_model(build_initial_model(cfg), cfg.stage_model(0))
+    torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank
     state = runner.run()
 
     exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"

@@ -96,8 +96,9 @@ class PretrainingData:
         g = torch.Generator().manual_seed(seed_for(seed, epoch, PERM_STREAM))
         return torch.randperm(self.num_train_rows, generator=g)
 
-    def stream_positions(self, step: int, micro_batch_size: int, rank: int = 0, world_size: int = 1):
-        start = step * micro_batch_size * world_size + rank * micro_batch_size
+    def stream_positions(self, step: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
+                         start_sample: int = 0):
+        start = start_sample + step * micro_batch_size * world_size + rank * micro_batch_size
         return torch.arange(start, start + micro_batch_size)
 
     def train_rows_at(self, positions: torch.Tensor, seed: int, _cache: dict | None = None) -> torch.Tensor:
@@ -132,15 +133,16 @@ class PretrainingData:
         return self.collator(ids, sep, sample_keys=keys, seed=seed, partner_source=partners)
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                      start_step: int = 0, seq_len: int | None = None) -> Iterator[dict]:
-        """Infinite micro-batches for this rank, from global step `start_step` on."""
+                      start_step: int = 0, seq_len: int | None = None, start_sample: int = 0) -> Iterator[dict]:
+        """Infinite micro-batches for this rank, from global step `start_step` on, counted from stream
+        position `start_sample` (samples consumed before: stages may change the batch size)."""
         if not 0 <= rank < world_size or micro_batch_size < 1:
             raise ValueError("need micro_batch_size >= 1 and 0 <= rank < world_size")
         seq_len = self._check_seq_len(seq_len)
         cache: dict = {}
         step = start_step
         while True:
-            positions = self.stream_positions(step, micro_batch_size, rank, world_size)
+            positions = self.stream_positions(step, micro_batch_size, rank, world_size, start_sample)
             rows = self.train_rows_at(positions, seed, cache)
             yield self._collate(self._train_ids, self._train_sep, rows, positions, seed, seq_len)
             step += 1

@@ -59,6 +59,27 @@ class Segment:
         return self.end_lr + (self.peak_lr - self.end_lr) * remaining ** self.power
 
 
+def staged_segments(total_steps: int, peak_lr: float, stages: Sequence[tuple[int, int]], end_lr: float = 0.0,
+                    power: float = 1.0) -> list[Segment]:
+    """stages: [(start_step, warmup_steps), ...], first start 0. Stage 1 is the global curve;
+    later stages warm up from 0 to the global curve at their warmup's end, then follow it."""
+    starts = [s for s, _ in stages] + [total_steps]
+    first_warmup = stages[0][1]
+    segments = []
+    for (start, warmup), end in zip(stages, starts[1:]):
+        peak = peak_lr if start == 0 else warmup_poly_decay(start + warmup, total_steps, first_warmup,
+                                                            peak_lr, end_lr, power)
+        segments.append(Segment(start, end, warmup, peak, end_lr, power, decay_end_step=total_steps))
+    return segments
+
+
+def lr_at(segments: Sequence[Segment], step: int) -> float:
+    for seg in segments:
+        if step < seg.end_step:
+            return seg.lr(step)
+    return segments[-1].lr(step)
+
+
 class LRSchedule:
     """Per-step lr over contiguous segments; sets every param group's 'lr' of `optimizer`.
 
@@ -81,22 +102,11 @@ class LRSchedule:
     @classmethod
     def staged(cls, optimizer, total_steps: int, peak_lr: float, stages: Sequence[tuple[int, int]],
                end_lr: float = 0.0, power: float = 1.0, last_step: int = 0) -> "LRSchedule":
-        """stages: [(start_step, warmup_steps), ...], first start 0. Stage 1 is the global curve;
-        later stages warm up from 0 to the global curve at their warmup's end, then follow it."""
-        starts = [s for s, _ in stages] + [total_steps]
-        first_warmup = stages[0][1]
-        segments = []
-        for (start, warmup), end in zip(stages, starts[1:]):
-            peak = peak_lr if start == 0 else warmup_poly_decay(start + warmup, total_steps, first_warmup,
-                                                                peak_lr, end_lr, power)
-            segments.append(Segment(start, end, warmup, peak, end_lr, power, decay_end_step=total_steps))
-        return cls(optimizer, segments, last_step=last_step)
+        """stages: [(start_step, warmup_steps), ...] (see staged_segments)."""
+        return cls(optimizer, staged_segments(total_steps, peak_lr, stages, end_lr, power), last_step=last_step)
 
     def lr_at(self, step: int) -> float:
-        for seg in self.segments:
-            if step < seg.end_step:
-                return seg.lr(step)
-        return self.segments[-1].lr(step)
+        return lr_at(self.segments, step)
 
     def _apply(self):
         lr = self.lr_at(self.last_step)

@@ -275,7 +275,8 @@ class Encoder(nn.Module):
             # Pre-LN leaves the residual stream un-normalised; normalise once before the heads.
             self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x, key_padding, layer_keep_prob: Optional[Sequence[float]] = None):
+    def forward(self, x, key_padding, layer_keep_prob: Optional[Sequence[float]] = None,
+                layer_drop_generator: Optional[torch.Generator] = None):
         if not self.training:
             layer_keep_prob = None  # inference runs every layer, unscaled
         elif layer_keep_prob is not None:
@@ -285,11 +286,12 @@ class Encoder(nn.Module):
                 x = layer(x, key_padding)
                 continue
             p = layer_keep_prob[i]
-            # Draw from torch's default CPU generator: reproducible under torch.manual_seed and no
-            # device sync. p >= 1 draws nothing, so keep-prob 1 leaves the RNG stream untouched.
+            # Draw from a CPU generator (default: torch's): no device sync. Data-parallel ranks must pass
+            # generators seeded alike, or they would skip different layers and reduce different grads.
+            # p >= 1 draws nothing, so keep-prob 1 leaves the RNG stream untouched.
             if p >= 1.0:
                 x = layer(x, key_padding)
-            elif p > 0.0 and torch.rand(()).item() < p:
+            elif p > 0.0 and torch.rand((), generator=layer_drop_generator).item() < p:
                 x = layer(x, key_padding, branch_scale=1.0 / p)
             # else: skipped, identity
         if hasattr(self, "final_layer_norm"):
@@ -316,10 +318,11 @@ class Bert(nn.Module):
         if cfg.nsp:
             self.pooler = Pooler(cfg)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
+                layer_drop_generator=None):
         key_padding = attention_mask.bool() if attention_mask is not None else None
         x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, key_padding, layer_keep_prob)
+        return self.encoder(x, key_padding, layer_keep_prob, layer_drop_generator)
 
 
 class PredictionHeadTransform(nn.Module):
@@ -403,6 +406,7 @@ class BertForPreTraining(nn.Module):
         labels: Optional[torch.Tensor] = None,
         next_sentence_label: Optional[torch.Tensor] = None,
         layer_keep_prob: Optional[Union[Sequence[float], torch.Tensor]] = None,
+        layer_drop_generator: Optional[torch.Generator] = None,
     ) -> dict:
         """Returns a dict:
 
@@ -421,7 +425,7 @@ class BertForPreTraining(nn.Module):
         if next_sentence_label is not None and not self.cfg.nsp:
             raise UserError("next_sentence_label given but model.nsp is false (no NSP head)")
 
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob, layer_drop_generator)
         out: dict = {}
         losses = []
         if labels is None:

@@ -5,6 +5,7 @@ runner rebuilds the engine in the same process. The spine ships a single stage.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -16,27 +17,55 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from training.config import RunConfig
+from training.errors import UserError
 from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr
+from training.engine import faults
 from training.engine.checkpoint import TrainState
-from training.engine.schedule import warmup_poly_decay
+from training.engine.schedule import lr_at, staged_segments
 from training.metrics import MetricsWriter
+from training.model.bert import BertForPreTraining
+from training.model.config import ModelConfig
 from training.model.flops import flops_per_token
+from training.stages import transfer
+from training.stages.hooks import HookContext, get_hook
+from training.stages.layerdrop import layer_keep_probs
+from training.signals import preemption
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StagePlan:
+    """A stage resolved for this run: its steps (tokens converted), first global step and data length."""
+    index: int
+    name: str
+    steps: int
+    start_step: int
+    seq_len: int
+    model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
 
 
 @dataclass
 class StepResult:
     loss: float  # global token-mean MLM loss (+ NSP) of this optimizer step
     tokens: int  # tokens in this optimizer step, all ranks
+    samples: int  # sequences in this optimizer step, all ranks
+    bad: bool = False  # some rank's loss or gradient was not finite (agreed by all ranks)
+    preempt: bool = False  # some rank got SIGTERM/SIGUSR1 (agreed by all ranks): checkpoint and exit 75
+
+
+def _all_reduce(values: list[float], op=None) -> list[float]:
+    # NCCL reduces only device tensors; gloo (CPU) only host ones.
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+    return _all_reduce(values)
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -44,10 +73,9 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 class StageRunner:
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, data, out_dir: Path, rank: int,
-                 world_size: int, device: torch.device, peak_tflops: float):
+    def __init__(self, cfg: RunConfig, data, out_dir: Path, rank: int, world_size: int, device: torch.device,
+                 peak_tflops: float, model_factory=BertForPreTraining):
         self.cfg = cfg
-        self.model = model
         self.data = data
         self.out_dir = out_dir
         self.ckpt_dir = out_dir / "checkpoints"
@@ -55,56 +83,183 @@ class StageRunner:
         self.world_size = world_size
         self.device = device
         self.peak_tflops = peak_tflops
+        self.model_factory = model_factory
+        self.model: Optional[torch.nn.Module] = None
+        self.model_cfg: Optional[ModelConfig] = None  # the current stage's model (after hooks resolved it)
         self.engine = None
         self.metrics: Optional[MetricsWriter] = None
         self.state = TrainState()
+        self.plan = self._make_plan()
+        self.total_steps = sum(p.steps for p in self.plan)
+        warmups = [(p.start_step, cfg.warmup_steps(self.total_steps) if p.index == 0 else cfg.stages[p.index].warmup_steps)
+                   for p in self.plan]
+        self.lr_segments = staged_segments(self.total_steps, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr,
+                                           cfg.optimizer.decay_power)
+        self.last_eval: dict = {}
 
     # ------------------------------------------------------------------------------------ set-up
 
+    def _make_plan(self) -> list[StagePlan]:
+        t = self.cfg.train
+        global_batch = t.micro_batch_size * t.grad_accum * self.world_size
+        plan, start = [], 0
+        for i, stage in enumerate(self.cfg.stages):
+            seq_len = stage.seq_len or self.data.seq_len
+            if seq_len > self.data.seq_len:
+                raise UserError(f"stage '{stage.name}': seq_len {seq_len} exceeds the prepared data's "
+                                f"{self.data.seq_len} (data.dir={self.cfg.data.dir})")
+            steps = stage.num_steps(global_batch * seq_len)
+            plan.append(StagePlan(i, stage.name, steps, start, seq_len, self.cfg.stage_model(i)))
+            start += steps
+        return plan
+
+    def set_model(self, model: torch.nn.Module, model_cfg: ModelConfig) -> None:
+        self.model, self.model_cfg = model, model_cfg
+
     def _build(self) -> None:
-        self.engine, ds_config = build_engine(self.model, self.cfg, self.world_size, self.out_dir)
-        self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
-                                     getattr(self.engine, "monitor", None))
-        self.ds_config = ds_config
+        """(Re)build the DeepSpeed engine around self.model, in the existing process group."""
+        stage = self.cfg.stages[self.state.stage_index]
+        hook = get_hook(stage.hook)
+        if hook is not None:
+            hook.prepare(self.model, stage)  # e.g. freeze: must happen before the optimizer sees params
+        self.model.to(self.device)
+        self.engine, self.ds_config = build_engine(self.model, self.cfg, self.world_size, self.out_dir)
+        if self.metrics is None:
+            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
+                                         getattr(self.engine, "monitor", None))
 
     def resume(self, tag: str) -> None:
-        checkpoint.check_compatible(checkpoint.read_meta(self.ckpt_dir, tag), self.cfg.model, self.ckpt_dir / tag)
-        if self.engine is None:
-            self._build()
+        """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition."""
+        meta = checkpoint.read_meta(self.ckpt_dir, tag)
+        stage_index = meta["train_state"]["stage_index"]
+        if stage_index >= len(self.plan):
+            raise UserError(f"{self.ckpt_dir / tag} is at stage {stage_index}, but the config has only "
+                            f"{len(self.plan)} stages")
+        declared = self.plan[stage_index].model
+        checkpoint.check_compatible(meta, declared, self.ckpt_dir / tag)
+        # The saved model config is the truth: a hook may have resolved per-layer sizes at run time.
+        model_cfg = ModelConfig.model_validate(meta["model"])
+        self.state.stage_index = stage_index
+        self.set_model(self.model_factory(model_cfg), model_cfg)
+        self._build()
         self.state = checkpoint.load(self.engine, self.ckpt_dir, tag)
-        log.info("resumed from %s at step %d", tag, self.state.step)
+        log.info("resumed from %s at step %d (stage %s)", tag, self.state.step, self.plan[stage_index].name)
+
+    def _enter_stage(self, index: int) -> float:
+        """The boundary into stage `index`: reshape the module through its hook, rebuild the engine, map the
+        optimizer state by name (or reset it). Same process, same process group. Returns seconds taken."""
+        start = time.perf_counter()
+        stage = self.cfg.stages[index]
+        hook = get_hook(stage.hook)
+        old_cfg, declared = self.model_cfg, self.plan[index].model
+        weights = transfer.fp32_weights(self.engine)
+        moments, steps = transfer.optimizer_moments(self.engine) if stage.optimizer_state == "carry" else ({}, {})
+        ctx = HookContext(step=self.state.step, out_dir=self.out_dir, args=stage.hook_args)
+        if hook is not None:
+            new_cfg = hook.resolve(old_cfg, declared, weights, ctx)
+            weights = hook.transform(weights, old_cfg, new_cfg, 1, ctx)
+            moments = {key: hook.transform(t, old_cfg, new_cfg, transfer.MOMENT_POWER[key], ctx) if t else t
+                       for key, t in moments.items()}
+        else:
+            new_cfg = old_cfg
+        del self.engine
+        self.engine = None
+        gc.collect()
+        model = self.model_factory(new_cfg)
+        model.load_state_dict(weights)
+        self.set_model(model, new_cfg)
+        self.state.stage_index = index
+        self._build()
+        step_value = max(steps.values(), default=0) if steps else 0
+        carried = transfer.load_into_engine(self.engine, weights, moments if steps else None, step_value)
+        seconds = time.perf_counter() - start
+        self.metrics.write({"kind": "transition", "step": self.state.step, "stage": stage.name,
+                            "hook": stage.hook, "seconds": seconds, "carried_state_params": carried,
+                            "optimizer_state": stage.optimizer_state,
+                            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+        log.info("entered stage %s (hook %s) in %.2f s; optimizer state %s for %d params", stage.name,
+                 stage.hook, seconds, stage.optimizer_state, carried)
+        return seconds
 
     # ------------------------------------------------------------------------------------ training
 
     def _micro_batches(self) -> Iterator[dict]:
-        """The data stream, positioned by the global step so that resume continues exactly where it was."""
+        """The data stream, positioned by samples consumed so that resume continues exactly where it was."""
         t = self.cfg.train
         return self.data.train_batches(t.micro_batch_size, self.rank, self.world_size, self.cfg.run.seed,
-                                       start_step=self.state.step * t.grad_accum)
+                                       start_sample=self.state.samples,
+                                       seq_len=self.plan[self.state.stage_index].seq_len)
 
-    def train_step(self, micro_batches: list[dict]) -> StepResult:
+    _bad_streak: int = 0  # consecutive non-finite steps (see training/engine/faults.py)
+    preempted: Optional[str] = None  # the signal's name once the run stopped for a pre-emption
+
+    def train_step(self, micro_batches: list[dict], **forward_kwargs) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches.
 
         The loss is normalised by the masked-token count of the whole global batch (all ranks, all
         micro-batches: one scalar all-reduce), so the gradient is the same token-mean however the batch is
         split across ranks and micro-batches. DeepSpeed divides by grad_accum and averages over ranks; the
         factor world * accum undoes that.
+
+        After the last backward and before the optimizer step, a second small all-reduce (MAX) agrees on
+        two flags: "some rank's loss or gradient is not finite" and "some rank got a pre-emption signal".
+        A non-finite bf16/fp32 step is skipped on every rank together; fp16 is left to DeepSpeed's loss
+        scaler (see faults.py).
         """
         counts = [float((b["labels"] != -100).sum()) for b in micro_batches]
         samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
         global_count, global_samples = _all_reduce_sum([sum(counts), samples])
         scale = self.world_size * len(micro_batches)
-        loss_sum = 0.0
-        for batch in micro_batches:
-            out = self.engine(**_to_device(batch, self.device))
+        fp16 = self.cfg.train.precision == "fp16"
+        inject = faults.injector(self.rank)
+        nan_factor = inject.loss_factor(self.state.step + 1)
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            out = self.engine(**_to_device(batch, self.device), **forward_kwargs)
             loss = out["mlm_loss"].float() * out["mlm_count"] / max(global_count, 1.0)
             if "nsp_loss" in out:
                 loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / global_samples
+            if nan_factor is not None:
+                loss = loss * nan_factor
             self.engine.backward(loss * scale)
+            losses.append(loss.detach())
+            if i < len(micro_batches) - 1:
+                self.engine.step()
+        if nan_factor is not None:
+            inject.fired(self.state.step + 1)
+        loss_t = torch.stack(losses).sum()
+        ok = loss_t.isfinite()
+        if not fp16:  # fp16 gradients are scaled; DeepSpeed checks them for overflow itself
+            ok = ok & faults.grads_finite(faults.local_grads(self.engine)).to(ok.device)
+        bad, preempt = _all_reduce([0.0 if bool(ok) else 1.0, float(preemption().requested)], dist.ReduceOp.MAX)
+        if bad and not fp16:
+            with faults.skipped_step(self.engine):
+                self.engine.step()
+        else:
             self.engine.step()
-            loss_sum += float(loss.detach())
         tokens = int(sum(b["input_ids"].numel() for b in micro_batches)) * self.world_size
-        return StepResult(loss=loss_sum, tokens=tokens)
+        return StepResult(loss=float(loss_t), tokens=tokens, samples=int(samples) * self.world_size,
+                          bad=bad > 0, preempt=preempt > 0)
+
+    def _check_faults(self, result: StepResult) -> None:
+        """Count consecutive non-finite steps; after run.max_bad_steps, restore or stop (faults.py)."""
+        if not result.bad:
+            self._bad_streak = 0
+            return
+        self._bad_streak += 1
+        if self.cfg.train.precision != "fp16":
+            self.state.skipped_steps += 1
+        run = self.cfg.run
+        log.warning("step %d: non-finite loss or gradient on some rank; optimizer step skipped (%d in a row)",
+                    self.state.step, self._bad_streak)
+        self.metrics.write({"kind": "fault", "step": self.state.step, "what": "non-finite loss/gradient",
+                            "consecutive": self._bad_streak, "skipped_total": self.state.skipped_steps})
+        if self._bad_streak >= run.max_bad_steps:
+            self._bad_streak = 0
+            what = f"{run.max_bad_steps} consecutive steps with a non-finite loss or gradient (last: step {self.state.step})"
+            if run.on_nan == "restore":
+                raise faults.RestoreRequested(what)
+            raise faults.NumericalFault(f"{what}; stopping (run.on_nan=stop)")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -125,66 +280,91 @@ class StageRunner:
         return {"heldout_loss": loss_sum / max(count, 1.0), "heldout_acc": correct / max(count, 1.0)}
 
     def _lr(self, step: int) -> float:
-        o = self.cfg.optimizer
-        return warmup_poly_decay(step, total_steps=self.cfg.total_steps, warmup_steps=self.cfg.warmup_steps(),
-                                 peak_lr=o.lr, end_lr=o.end_lr, power=o.decay_power)
+        return lr_at(self.lr_segments, step)
 
     def _save(self) -> None:
-        checkpoint.save(self.engine, self.ckpt_dir, self.state, self.cfg.model, self.cfg.run.keep_last)
+        if getattr(self, "_saved_step", None) == self.state.step:
+            return  # e.g. a pre-emption signal at a step that was just saved
+        checkpoint.save(self.engine, self.ckpt_dir, self.state, self.model_cfg, self.cfg.run.keep_last)
+        self._saved_step = self.state.step
+
+    def _layer_drop(self, stage) -> dict:
+        """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (a generator
+        seeded by the step), so all ranks skip the same layers and reduce the same gradients."""
+        if stage.layer_drop is None:
+            return {}
+        probs = layer_keep_probs(self.state.step, self.model_cfg.num_layers, theta_bar=stage.layer_drop.theta_bar,
+                                 gamma=stage.layer_drop.gamma)
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.state.step)
+        return {"layer_keep_prob": probs, "layer_drop_generator": gen}
 
     def run(self) -> TrainState:
         if self.engine is None:
             self._build()
         cfg, run = self.cfg, self.cfg.run
-        stages = cfg.stages
-        bar = tqdm(total=cfg.total_steps, initial=self.state.step, disable=self.rank != 0 or not run.progress,
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=self.rank != 0 or not run.progress,
                    unit="step", dynamic_ncols=True)
         start_wall = time.perf_counter() - self.state.wall_s
-        last_eval: dict = {}
-        while self.state.stage_index < len(stages):
-            stage = stages[self.state.stage_index]
-            seq_len = self.data.seq_len
-            stage_flops = flops_per_token(self.cfg.model, seq_len)
+        while self.state.stage_index < len(self.plan):
+            plan = self.plan[self.state.stage_index]
+            stage = cfg.stages[plan.index]
+            bar.set_description(f"stage {plan.index + 1}/{len(self.plan)} {plan.name}")
+            stage_flops = flops_per_token(self.model_cfg, plan.seq_len)
             stream = self._micro_batches()
             window_start, window_tokens = time.perf_counter(), 0
-            while self.state.stage_step < stage.steps:
+            while self.state.stage_step < plan.steps:
                 micro = [next(stream) for _ in range(cfg.train.grad_accum)]
                 lr = self._lr(self.state.step)
                 set_lr(self.engine, lr)
-                result = self.train_step(micro)
+                result = self.train_step(micro, **self._layer_drop(stage))
                 self.state.step += 1
                 self.state.stage_step += 1
                 self.state.tokens += result.tokens
+                self.state.samples += result.samples
                 window_tokens += result.tokens
                 bar.update(1)
-                if self.state.step % run.log_every == 0 or self.state.stage_step == stage.steps:
+                try:
+                    self._check_faults(result)
+                except faults.RestoreRequested:
+                    bar.close()
+                    raise
+                stage_done = self.state.stage_step == plan.steps
+                if self.state.step % run.log_every == 0 or stage_done:
                     loss = _all_reduce_sum([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
                     mfu = stage_flops * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
                     self.state.wall_s = time.perf_counter() - start_wall
-                    self.metrics.write({"kind": "train", "step": self.state.step, "stage": stage.name,
+                    self.metrics.write({"kind": "train", "step": self.state.step, "stage": plan.name,
                                         "loss": loss, "lr": lr, "tokens": self.state.tokens,
-                                        "tokens_per_s": tokens_per_s, "wall_s": self.state.wall_s, "mfu": mfu})
-                    bar.set_postfix(stage=stage.name, loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
-                                    **({"eval": f"{last_eval['heldout_loss']:.3f}"} if last_eval else {}))
+                                        "tokens_per_s": tokens_per_s, "wall_s": self.state.wall_s, "mfu": mfu,
+                                        "flops_per_token": stage_flops, "seq_len": plan.seq_len})
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                                    **({"eval": f"{self.last_eval['heldout_loss']:.3f}"} if self.last_eval else {}))
                     window_start, window_tokens = time.perf_counter(), 0
-                done = self.state.step == cfg.total_steps
-                if self.state.step % run.eval_every == 0 or done:
-                    last_eval = self.evaluate()
-                    self.metrics.write({"kind": "eval", "step": self.state.step, "stage": stage.name,
-                                        "tokens": self.state.tokens, **last_eval,
+                done = self.state.step == self.total_steps
+                if self.state.step % run.eval_every == 0 or done or (stage_done and run.eval_at_stage_end):
+                    self.last_eval = self.evaluate()
+                    self.metrics.write({"kind": "eval", "step": self.state.step, "stage": plan.name,
+                                        "tokens": self.state.tokens, **self.last_eval,
                                         "wall_s": time.perf_counter() - start_wall})
-                pause = self.state.step == run.stop_at_step
+                    window_start = time.perf_counter()  # eval time is not training throughput
+                pause = self.state.step == run.stop_at_step or result.preempt
                 if (run.save_every and self.state.step % run.save_every == 0) or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
                     self._save()
+                    window_start = time.perf_counter()
+                if result.preempt:
+                    self.preempted = preemption().name() if preemption().requested else "a peer's signal"
+                    log.warning("pre-emption (%s): checkpointed at step %d; exiting for a requeue",
+                                self.preempted, self.state.step)
                 if pause:
                     bar.close()
-                    self.last_eval = last_eval
                     return self.state
-            self.state.stage_index += 1
-            self.state.stage_step = 0
+            if self.state.stage_index + 1 < len(self.plan):
+                self.state.stage_step = 0
+                self._enter_stage(self.state.stage_index + 1)
+            else:
+                break
         bar.close()
-        self.last_eval = last_eval
         return self.state

@@ -1,0 +1,383 @@
+"""Time-to-target analysis of finished runs and the compare report (JSON, Markdown, PNG).
+
+Everything here is a pure function of each run's `metrics.jsonl` (plus, as a fallback for FLOPs, its
+`config.resolved.json` and the data dir's `stats.json`), so a report can be rebuilt from run
+directories at any time (`python -m training.bench compare ... --report-only`).
+
+Definitions (also in BENCHMARKS.md):
+
+* time axis: the metrics' `wall_s`, i.e. seconds since the run's training loop started (process
+  start-up, data loading, engine build and the final export are excluded; the in-loop held-out
+  evaluations and checkpoints are included, at the same cadence for every method).
+* target: the baseline's held-out MLM loss at its final evaluation.
+* time / tokens / FLOPs to target: the first crossing of the target by the run's eval curve, linearly
+  interpolated between the two eval points around it (an eval at or below the target with no earlier
+  point is taken as is). "not reached" when no eval point gets to the target.
+* FLOPs: the integral of flops_per_token over tokens, segment by segment between train lines (each
+  segment at the `flops_per_token` of the line that ends it, or the config's value when lines lack it).
+* speedup: baseline's time to target / the method's time to target (same for FLOPs and tokens).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+NOT_REACHED = "not reached"
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """metrics.jsonl records; a torn last line (run still writing / killed) is skipped."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def split_records(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(train lines, eval lines), each sorted by step; a step logged twice (a resumed run appends to
+    the same file) keeps its last record."""
+    by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
+    for r in records:
+        kind = r.get("kind", "train")
+        if kind in by_kind and "step" in r:
+            by_kind[kind][int(r["step"])] = r
+    return ([by_kind["train"][s] for s in sorted(by_kind["train"])],
+            [by_kind["eval"][s] for s in sorted(by_kind["eval"])])
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+def cumulative_flops(train: Sequence[dict], default_fpt: Optional[float]) -> tuple[list[tuple[int, float]], str]:
+    """[(tokens, cumulative FLOPs)] at each train line, starting with (0, 0), and the source used.
+
+    The segment ending at a train line is charged that line's `flops_per_token` (tokens of one logging
+    window all belong to the line's stage: the runner always logs the last step of a stage), or
+    `default_fpt` when the line has none.
+    """
+    points = [(0, 0.0)]
+    sources = set()
+    total = 0.0
+    prev_tokens = 0
+    for r in train:
+        tokens = int(r.get("tokens", prev_tokens))
+        fpt = r.get("flops_per_token")
+        if fpt is None:
+            fpt = default_fpt
+            sources.add("config")
+        else:
+            sources.add("metrics")
+        if fpt is None:
+            return [], "unknown"
+        total += max(tokens - prev_tokens, 0) * float(fpt)
+        prev_tokens = max(tokens, prev_tokens)
+        points.append((prev_tokens, total))
+    source = "+".join(sorted(sources)) or ("config" if default_fpt is not None else "unknown")
+    return points, source
+
+
+def flops_at(tokens: float, points: Sequence[tuple[int, float]], last_fpt: Optional[float]) -> Optional[float]:
+    """Cumulative FLOPs after `tokens` tokens, linear within a segment; beyond the last train line at
+    `last_fpt` per token."""
+    if not points:
+        return None
+    for (t0, f0), (t1, f1) in zip(points, points[1:]):
+        if tokens <= t1:
+            if t1 == t0:
+                return f1
+            return f0 + (f1 - f0) * (tokens - t0) / (t1 - t0)
+    t_last, f_last = points[-1]
+    if last_fpt is None:
+        return f_last if tokens <= t_last else None
+    return f_last + (tokens - t_last) * last_fpt
+
+
+# ------------------------------------------------------------------------------------ time to target
+
+@dataclass
+class Crossing:
+    reached: bool
+    wall_s: Optional[float] = None
+    tokens: Optional[float] = None
+    flops: Optional[float] = None
+    step: Optional[float] = None
+
+
+def time_to_target(evals: Sequence[dict], target: float, flops_of_tokens=None) -> Crossing:
+    """First crossing of `target` by the held-out loss curve, interpolated linearly (see module doc).
+
+    `evals` are eval records (keys wall_s, tokens, step, heldout_loss) sorted by step;
+    `flops_of_tokens(tokens)` maps tokens to cumulative FLOPs (None: FLOPs not reported).
+    """
+    prev = None
+    for e in evals:
+        loss = e.get("heldout_loss")
+        if loss is None or not math.isfinite(loss):
+            prev = None
+            continue
+        if loss <= target:
+            if prev is None or prev["heldout_loss"] == loss:
+                frac = 1.0
+                prev = e
+            else:
+                frac = (prev["heldout_loss"] - target) / (prev["heldout_loss"] - loss)
+            def lerp(key):
+                return prev[key] + frac * (e[key] - prev[key])
+            tokens = lerp("tokens")
+            return Crossing(True, wall_s=lerp("wall_s"), tokens=tokens, step=lerp("step"),
+                            flops=flops_of_tokens(tokens) if flops_of_tokens else None)
+        prev = e
+    return Crossing(False)
+
+
+# ---------------------------------------------------------------------------------------- summaries
+
+@dataclass
+class RunSummary:
+    name: str
+    config: str
+    run_dir: str
+    status: str = "ok"  # ok | failed (...) | missing
+    final_loss: Optional[float] = None
+    final_acc: Optional[float] = None
+    final_step: Optional[int] = None
+    total_wall_s: Optional[float] = None
+    total_tokens: Optional[int] = None
+    total_flops: Optional[float] = None
+    flops_source: str = "unknown"
+    eval_every: Optional[int] = None
+    stages: list = field(default_factory=list)  # [{"name", "start_step", "end_step", "end_wall_s"}]
+    curve: list = field(default_factory=list)  # [{"step", "wall_s", "tokens", "flops", "loss", "acc"}]
+    target: Optional[dict] = None  # Crossing as dict + speedups, filled by compare_runs
+    wall_s_mean_tokens_per_s: Optional[float] = None
+    flops_points: list = field(default_factory=list)  # [(tokens, cumulative FLOPs)] at the train lines
+    last_flops_per_token: Optional[float] = None
+
+
+def _stages(train: Sequence[dict]) -> list[dict]:
+    stages: list[dict] = []
+    for r in train:
+        name = r.get("stage", "main")
+        if not stages or stages[-1]["name"] != name:
+            stages.append({"name": name, "start_step": r["step"], "end_step": r["step"], "end_wall_s": r.get("wall_s"),
+                           "end_tokens": r.get("tokens")})
+        else:
+            stages[-1].update(end_step=r["step"], end_wall_s=r.get("wall_s"), end_tokens=r.get("tokens"))
+    return stages
+
+
+def default_flops_per_token(run_dir: Path) -> Optional[float]:
+    """flops_per_token of the run's resolved `model:` section at its data's seq_len (fallback only: it
+    knows nothing of per-stage shapes)."""
+    try:
+        from training.model.config import ModelConfig
+        from training.model.flops import flops_per_token
+
+        resolved = json.loads((run_dir / "config.resolved.json").read_text())
+        data_dir = Path(resolved["data"]["dir"])
+        stats = json.loads((data_dir / "stats.json").read_text())
+        return flops_per_token(ModelConfig(**resolved["model"]), int(stats["seq_len"]),
+                               masked_fraction=float(resolved["data"].get("mlm_probability", 0.15)))
+    except Exception:
+        return None
+
+
+def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok") -> RunSummary:
+    run_dir = Path(run_dir)
+    s = RunSummary(name=name, config=str(config), run_dir=str(run_dir), status=status)
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        if s.status == "ok":
+            s.status = "missing (no metrics.jsonl)"
+        return s
+    train, evals = split_records(read_jsonl(path))
+    fpt_default = default_flops_per_token(run_dir)
+    points, s.flops_source = cumulative_flops(train, fpt_default)
+    last_fpt = train[-1].get("flops_per_token", fpt_default) if train else fpt_default
+    s.flops_points, s.last_flops_per_token = [list(p) for p in points], last_fpt
+    s.stages = _stages(train)
+    for e in evals:
+        s.curve.append({"step": e["step"], "wall_s": e.get("wall_s"), "tokens": e.get("tokens"),
+                        "flops": flops_at(e.get("tokens", 0), points, last_fpt),
+                        "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage")})
+    if len(evals) >= 2:
+        s.eval_every = int(evals[1]["step"] - evals[0]["step"])
+    elif evals:
+        s.eval_every = int(evals[0]["step"])
+    if evals:
+        s.final_loss, s.final_acc, s.final_step = (evals[-1].get("heldout_loss"), evals[-1].get("heldout_acc"),
+                                                   int(evals[-1]["step"]))
+    last = train[-1] if train else (evals[-1] if evals else None)
+    if last is not None:
+        ends = [r.get("wall_s") for r in (train[-1:] + evals[-1:]) if r.get("wall_s") is not None]
+        s.total_wall_s = max(ends) if ends else None
+        s.total_tokens = int(max([r.get("tokens", 0) for r in train[-1:] + evals[-1:]]))
+        s.total_flops = flops_at(s.total_tokens, points, last_fpt)
+        train_wall = train[-1].get("wall_s") if train else None
+        if train_wall:
+            s.wall_s_mean_tokens_per_s = train[-1].get("tokens", 0) / train_wall
+    if not evals and s.status == "ok":
+        s.status = "no eval records"
+    return s
+
+
+def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
+    """Fill each run's `target` against the baseline's final held-out loss; return the report dict."""
+    base = runs[baseline_index]
+    target = base.final_loss if base.status == "ok" else None
+    crossings: list[Optional[Crossing]] = []
+    for r in runs:
+        if target is None or not r.curve:
+            crossings.append(None)
+            continue
+        def flops_of(tokens, r=r):
+            return flops_at(tokens, r.flops_points, r.last_flops_per_token) if r.flops_points else None
+
+        evals = [{"step": c["step"], "wall_s": c["wall_s"], "tokens": c["tokens"], "heldout_loss": c["loss"]}
+                 for c in r.curve]
+        crossings.append(time_to_target(evals, target, flops_of))
+    base_x = crossings[baseline_index]
+    for r, x in zip(runs, crossings):
+        if x is None:
+            r.target = {"reached": None, "note": "no baseline target" if target is None else "no eval records"}
+            continue
+        d = {"reached": x.reached, "wall_s": x.wall_s, "tokens": x.tokens, "flops": x.flops, "step": x.step}
+        for key in ("wall_s", "tokens", "flops"):
+            b, m = (getattr(base_x, key) if base_x else None), getattr(x, key)
+            d[f"speedup_{key}"] = (b / m) if (x.reached and b and m) else None
+        r.target = d
+    return {
+        "baseline": base.name,
+        "target_heldout_loss": target,
+        "definitions": {
+            "time": "metrics wall_s: seconds since the training loop started (excludes process start-up and "
+                    "export; includes in-loop evals and checkpoints)",
+            "target": "baseline's final held-out MLM loss",
+            "to_target": "first crossing of the target, linear interpolation between eval points",
+            "speedup": "baseline time (tokens, FLOPs) to target / method's",
+            "flops": "integral of flops_per_token over tokens (metrics field when present, else the config's "
+                     "model shape)",
+        },
+        "runs": [r.__dict__ for r in runs],
+    }
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def _fmt(x, kind: str = "g") -> str:
+    if x is None:
+        return "–"
+    if kind == "s":
+        return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+    if kind == "tok":
+        return f"{x / 1e6:.2f} M"
+    if kind == "flops":
+        return f"{x / 1e15:.3f} PF" if x >= 1e14 else f"{x / 1e12:.2f} TF"
+    if kind == "x":
+        return f"{x:.2f}x"
+    return f"{x:.4f}"
+
+
+def markdown_table(report: dict) -> str:
+    head = ("| method | status | final held-out loss | final MLM acc | total time s | time to target s | "
+            "tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
+    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+    for r in report["runs"]:
+        t = r.get("target") or {}
+        reached = t.get("reached")
+        if reached is False:
+            ttt = tok = fl = sp = spf = NOT_REACHED
+        else:
+            ttt, tok, fl = _fmt(t.get("wall_s"), "s"), _fmt(t.get("tokens"), "tok"), _fmt(t.get("flops"), "flops")
+            sp, spf = _fmt(t.get("speedup_wall_s"), "x"), _fmt(t.get("speedup_flops"), "x")
+        name = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
+        lines.append(f"| {name} | {r['status']} | {_fmt(r['final_loss'])} | {_fmt(r['final_acc'])} | "
+                     f"{_fmt(r['total_wall_s'], 's')} | {ttt} | {tok} | {fl} | {sp} | {spf} |")
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
+    target = report.get("target_heldout_loss")
+    text = [f"# Method comparison\n", preamble.strip() + "\n" if preamble.strip() else "",
+            f"Target: the baseline (`{report['baseline']}`) final held-out MLM loss = "
+            f"{_fmt(target)}.\n",
+            markdown_table(report), "",
+            "Time = the runs' `wall_s` (training loop only: no start-up or export; in-loop evals and "
+            "checkpoints included). To-target values interpolate linearly between eval points; "
+            "speedup = baseline / method.", ""]
+    stage_lines = []
+    for r in report["runs"]:
+        if len(r["stages"]) > 1:
+            parts = ", ".join(f"{s['name']} (steps {s['start_step']}-{s['end_step']}, ends "
+                              f"{_fmt(s['end_wall_s'], 's')} s)" for s in r["stages"])
+            stage_lines.append(f"- {r['name']}: {parts}")
+    if stage_lines:
+        text += ["Stages:", *stage_lines, ""]
+    notes = report.get("notes") or []
+    if notes:
+        text += ["Notes:", *[f"- {n}" for n in notes], ""]
+    Path(path).write_text("\n".join(text))
+
+
+def plot_loss_vs_time(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    for r in report["runs"]:
+        pts = [(c["wall_s"], c["loss"]) for c in r["curve"] if c["wall_s"] is not None and c["loss"] is not None]
+        if not pts:
+            continue
+        xs, ys = zip(*pts)
+        label = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
+        (line,) = ax.plot(xs, ys, marker=".", markersize=4, linewidth=1.5, label=label)
+        for s in r["stages"][:-1]:  # boundaries: the end of every stage but the last
+            t = s.get("end_wall_s")
+            if t is None:
+                continue
+            y = _interp(t, xs, ys)
+            ax.plot([t], [y], marker="|", markersize=14, markeredgewidth=2, color=line.get_color())
+            ax.plot([t], [y], marker="o", markersize=5, color=line.get_color())
+    target = report.get("target_heldout_loss")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)")
+    ax.set_xlabel("wall-clock seconds (training loop, metrics wall_s)")
+    ax.set_ylabel("held-out MLM loss")
+    ax.set_title("Held-out loss vs time (| = stage boundary)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if x <= x1:
+            return y0 + (y1 - y0) * ((x - x0) / (x1 - x0) if x1 != x0 else 1.0)
+    return ys[-1]
+
+
+def write_report(report: dict, out_dir: str | Path, preamble: str = "") -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "loss_vs_time.png"}
+    paths["json"].write_text(json.dumps(report, indent=1, default=str))
+    write_markdown(report, paths["md"], preamble)
+    plot_loss_vs_time(report, paths["png"])
+    return paths

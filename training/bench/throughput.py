@@ -1,0 +1,433 @@
+"""Training throughput of our BERT vs Hugging Face's `BertForPreTraining`, side by side in one process.
+
+Both models are built from the same config `model:` shape, wrapped by the same `build_engine` (the
+config's precision, ZeRO stage, LAMB/AdamW, clipping), and trained on the *same* pre-built batches
+with the runner's loss normalisation. Blocks of `--steps` timed steps alternate ours, HF, ours, HF, ...
+(`--repeats` pairs), each block preceded by `--warmup` untimed steps, so machine drift hits both alike.
+
+Per optimizer step the time is split into forward (model + loss), backward (`engine.backward`) and
+optimizer (`engine.step`: clipping, LAMB, precision casts), each phase fenced by
+`torch.cuda.synchronize()` on GPU (CPU ops are synchronous). Batches are put on the device before
+timing, so host->device copies and data loading are not counted.
+
+Peak memory per block: on CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`; on
+CPU the process peak RSS (`VmHWM` in /proc/self/status, reset by writing 5 to /proc/self/clear_refs
+before each block, i.e. the whole process: both models, both optimizers and the batches are resident;
+`rss_before` is the resident size when the block starts, so peak - before approximates the block's
+working memory). Where clear_refs is not writable, the lifetime `ru_maxrss` is reported instead.
+
+MFU = flops_per_token(model, seq_len) x tokens/s / peak. The same model FLOPs are charged to HF (its
+MLM head projects every position onto the vocabulary, ours only masked ones: that extra work is HF's
+overhead, not useful FLOPs), so the MFU ratio equals the throughput ratio. Peak = run.peak_tflops
+when set, else the best rate of a large square matmul in the compute dtype measured in this run
+(before and after the blocks; the max is used).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("training.bench.throughput")
+
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------------ HF model
+
+class HFPretrainingAdapter(nn.Module):
+    """transformers.BertForPreTraining behind our model's interface: takes our batch dict, returns
+    {"loss", "mlm_loss", "mlm_count", ["nsp_loss"]}. The MLM loss is computed exactly as HF computes
+    it (cross entropy over all positions' logits with ignore_index=-100, in the logits' dtype)."""
+
+    def __init__(self, hf_model: nn.Module, nsp: bool):
+        super().__init__()
+        self.hf = hf_model
+        self.nsp = nsp
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                      return_dict=True)
+        logits = out.prediction_logits
+        vocab = logits.shape[-1]
+        mlm_loss = F.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=IGNORE_INDEX)
+        result = {"mlm_loss": mlm_loss, "mlm_count": (labels != IGNORE_INDEX).sum(), "loss": mlm_loss}
+        if self.nsp and next_sentence_label is not None:
+            result["nsp_loss"] = F.cross_entropy(out.seq_relationship_logits.float(), next_sentence_label.view(-1))
+            result["loss"] = result["loss"] + result["nsp_loss"]
+        return result
+
+
+def build_hf_model(mcfg) -> tuple[nn.Module, list[str]]:
+    """HF BertForPreTraining (sdpa attention) with our config's shape; returns (adapter, caveats)."""
+    from transformers import BertConfig, BertForPreTraining
+
+    caveats = []
+    if mcfg.norm != "post":
+        caveats.append(f"model.norm={mcfg.norm}: HF BERT is Post-LN; HF runs Post-LN")
+    if mcfg.attention != "sdpa":
+        caveats.append(f"model.attention={mcfg.attention}: HF runs sdpa")
+    if mcfg.ffn_rank is not None or mcfg.heads_per_layer or mcfg.ffn_per_layer:
+        caveats.append("low-rank / pruned shapes: HF runs the uniform full-rank shape")
+    hf_cfg = BertConfig(
+        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
+        num_attention_heads=mcfg.num_heads, intermediate_size=mcfg.ffn_size, hidden_act="gelu",
+        hidden_dropout_prob=mcfg.dropout, attention_probs_dropout_prob=mcfg.attention_dropout,
+        max_position_embeddings=mcfg.max_position, type_vocab_size=mcfg.type_vocab_size,
+        initializer_range=mcfg.initializer_range, layer_norm_eps=mcfg.layer_norm_eps,
+        pad_token_id=mcfg.pad_token_id)
+    hf = BertForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
+    if not mcfg.nsp:
+        # Our MLM-only model has no pooler / NSP head; HF always runs them. Freeze them so the optimizer
+        # does not see parameters that never get a gradient (their forward cost stays in HF's time).
+        for module in (hf.bert.pooler, hf.cls.seq_relationship):
+            if module is not None:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+    return HFPretrainingAdapter(hf, mcfg.nsp), caveats
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+class MemoryProbe:
+    """Peak memory over a block; see the module docstring for what is measured on each device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.can_reset_rss = False
+        if device.type != "cuda":
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.can_reset_rss = _proc_status_kb("VmHWM") is not None
+            except OSError:
+                self.can_reset_rss = False
+
+    @property
+    def description(self) -> str:
+        if self.device.type == "cuda":
+            return "torch.cuda.max_memory_allocated per block (reset_peak_memory_stats before it)"
+        if self.can_reset_rss:
+            return ("CPU process peak RSS per block: VmHWM from /proc/self/status, reset via /proc/self/clear_refs "
+                    "before the block (whole process: both models and optimizers resident)")
+        return "CPU process lifetime peak RSS (resource.getrusage ru_maxrss; cannot be reset per block)"
+
+    def start(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        if self.can_reset_rss:
+            Path("/proc/self/clear_refs").write_text("5")
+        return (_proc_status_kb("VmRSS") or 0) * 1024
+
+    def peak(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(self.device)
+        if self.can_reset_rss:
+            return (_proc_status_kb("VmHWM") or 0) * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ------------------------------------------------------------------------------------------ peak
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None,
+                       seconds: float = 1.0) -> float:
+    """Best observed rate of a square matmul (2 n^3 FLOPs) in `dtype`, over ~`seconds` of trials."""
+    size = size or (8192 if device.type == "cuda" else 2048)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    trials = 0
+    while trials < 3 or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        trials += 1
+    return 2 * size**3 / best / 1e12
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+class Subject:
+    """One model + its DeepSpeed engine, and the per-block measurements."""
+
+    def __init__(self, name: str, label: str, engine, params: int):
+        self.name, self.label, self.engine, self.params = name, label, engine, params
+        self.blocks: list[dict] = []
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(engine, micro_batches: list[dict], device: torch.device) -> dict:
+    """One optimizer step with the runner's loss normalisation (single process); phase times in s."""
+    counts = [float((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
+    samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
+    global_count = sum(counts)
+    scale = len(micro_batches)
+    fwd = bwd = opt = 0.0
+    loss_sum = 0.0
+    _sync(device)
+    for batch in micro_batches:
+        t0 = time.perf_counter()
+        out = engine(**batch)
+        loss = out["mlm_loss"].float() * out["mlm_count"] / max(global_count, 1.0)
+        if "nsp_loss" in out:
+            loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / samples
+        _sync(device)
+        t1 = time.perf_counter()
+        engine.backward(loss * scale)
+        _sync(device)
+        t2 = time.perf_counter()
+        engine.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        fwd, bwd, opt = fwd + (t1 - t0), bwd + (t2 - t1), opt + (t3 - t2)
+        loss_sum += float(loss.detach())
+    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "step_s": fwd + bwd + opt, "loss": loss_sum}
+
+
+def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: torch.device,
+              memory: MemoryProbe, tokens_per_step: int, samples_per_step: int) -> dict:
+    for micro in steps[:warmup]:
+        timed_step(subject.engine, micro, device)
+    before = memory.start()
+    records = [timed_step(subject.engine, micro, device) for micro in steps[warmup:]]
+    peak = memory.peak()
+    seconds = sum(r["step_s"] for r in records)
+    block = {
+        "steps": len(records),
+        "seconds": seconds,
+        "tokens_per_s": tokens_per_step * len(records) / seconds,
+        "samples_per_s": samples_per_step * len(records) / seconds,
+        "step_s_median": statistics.median(r["step_s"] for r in records),
+        "forward_s_median": statistics.median(r["forward_s"] for r in records),
+        "backward_s_median": statistics.median(r["backward_s"] for r in records),
+        "optimizer_s_median": statistics.median(r["optimizer_s"] for r in records),
+        "peak_memory_bytes": peak,
+        "memory_before_bytes": before,
+        "loss_first": records[0]["loss"],
+        "loss_last": records[-1]["loss"],
+    }
+    subject.blocks.append(block)
+    return block
+
+
+def summarise(subject: Subject, flops_per_token: float, peak_tflops: float) -> dict:
+    b = subject.blocks
+    med = {k: statistics.median(x[k] for x in b) for k in
+           ("tokens_per_s", "samples_per_s", "step_s_median", "forward_s_median", "backward_s_median",
+            "optimizer_s_median")}
+    return {
+        "label": subject.label,
+        "parameters": subject.params,
+        "tokens_per_s": med["tokens_per_s"],
+        "samples_per_s": med["samples_per_s"],
+        "step_s": med["step_s_median"],
+        "forward_s": med["forward_s_median"],
+        "backward_s": med["backward_s_median"],
+        "optimizer_s": med["optimizer_s_median"],
+        "peak_memory_bytes": max(x["peak_memory_bytes"] for x in b),
+        "peak_memory_minus_start_bytes": statistics.median(x["peak_memory_bytes"] - x["memory_before_bytes"]
+                                                           for x in b),
+        "mfu": flops_per_token * med["tokens_per_s"] / (peak_tflops * 1e12),
+        "blocks": b,
+    }
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    try:
+        import deepspeed
+        import transformers
+
+        info["deepspeed"], info["transformers"] = deepspeed.__version__, transformers.__version__
+    except Exception:
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        info["loadavg_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def run(args) -> dict:
+    from training.config import load_config
+    from training.dist import init_distributed
+    from training.engine.build import build_engine, compute_dtype
+    from training.model.flops import count_parameters, flops_per_token
+    from training.pretrain import build_model, load_data
+
+    overrides = list(args.set) + ["deepspeed.tensorboard=false"]
+    cfg = load_config(args.config, overrides)
+    env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
+    if env.world_size != 1:
+        from training.errors import UserError
+
+        raise UserError("training.bench throughput runs as one process (no launcher)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = compute_dtype(cfg.train.precision)
+
+    data = load_data(cfg)
+    seq_len = data.seq_len
+    t = cfg.train
+    total_steps = args.warmup + args.steps
+    stream = data.train_batches(t.micro_batch_size, 0, 1, cfg.run.seed)
+    steps = [[{k: v.to(device) for k, v in next(stream).items()} for _ in range(t.grad_accum)]
+             for _ in range(total_steps)]
+    tokens_per_step = t.micro_batch_size * t.grad_accum * seq_len
+    samples_per_step = t.micro_batch_size * t.grad_accum
+
+    subjects = []
+    models = args.models
+    caveats: list[str] = []
+    if "ours" in models:
+        torch.manual_seed(cfg.run.seed)
+        ours = build_model(cfg, data.vocab_size).to(device)
+        engine, _ = build_engine(ours, cfg, 1, None)
+        subjects.append(Subject("ours", f"ours (training.model.bert, attention={cfg.model.attention})", engine,
+                                count_parameters(ours)))
+    if "hf" in models:
+        torch.manual_seed(cfg.run.seed)
+        hf, caveats = build_hf_model(cfg.model)
+        hf = hf.to(device)
+        engine, _ = build_engine(hf, cfg, 1, None)
+        subjects.append(Subject("hf", "transformers.BertForPreTraining (sdpa)", engine,
+                                count_parameters(hf, trainable_only=True)))
+
+    fpt = flops_per_token(cfg.model, seq_len, masked_fraction=cfg.data.mlm_probability)
+    if cfg.run.peak_tflops:
+        peak, peak_source = cfg.run.peak_tflops, "config run.peak_tflops"
+        peaks = []
+    else:
+        peaks = [matmul_peak_tflops(device, dtype)]
+        peak_source = f"measured: best {dtype} square matmul rate in this run (before and after the blocks)"
+    memory = MemoryProbe(device)
+    for r in range(args.repeats):
+        for s in subjects:
+            b = run_block(s, steps, args.warmup, device, memory, tokens_per_step, samples_per_step)
+            log.info("repeat %d %s: %.0f tokens/s, step %.3f s (fwd %.3f bwd %.3f opt %.3f)", r, s.name,
+                     b["tokens_per_s"], b["step_s_median"], b["forward_s_median"], b["backward_s_median"],
+                     b["optimizer_s_median"])
+    if not cfg.run.peak_tflops:
+        peaks.append(matmul_peak_tflops(device, dtype))
+        peak = max(peaks)
+
+    result = {
+        "command": "python -m training.bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
+        else " ".join(sys.argv),
+        "config": str(args.config),
+        "overrides": list(args.set),
+        "machine": machine_info(device),
+        "shape": {k: getattr(cfg.model, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                                      "ffn_size", "attention", "norm", "nsp")},
+        "precision": cfg.train.precision,
+        "optimizer": cfg.optimizer.name + (" (fused)" if cfg.optimizer.fused else ""),
+        "zero_stage": cfg.train.zero_stage,
+        "seq_len": seq_len,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "tokens_per_step": tokens_per_step,
+        "steps_per_block": args.steps,
+        "warmup_per_block": args.warmup,
+        "repeats": args.repeats,
+        "order": " ".join(s.name for s in subjects) + " ... (alternating)",
+        "flops_per_token": fpt,
+        "peak_tflops": peak,
+        "peak_tflops_trials": peaks,
+        "peak_source": peak_source,
+        "memory_metric": memory.description,
+        "timing": "per optimizer step: forward (model+loss), backward (engine.backward), optimizer (engine.step); "
+                  "synchronised on CUDA; medians over steps, then over blocks",
+        "caveats": caveats,
+        "models": {s.name: summarise(s, fpt, peak) for s in subjects},
+    }
+    try:
+        result["machine"]["loadavg_end"] = os.getloadavg()
+    except OSError:
+        pass
+    if "ours" in result["models"] and "hf" in result["models"]:
+        o, h = result["models"]["ours"], result["models"]["hf"]
+        paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(o["blocks"], h["blocks"])]
+        result["ratio_ours_over_hf"] = {
+            "tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
+            "tokens_per_s_paired_median": statistics.median(paired),
+            "tokens_per_s_paired": paired,
+            "step_s": o["step_s"] / h["step_s"],
+            "forward_s": o["forward_s"] / h["forward_s"],
+            "backward_s": o["backward_s"] / h["backward_s"],
+            "optimizer_s": o["optimizer_s"] / h["optimizer_s"],
+            "peak_memory": o["peak_memory_bytes"] / h["peak_memory_bytes"],
+        }
+    (out / "throughput.json").write_text(json.dumps(result, indent=1))
+    print(format_table(result))
+    print(f"wrote {out / 'throughput.json'}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [("model", "tokens/s", "samples/s", "step s", "fwd s", "bwd s", "opt s", "peak mem MiB", "MFU")]
+    for name, m in result["models"].items():
+        rows.append((name, f"{m['tokens_per_s']:,.0f}", f"{m['samples_per_s']:,.1f}", f"{m['step_s']:.4f}",
+                     f"{m['forward_s']:.4f}", f"{m['backward_s']:.4f}", f"{m['optimizer_s']:.4f}",
+                     f"{m['peak_memory_bytes'] / 2**20:,.0f}", f"{m['mfu']:.1%}"))
+    ratio = result.get("ratio_ours_over_hf")
+    if ratio:
+        rows.append(("ours/HF", f"{ratio['tokens_per_s']:.2f}x", "", f"{ratio['step_s']:.2f}x",
+                     f"{ratio['forward_s']:.2f}x", f"{ratio['backward_s']:.2f}x", f"{ratio['optimizer_s']:.2f}x",
+                     f"{ratio['peak_memory']:.2f}x", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    head = (f"{result['config']}  {result['precision']}  {result['optimizer']}  seq {result['seq_len']}  "
+            f"batch {result['micro_batch_size']}x{result['grad_accum']}  {result['machine']['device']}  "
+            f"peak {result['peak_tflops']:.2f} TFLOPS ({'config' if 'config' in result['peak_source'] else 'measured'})"
+            f"  medians of {result['repeats']} blocks x {result['steps_per_block']} steps")
+    tail = []
+    if ratio:
+        tail.append(f"paired ours/HF tokens/s per repeat: "
+                    + ", ".join(f"{x:.2f}" for x in ratio["tokens_per_s_paired"])
+                    + f" (median {ratio['tokens_per_s_paired_median']:.2f})")
+    tail += [f"caveat: {c}" for c in result["caveats"]]
+    return "\n".join([head, *lines, *tail])

@@ -1,0 +1,112 @@
+"""Stage hooks: what happens to the model when a stage is entered.
+
+A hook is a small record of functions, so that one transformation serves the weights and the optimizer
+moments alike (see growth.py: `moment` is the power a scale factor is raised to).
+
+- validate(old, new, stage): called when the config is loaded; raise ValueError for nonsense.
+- resolve(old, new, tensors, ctx): the new stage's model config; most hooks return `new` as declared,
+  a pruning hook decides per-layer sizes from the weights at run time.
+- transform(tensors, old, new, moment, ctx): name -> tensor dict of the old model to the new one.
+- prepare(model, stage): after the new module holds its weights (e.g. freeze parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from training.model.config import ModelConfig
+from training.stages import growth
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass
+class HookContext:
+    step: int  # global step at the boundary
+    out_dir: Path
+    args: dict[str, Any] = field(default_factory=dict)  # the stage's hook_args
+
+
+def _keep_declared(old: ModelConfig, new: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
+    return new
+
+
+def _no_prepare(model: torch.nn.Module, stage) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Hook:
+    name: str
+    validate: Callable[[ModelConfig, ModelConfig, Any], None]
+    transform: Callable[[Tensors, ModelConfig, ModelConfig, int, HookContext], Tensors]
+    resolve: Callable[[ModelConfig, ModelConfig, Tensors, HookContext], ModelConfig] = _keep_declared
+    prepare: Callable[[torch.nn.Module, Any], None] = _no_prepare
+    # Whether the stage's declared shape may equal the previous one (a freeze does not reshape).
+    reshapes: bool = True
+
+
+def _growth_hook(name: str, kinds) -> Hook:
+    def validate(old, new, stage):
+        growth.validate_growth(kinds, old, new, seq_len=getattr(stage, "seq_len", None))
+
+    def transform(tensors, old, new, moment, ctx):
+        op = growth.compose(kinds) if isinstance(kinds, (list, tuple)) else growth.grow
+        return op(tensors, old, new, moment=moment)
+
+    return Hook(name=name, validate=validate, transform=transform)
+
+
+def _grow_seq_validate(old: ModelConfig, new: ModelConfig, stage) -> None:
+    # The data side (longer rows than the previous stage) is checked with the stage list in config.py.
+    if stage.seq_len is None:
+        raise ValueError(f"stage '{stage.name}': hook grow_seq needs the stage's seq_len")
+    if new.max_position != old.max_position:
+        growth.validate_growth("seq", old, new, seq_len=stage.seq_len)
+    elif old != new:
+        raise ValueError(f"stage '{stage.name}': grow_seq changes only the sequence length (and max_position)")
+
+
+def _grow_seq_transform(tensors, old, new, moment, ctx):
+    # Same position table unless max_position grew: shorter early stages share it.
+    return growth.grow_seq(tensors, old, new, moment=moment) if new.max_position != old.max_position else tensors
+
+
+def registry() -> dict[str, Hook]:
+    """Every hook a stage may name. Built on call (no module-level mutable state)."""
+    hooks = [
+        _growth_hook("stack", "stack"),
+        _growth_hook("grow_ffn", "ffn"),
+        _growth_hook("grow_hidden", "hidden"),
+        _growth_hook("grow_width", ["hidden", "ffn"]),
+        _growth_hook("compound", "compound"),
+        Hook("grow_seq", _grow_seq_validate, _grow_seq_transform, reshapes=False),
+    ]
+    hooks += _method_hooks()
+    return {h.name: h for h in hooks}
+
+
+def _method_hooks() -> list[Hook]:
+    """Hooks of the methods that live in their own modules (MSLT, CoRe, EarlyBERT)."""
+    found = []
+    for module_name in ("training.stages.mslt", "training.stages.core", "training.stages.earlybert"):
+        try:
+            module = __import__(module_name, fromlist=["HOOKS"])
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue
+        found += list(module.HOOKS)
+    return found
+
+
+def get_hook(name: Optional[str]) -> Optional[Hook]:
+    if name is None:
+        return None
+    hooks = registry()
+    if name not in hooks:
+        raise ValueError(f"unknown stage hook '{name}' (known: {', '.join(sorted(hooks))})")
+    return hooks[name]
