@@ -14,7 +14,7 @@ def _write(tmp_path, text):
 
 def test_defaults_make_a_single_stage(tmp_path):
     cfg = load_config(_write(tmp_path, "train: {max_steps: 10}\n"))
-    assert [s.name for s in cfg.stages] == ["main"] and cfg.total_steps == 10
+    assert [s.name for s in cfg.stages] == ["main"] and cfg.stages[0].steps == 10
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -81,4 +81,4 @@ def test_shipped_configs_load():
     from pathlib import Path
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
         cfg = load_config(path)
-        assert cfg.total_steps > 0, path
+        assert all(cfg.stage_model(i) for i in range(len(cfg.stages))), path

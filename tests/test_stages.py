@@ -140,3 +140,17 @@ def test_resume_across_a_growth_matches_an_uninterrupted_run(tmp_path, tiny_data
     assert got_loss == expected_loss
     for name, tensor in _final_params(full).items():
         torch.testing.assert_close(_final_params(resumed)[name], tensor, rtol=0, atol=0)
+
+
+def test_layer_drop_decisions_agree_across_ranks(tmp_path, tiny_data, dist_single):
+    text = "model: {norm: pre}\nstages:\n  - {name: pld, steps: 3, layer_drop: {theta_bar: 0.5, gamma: 0.5}}\n"
+    cfg = tiny_config(tmp_path, tiny_data, yaml_text=text)
+    runner = make_runner(cfg)
+    runner.state.step = 7
+    a, b = runner._layer_drop(cfg.stages[0]), runner._layer_drop(cfg.stages[0])
+    assert a["layer_keep_prob"] == b["layer_keep_prob"] and a["layer_keep_prob"][-1] < 1.0
+    draws = [torch.rand(8, generator=kw["layer_drop_generator"]) for kw in (a, b)]
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)  # a rank-independent stream
+    runner.state.step = 0
+    runner.run()
+    assert [m["step"] for m in _metrics(tmp_path / "out") if m["kind"] == "train"] == [1, 2, 3]
