@@ -43,10 +43,14 @@ class RunSection(_Strict):
     # Stop (after a checkpoint) once this global step is done, without changing the schedule: a planned
     # pause, and how tests interrupt a run to check that resume continues it exactly.
     stop_at_step: Optional[int] = None
+    # Non-finite loss/gradient (see training/engine/faults.py): bf16/fp32 skip the step; after this many
+    # consecutive bad steps, restore the last good checkpoint in-process or stop (exit code 3).
+    max_bad_steps: int = 5
+    on_nan: Literal["restore", "stop"] = "restore"
 
     @model_validator(mode="after")
     def _check(self):
-        for name in ("log_every", "eval_every", "eval_batches", "eval_batch_size", "keep_last"):
+        for name in ("log_every", "eval_every", "eval_batches", "eval_batch_size", "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"run.{name} must be positive, got {getattr(self, name)}")
         if self.save_every < 0:
@@ -308,6 +312,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides))

@@ -2,6 +2,10 @@
 
 The entry point only wires things together: config -> process group -> data -> model -> stage runner.
 It runs the same as one process or under any launcher (deepspeed, torchrun, mpirun, srun).
+
+Exit codes: 0 done (or paused at run.stop_at_step); 2 bad input (one `error: ...` line, nothing written);
+3 stopped on repeated non-finite losses/gradients (training/engine/faults.py); 75 checkpointed after
+SIGTERM/SIGUSR1, requeue and --resume (training/signals.py); anything else is a crash.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch  # noqa: E402
 
 from training.config import RunConfig, deepspeed_json, load_config  # noqa: E402
 from training.engine import checkpoint  # noqa: E402
-from training.engine.build import compute_dtype  # noqa: E402
+from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 from training.metrics import measure_peak_tflops  # noqa: E402
 
@@ -38,18 +42,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int) -> None:
-    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite."""
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: bool = True) -> None:
+    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite.
+
+    With claim=False only checks; main() claims (deletes with --overwrite, creates) only once the config,
+    data and checkpoint have been accepted, so bad input never costs the previous run.
+    """
     if out.exists() and not out.is_dir():
         raise UserError(f"run.out_dir {out} exists and is not a directory")
     has_run = out.is_dir() and any(out.iterdir())
     if has_run and not (resume or overwrite):
         raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
                         "to start over")
-    if rank == 0:
+    if rank == 0 and claim:
         if overwrite and has_run and not resume:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+
+
+def check_seq_len(cfg: RunConfig, data_seq_len: int, data_dir: str) -> None:
+    """Every stage's sequences must fit the model's position table (else an index error deep in forward)."""
+    for i, stage in enumerate(cfg.stages):
+        seq_len = stage.seq_len or data_seq_len
+        max_position = cfg.stage_model(i).max_position
+        if seq_len > max_position:
+            where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
+            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
+                            "model.max_position or prepare the data with a shorter --seq-len")
 
 
 def resolve_model(cfg: RunConfig, vocab_size: int) -> None:
@@ -108,9 +127,28 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except ValueError:
+            continue  # a line cut short by the kill
+        kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
-    from training.dist import init_distributed, check_consistent
+    from training.dist import EXIT_REQUEUE, init_distributed, check_consistent
+    from training.engine.faults import EXIT_NUMERICAL, NumericalFault, run_with_recovery
+    from training.signals import preemption
     from training.stages.runner import StageRunner
 
     args = parse_args(argv)
@@ -119,29 +157,49 @@ def main(argv=None) -> int:
     out = Path(cfg.run.out_dir)
     env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
     _setup_logging(env.rank)
+    preemption().install()  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75 (see training/signals.py)
     check_consistent(cfg.digest(), env.world_size)
-    prepare_out_dir(out, args.resume, args.overwrite, env.rank)
-    torch.distributed.barrier()
+    prepare_out_dir(out, args.resume, args.overwrite, env.rank, claim=False)
+    check_precision_supported(cfg.train.precision)
 
     data = load_data(cfg)
     resolve_model(cfg, data.vocab_size)
+    check_seq_len(cfg, data.seq_len, cfg.data.dir)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
-    if env.rank == 0:
-        (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-        shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
-        (out / "deepspeed_config.json").write_text(json.dumps(deepspeed_json(cfg, env.world_size, out), indent=1))
+    ds_json = deepspeed_json(cfg, env.world_size, out)
     tag = checkpoint.latest_tag(out / "checkpoints") if args.resume else None
+    if tag is not None:
+        checkpoint.read_meta(out / "checkpoints", tag)  # complete? (before anything is touched)
+    prepare_out_dir(out, args.resume, args.overwrite, env.rank)  # inputs accepted: now delete/create
+    torch.distributed.barrier()
     if args.resume and tag is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
     if tag is not None:
-        runner.resume(tag)
+        runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
+        if env.rank == 0:
+            truncate_metrics(out / "metrics.jsonl", runner.state.step)
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         runner.set_model(build_initial_model(cfg), cfg.stage_model(0))
-    torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank
-    state = runner.run()
+        torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank
+    if env.rank == 0:  # written only once the inputs (config, data, checkpoint) have been accepted
+        (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+        shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
+        (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
+    try:
+        state = run_with_recovery(runner)
+    except NumericalFault as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return EXIT_NUMERICAL
+    if runner.preempted:
+        if env.rank == 0:
+            print(f"pre-empted ({runner.preempted}): checkpoint {out / 'checkpoints'}/"
+                  f"{checkpoint.latest_tag(out / 'checkpoints')} at step {state.step}; exit {EXIT_REQUEUE} "
+                  "(requeue, then --resume)", flush=True)
+        torch.distributed.barrier()
+        return EXIT_REQUEUE
 
     exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
     if env.rank == 0:

@@ -48,8 +48,30 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
             if not os.access(path, os.R_OK):
                 raise UserError(f"--input {path}: not readable")
             files.append(os.path.abspath(path))
+    kinds = {path: sniff(path) for path in files}
+    for path, kind in kinds.items():
+        if kind == "binary":
+            raise UserError(f"--input {path}: looks like a binary file, not text")
+    if all(kind == "empty" for kind in kinds.values()):
+        raise UserError(f"--input {' '.join(patterns)}: empty (no documents)")
     # The same file twice would silently duplicate documents.
     return list(dict.fromkeys(files))
+
+
+def sniff(path: str, size: int = 1 << 16) -> str:
+    """'empty', 'binary' or 'text', from the first 64 KiB (decompressed). Binary: NUL bytes, or over a
+    third of the bytes undecodable as UTF-8. A few bad bytes in real text are replaced and counted."""
+    if split_suffix(path)[0] == ".parquet":
+        return "text"  # columnar: pyarrow reports a broken file itself
+    try:
+        with open_binary(path) as f:
+            head = f.read(size)
+    except (OSError, EOFError, ValueError) as err:  # a corrupt .gz/.bz2/.xz stream
+        raise UserError(f"--input {path}: cannot be read ({err})") from None
+    if not head.strip():
+        return "empty"
+    _, bad = decode(head[: len(head) - 4] if len(head) == size else head)  # don't count a cut character
+    return "binary" if b"\x00" in head or bad > len(head) / 3 else "text"
 
 
 def open_binary(path: str):

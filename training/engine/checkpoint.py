@@ -45,7 +45,10 @@ TMP_SUFFIX = ".tmp"
 
 # Fields of the model config that decide tensor shapes: a checkpoint is only loadable if these agree.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position",
-                "type_vocab_size", "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank")
+                "type_vocab_size", "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank", "slimming")
+# Of these, the ones a stage hook may resolve at run time (EarlyBERT's prune): a config that leaves them unset
+# (None) accepts whatever the checkpoint holds; resume then builds the model from the checkpoint's meta.json.
+RESOLVED_AT_RUN_TIME = ("heads_per_layer", "ffn_per_layer")
 
 
 @dataclass
@@ -177,10 +180,13 @@ def latest_tag(ckpt_dir: Path, check: bool = True) -> Optional[str]:
     """The tag `latest` names, or None when there is no checkpoint yet. With `check`, a `latest` that names
     a missing directory is an error (never silently replaced by an older checkpoint)."""
     latest = ckpt_dir / "latest"
-    if not latest.is_file():
-        return None
-    tag = latest.read_text().strip()
+    tag = latest.read_text().strip() if latest.is_file() else ""
     if not tag:
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name)) \
+            if ckpt_dir.is_dir() else []
+        if check and tags:  # never start over (and later prune) beside checkpoints nobody named
+            raise UserError(f"{ckpt_dir} holds checkpoints ({tags[-1]} the newest) but no `latest` file naming one; "
+                            f"write a tag into {latest} to resume from it")
         return None
     if check:
         if "/" in tag or tag in (".", ".."):
@@ -224,10 +230,12 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, where: Path) -> None:
-    saved = meta.get("model", {})
+    # A field newer than the checkpoint (absent from its meta.json) reads as its default.
+    saved = {k: f.default for k, f in ModelConfig.model_fields.items()} | meta.get("model", {})
     current = model_cfg.model_dump(mode="json")
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-             for k in SHAPE_FIELDS if saved.get(k) != current.get(k)]
+             for k in SHAPE_FIELDS if saved.get(k) != current.get(k)
+             and not (k in RESOLVED_AT_RUN_TIME and current.get(k) is None)]
     if diffs:
         raise UserError(f"{where} holds a different model ({'; '.join(diffs[:3])})")
 

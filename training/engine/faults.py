@@ -70,6 +70,8 @@ def run_with_recovery(runner, max_restores: int = 3):
             restored.append(tag)
             log.warning("%s: restoring the last good checkpoint %s in-process", req, tag)
             runner.resume(tag)
+            if getattr(runner, "metrics", None) is not None:  # the records after this one replay those steps
+                runner.metrics.write({"kind": "restore", "step": runner.state.step, "tag": tag, "why": str(req)})
 
 
 # ---------------------------------------------------------------------------------------- detection

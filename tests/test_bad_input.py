@@ -1,0 +1,243 @@
+"""Bad input, tried systematically: each malformed config, corpus or checkpoint gets ONE clear `error: ...`
+line naming the field or file, exit code 2, and leaves existing outputs untouched.
+
+Most rows call the CLIs' `main(argv)` in-process (a CLI process costs ~3 s of imports); the rows marked
+"subprocess" run the real command line to check the process-level contract (exit status, stderr).
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.test_reliability_support import (BASE_CONFIG, REPO, RESUME_CONFIGS, env, reference_run,  # noqa: F401
+                                            tiny_data, tree_digest, write_config)
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory, tiny_data) -> Path:
+    """A finished run directory (checkpoints every 2 steps), never modified: rows copy it."""
+    cfg_id, overrides = RESUME_CONFIGS[0]
+    return reference_run(tmp_path_factory, tiny_data, cfg_id, overrides).parent.parent
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run CLI mains in this process; undo what pretrain's start-up does to the process afterwards."""
+    import torch
+
+    from training.dist import free_port, shutdown
+    from training.signals import preemption
+
+    already = torch.distributed.is_initialized()  # e.g. by another module's in-process test: reuse it
+    if not already:
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(k, raising=False)  # restored last: the exports of init_distributed go away
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    if torch.distributed.is_initialized() and not already:
+        shutdown()
+    preemption().uninstall()
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+class Case:
+    """A tmp dir with a config (BASE_CONFIG + overrides) and an out dir; rows mutate it through helpers."""
+
+    def __init__(self, tmp: Path, data: Path, good_run: Path):
+        self.tmp, self.data, self.good_run = tmp, data, good_run
+        self.out = tmp / "out"
+        self.config = tmp / "config.yaml"
+
+    def cfg(self, overrides=None, **top) -> "Case":
+        write_config(self.config, self.data, self.out, overrides)
+        if top:
+            raw = yaml.safe_load(self.config.read_text())
+            raw.update(top)
+            self.config.write_text(yaml.safe_dump(raw))
+        return self
+
+    def copy_run(self) -> Path:
+        shutil.copytree(self.good_run, self.out)
+        return self.out / "checkpoints" / (self.out / "checkpoints" / "latest").read_text().strip()
+
+    def pretrain(self, *args: str) -> list[str]:
+        return ["pretrain", "--config", str(self.config), *args]
+
+
+def _set(*items: str) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def truncate(path: Path, keep: int = 1000) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+# Each row: (id, build(case) -> argv, expected text in the error line, how: "inproc" | "subprocess").
+ROWS = [
+    # -- config file and CLI
+    ("missing-config", lambda c: ["pretrain", "--config", str(c.tmp / "nope.yaml")],
+     ["config file not found", "nope.yaml"], "subprocess"),
+    ("invalid-yaml", lambda c: (c.config.write_text("run: [unclosed\n"), c.pretrain())[1],
+     ["config.yaml: not valid YAML"], "inproc"),
+    ("yaml-not-a-mapping", lambda c: (c.config.write_text("- a\n- b\n"), c.pretrain())[1],
+     ["config.yaml: the top level must be a mapping"], "inproc"),
+    ("binary-config", lambda c: (c.config.write_bytes(bytes(range(256)) * 4), c.pretrain())[1],
+     ["config.yaml"], "inproc"),
+    ("unknown-config-key", lambda c: c.cfg().pretrain(*_set("run.colour=blue")),
+     ["unknown config key 'run.colour'"], "inproc"),
+    ("unknown-section", lambda c: c.cfg(trainer={"x": 1}).pretrain(), ["unknown config key 'trainer'"], "inproc"),
+    ("set-without-equals", lambda c: c.cfg().pretrain("--set", "train.max_steps"),
+     ["--set 'train.max_steps': expected key=value"], "inproc"),
+    ("zero-steps", lambda c: c.cfg().pretrain(*_set("train.max_steps=0")),
+     ["train.max_steps must be positive"], "inproc"),
+    ("steps-not-a-number", lambda c: c.cfg().pretrain(*_set("train.max_steps=many")),
+     ["train.max_steps"], "inproc"),
+    ("negative-lr", lambda c: c.cfg().pretrain(*_set("optimizer.lr=-0.001")),
+     ["optimizer.lr must be positive"], "inproc"),
+    ("negative-micro-batch", lambda c: c.cfg().pretrain(*_set("train.micro_batch_size=-4")),
+     ["train.micro_batch_size must be positive"], "inproc"),
+    ("hidden-not-divisible-by-heads", lambda c: c.cfg().pretrain(*_set("model.hidden_size=33")),
+     ["model.hidden_size (33) must be divisible by model.num_heads (2)"], "inproc"),
+    ("keep-last-zero", lambda c: c.cfg().pretrain(*_set("run.keep_last=0")),
+     ["run.keep_last must be positive"], "inproc"),
+    ("on-nan-unknown", lambda c: c.cfg().pretrain(*_set("run.on_nan=ignore")), ["run.on_nan"], "inproc"),
+    ("empty-stages", lambda c: c.cfg().pretrain(*_set("stages=[]")), ["stages: the list is empty"], "inproc"),
+    ("unknown-stage-hook", lambda c: c.cfg(stages=[{"name": "a", "steps": 2},
+                                                   {"name": "b", "steps": 2, "hook": "teleport"}]).pretrain(),
+     ["config.yaml", "unknown stage hook 'teleport'"], "inproc"),
+    ("growth-that-shrinks", lambda c: c.cfg(stages=[{"name": "a", "steps": 2},
+                                                    {"name": "b", "steps": 2, "hook": "stack",
+                                                     "model": {"num_layers": 1}}]).pretrain(),
+     ["stage 'b'", "stack"], "inproc"),
+    ("fp16-on-cpu", lambda c: c.cfg().pretrain(*_set("train.precision=fp16")),
+     ["train.precision=fp16 needs a CUDA device"], "subprocess"),
+    ("deepspeed-template-missing", lambda c: c.cfg().pretrain(*_set("deepspeed.template=nope.json")),
+     ["deepspeed.template: file not found: nope.json"], "inproc"),
+    ("deepspeed-extra-owned-key", lambda c: c.cfg().pretrain(*_set("deepspeed.extra={train_batch_size: 8}")),
+     ["deepspeed.extra sets ['train_batch_size']"], "inproc"),
+    # -- data
+    ("data-dir-missing", lambda c: c.cfg().pretrain(*_set(f"data.dir={c.tmp / 'no-data'}")),
+     ["data.dir=", "no-data holds no prepared data"], "inproc"),
+    ("vocab-differs-from-tokenizer", lambda c: c.cfg().pretrain(*_set("model.vocab_size=300")),
+     ["model.vocab_size=300 but the tokenizer", "has 256 tokens"], "inproc"),
+    ("seq-len-over-max-position", lambda c: c.cfg().pretrain(*_set("model.max_position=16")),
+     ["has seq_len 32, more than model.max_position=16"], "inproc"),
+    # -- output directory
+    ("out-exists-without-overwrite", lambda c: (c.copy_run(), c.cfg().pretrain())[1],
+     ["already holds a run; pass --resume", "--overwrite"], "inproc"),
+    ("out-is-a-file", lambda c: (c.out.write_text("x"), c.cfg().pretrain())[1],
+     ["exists and is not a directory"], "inproc"),
+    ("overwrite-with-bad-data-keeps-old-run", lambda c: (c.copy_run(), c.cfg().pretrain(
+        "--overwrite", *_set(f"data.dir={c.tmp / 'no-data'}")))[1], ["holds no prepared data"], "inproc"),
+    # -- checkpoints (--resume)
+    ("resume-other-model", lambda c: (c.copy_run(), c.cfg().pretrain("--resume", *_set("model.hidden_size=48")))[1],
+     ["holds a different model", "hidden_size: checkpoint 32, config 48"], "subprocess"),
+    ("resume-other-max-position", lambda c: (c.copy_run(),
+                                             c.cfg().pretrain("--resume", *_set("model.max_position=64")))[1],
+     ["holds a different model", "max_position: checkpoint 32, config 64"], "inproc"),
+    ("resume-truncated-model-states", lambda c: (truncate(c.copy_run() / "mp_rank_00_model_states.pt"),
+                                                 c.cfg().pretrain("--resume"))[1],
+     ["mp_rank_00_model_states.pt: truncated or corrupt", "newest other checkpoint is step00000010"], "inproc"),
+    ("resume-missing-model-states", lambda c: ((c.copy_run() / "mp_rank_00_model_states.pt").unlink(),
+                                               c.cfg().pretrain("--resume"))[1],
+     ["incomplete checkpoint, mp_rank_00_model_states.pt is missing"], "inproc"),
+    ("resume-corrupt-meta", lambda c: (truncate(c.copy_run() / "meta.json", 30), c.cfg().pretrain("--resume"))[1],
+     ["meta.json: truncated or corrupt"], "inproc"),
+    ("resume-latest-names-missing-dir", lambda c: (shutil.rmtree(c.copy_run()), c.cfg().pretrain("--resume"))[1],
+     ["latest names step00000012", "does not exist", "step00000010"], "inproc"),
+    ("resume-latest-file-missing", lambda c: (c.copy_run(), (c.out / "checkpoints" / "latest").unlink(),
+                                              c.cfg().pretrain("--resume"))[2],
+     ["holds checkpoints (step00000012 the newest) but no `latest` file"], "inproc"),
+    ("resume-foreign-directory", lambda c: (_foreign(c), c.cfg().pretrain("--resume"))[1],
+     ["not a checkpoint of this trainer (no meta.json)"], "inproc"),
+    ("resume-foreign-meta", lambda c: ((c.copy_run() / "meta.json").write_text('{"hello": 1}'),
+                                       c.cfg().pretrain("--resume"))[1],
+     ["meta.json: not a checkpoint of this trainer"], "inproc"),
+    # -- export
+    ("export-foreign-directory", lambda c: (c.out.mkdir(), (c.out / "weights.bin").write_bytes(b"\0" * 64),
+                                            ["export", "--checkpoint", str(c.out), "--out", str(c.tmp / "hf")])[2],
+     ["no checkpoint found"], "inproc"),
+    ("export-truncated-checkpoint", lambda c: (truncate(c.copy_run() / "mp_rank_00_model_states.pt"),
+                                               ["export", "--checkpoint", str(c.out), "--out", str(c.tmp / "hf")])[1],
+     ["mp_rank_00_model_states.pt: truncated or corrupt"], "inproc"),
+    ("export-missing-path", lambda c: ["export", "--checkpoint", str(c.tmp / "nowhere"), "--out", str(c.tmp / "hf")],
+     ["--checkpoint", "nowhere: no such directory"], "inproc"),
+    # -- corpora (data prepare)
+    ("corpus-missing", lambda c: _prepare(c, c.tmp / "none.txt"), ["none.txt: no such file"], "inproc"),
+    ("corpus-empty", lambda c: _prepare(c, _write(c.tmp / "empty.txt", b"")), ["empty.txt"], "inproc"),
+    ("corpus-binary", lambda c: _prepare(c, _write(c.tmp / "blob.txt", bytes(range(256)) * 64)),
+     ["blob.txt"], "inproc"),
+    ("corpus-unsupported-type", lambda c: _prepare(c, _write(c.tmp / "c.docx", b"PK\3\4")),
+     ["c.docx: unsupported file type"], "inproc"),
+    ("tokenizer-missing", lambda c: _prepare(c, _write(c.tmp / "c.txt", b"some text\n" * 50),
+                                             tokenizer=str(c.tmp / "no-tokenizer")), ["no-tokenizer"], "inproc"),
+]
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _foreign(c: Case) -> None:
+    ckpt = c.out / "checkpoints"
+    (ckpt / "someones_model").mkdir(parents=True)
+    (ckpt / "someones_model" / "pytorch_model.bin").write_bytes(b"\0" * 128)
+    (ckpt / "latest").write_text("someones_model")
+
+
+def _prepare(c: Case, corpus: Path, tokenizer: str = "train:128") -> list[str]:
+    return ["prepare", "prepare", "--input", str(corpus), "--out", str(c.out), "--seq-len", "16",
+            "--tokenizer", tokenizer, "--num-proc", "1"]
+
+
+def _main_for(argv: list[str]):
+    kind, argv = argv[0], argv[1:]
+    if kind == "pretrain":
+        from training.pretrain import main
+        return main, argv, ["-m", "training.pretrain"]
+    if kind == "export":
+        from training.export import main
+        return main, argv, ["-m", "training.export"]
+    from training.data.__main__ import main
+    return main, argv, ["-m", "training.data"]
+
+
+def test_the_table_is_big_enough():
+    assert len(ROWS) >= 20 and len({r[0] for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=r[0]) for r in ROWS])
+def test_bad_input(row, tmp_path, tiny_data, good_run, in_process, capsys):
+    name, build, expected, how = row
+    case = Case(tmp_path, tiny_data, good_run)
+    argv = build(case)
+    before = tree_digest(case.out)
+    main, args, module = _main_for(argv)
+    if how == "subprocess":
+        proc = subprocess.run([sys.executable, *module, *args], cwd=REPO, env=env(), capture_output=True, text=True,
+                              timeout=120)
+        code, stderr = proc.returncode, proc.stderr
+    else:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(args)
+        code, stderr = exc.value.code, capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 2, f"exit {code}; stderr:\n{stderr[-3000:]}"
+    assert len(errors) == 1, f"want one error line, got:\n{stderr[-3000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == errors[0], f"the error line is not the last one:\n{stderr[-2000:]}"
+    for text in expected:
+        assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    after = tree_digest(case.out)
+    # Outputs untouched: an existing out dir is byte-identical; a missing one is not created (or left empty).
+    assert after == before or (before == "absent" and not any(case.out.iterdir())), \
+        f"{case.out} changed: {sorted(p.name for p in case.out.iterdir())}"
