@@ -39,7 +39,7 @@ def test_directory_input(tmp_path):
 def test_empty_corpus_leaves_nothing_behind(tmp_path):
     empty = tmp_path / "blank.txt"
     empty.write_text("\n   \n\n")
-    expect_error("no non-blank documents", [empty], tmp_path / "o", seq_len=16, tokenizer="train:100")
+    expect_error("empty (no documents)", [empty], tmp_path / "o", seq_len=16, tokenizer="train:100")
     assert sorted(os.listdir(tmp_path)) == ["blank.txt"]  # no o/, no o.tmp-*
 
 

@@ -9,10 +9,14 @@ Supported launchers (`DistEnv.launcher`), checked in this order (first match win
 2. Slurm task started by `srun` (SLURM_PROCID + SLURM_STEP_ID): 'slurm'. Master = first host of
    the step's node list (`scontrol show hostnames`), port = 15000 + job id % 15000 unless
    MASTER_PORT is set. The sbatch batch step itself (no srun) is treated as a single process.
+   MPI rank variables that disagree with Slurm's (mpirun inside an allocation) win.
 3. MPI (OMPI_COMM_WORLD_*, PMI_RANK/PMI_SIZE + MPI_LOCALRANKID from MPICH/Intel MPI, or
    mpi4py's COMM_WORLD when only PMIX_RANK is set): 'mpi'. Without MASTER_ADDR/MASTER_PORT,
    rank 0 broadcasts its address and a free port through mpi4py.
 4. nothing: 'single' (world 1, 127.0.0.1, a free port).
+
+Also here: check_consistent (ranks agree on config/world size/code at start-up) and Watchdog /
+start_watchdog (a dead or frozen rank ends all ranks in bounded time, naming it).
 """
 from __future__ import annotations
 
@@ -227,15 +231,21 @@ def add_launcher_args(parser) -> None:
 
 # ---------------------------------------------------------------- initialisation
 
+# Environment variables init_distributed overwrote, with their previous values (None: were unset).
+_exported: dict[str, Optional[str]] = {}
+_atexit_registered = False
+
 
 def init_distributed(timeout_s: float = 1800, backend: Optional[str] = None) -> DistEnv:
     """Discover the launcher, export the env:// variables and initialise DeepSpeed's comms."""
     import torch
 
     env = discover()
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
-                      MASTER_PORT=str(env.master_port))
+    exports = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                   LOCAL_WORLD_SIZE=str(env.local_world_size), MASTER_ADDR=env.master_addr,
+                   MASTER_PORT=str(env.master_port))
+    _exported.update({k: os.environ.get(k) for k in exports if k not in _exported})
+    os.environ.update(exports)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
@@ -245,17 +255,37 @@ def init_distributed(timeout_s: float = 1800, backend: Optional[str] = None) -> 
                                timeout=timedelta(seconds=timeout_s), verbose=False)
     # Exiting (e.g. sys.exit(2) on a UserError) with a live process group aborts the interpreter
     # (SIGABRT, "terminate called without an active exception"): tear it down first.
-    atexit.register(shutdown)
-    log.info("distributed: launcher=%s rank=%d/%d local_rank=%d/%d master=%s:%d", env.launcher, env.rank,
-             env.world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port)
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(shutdown)
+        _atexit_registered = True
+    line = (f"distributed: launcher={env.launcher} rank={env.rank} world_size={env.world_size} "
+            f"local_rank={env.local_rank} local_world_size={env.local_world_size} "
+            f"master={env.master_addr}:{env.master_port} backend={backend or ('nccl' if cuda else 'gloo')}")
+    if env.is_main:  # printed: callers usually configure logging only after this returns
+        print(line, file=sys.stderr, flush=True)
+    log.debug(line)
     return env
 
 
 def shutdown() -> None:
+    """Destroy the process group and undo init_distributed's exports (idempotent), so a later
+    init_distributed in the same process (tests) starts clean. Through DeepSpeed when it is loaded,
+    so that its cached process groups are released too."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    for key, value in list(_exported.items()):
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+        del _exported[key]
 
 
 def config_hash(config) -> str:
@@ -315,9 +345,10 @@ class Watchdog:
     left to the backend timeout of init_distributed.
 
     Use as a context manager around training: an exception in the block is recorded so peers stop
-    at once; a normal exit, sys.exit(0) or sys.exit(75) is a clean finish, where every rank waits
-    (bounded by finish_wait_s, still watching) until all have finished. A process that exits without leaving the block
-    counts as failed (atexit), since its peers would otherwise wait for it.
+    at once (after a communication error it first gives the monitor time to name the peer that
+    died); a normal exit, sys.exit(0) or sys.exit(75) is a clean finish, where every rank waits
+    (bounded by finish_wait_s, still watching) until all have finished. A process that exits
+    without leaving the block counts as failed (atexit), since its peers would otherwise wait for it.
     """
 
     def __init__(self, env: DistEnv, heartbeat_timeout_s: float = 120.0, *, interval_s: Optional[float] = None,
@@ -369,8 +400,8 @@ class Watchdog:
                     return
                 if self.env.is_main:
                     return self._die(f"rank 0 lost its rendezvous store ({_one_line(err)})")
-                return self._die(f"rank 0 stopped responding (store {self.env.master_addr}:{self.env.master_port} "
-                          f"unreachable: {_one_line(err)})")
+                where = f"{self.env.master_addr}:{self.env.master_port}"
+                return self._die(f"rank 0 stopped responding (store {where} unreachable: {_one_line(err)})")
 
     def _check(self, rank: int) -> None:
         now, value = time.monotonic(), self._op("add", f"hb/{rank}", 0)
@@ -381,16 +412,16 @@ class Watchdog:
         limit = self.timeout if value > 0 else self.startup_grace
         if now - since > limit and self._op("add", f"done/{rank}", 0) == 0:
             what = f"last heartbeat {now - since:.0f}s ago" if value else f"no heartbeat in {now - since:.0f}s"
-            self._record(f"rank {rank} stopped responding ({what})")
+            self._record(f"rank {rank} stopped responding ({what})", readers=self.env.world_size - 2)
             self._die(f"rank {rank} stopped responding ({what})")
 
-    def _record(self, text: str) -> None:
-        """Publish the first failure; later ones are kept too but peers report the first."""
+    def _record(self, text: str, readers: int) -> None:
+        """Publish the first failure (peers report the first one recorded)."""
         index = self._op("add", "nfail", 1)
         self._op("set", f"fail/{index}", text)
-        if self.env.is_main:  # keep the store alive until peers have read why
+        if self.env.is_main:  # keep the store alive until the `readers` live peers have read why
             deadline = time.monotonic() + 2 * self.interval + 2
-            while time.monotonic() < deadline and self._op("add", "acks", 0) < self.env.world_size - 2:
+            while time.monotonic() < deadline and self._op("add", "acks", 0) < readers:
                 time.sleep(0.1)
 
     def _die(self, text: str, ack: bool = False) -> None:
@@ -412,7 +443,7 @@ class Watchdog:
         self._stop.set()
         try:
             if self._op("add", "nfail", 0) == 0:
-                self._record(f"rank {self.env.rank} failed: {reason}")
+                self._record(f"rank {self.env.rank} failed: {reason}", readers=self.env.world_size - 1)
         except Exception:
             pass
 

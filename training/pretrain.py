@@ -10,6 +10,7 @@ SIGTERM/SIGUSR1, requeue and --resume (training/signals.py); anything else is a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -146,8 +147,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    from training.dist import EXIT_REQUEUE, init_distributed, check_consistent
-    from training.engine.faults import EXIT_NUMERICAL, NumericalFault, run_with_recovery
+    from training.dist import check_consistent, init_distributed, start_watchdog
     from training.signals import preemption
     from training.stages.runner import StageRunner
 
@@ -188,13 +188,24 @@ def main(argv=None) -> int:
         (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
         (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
+    # A rank that dies makes the others exit within dist.heartbeat_timeout_s, naming it (training/dist.py).
+    watchdog = start_watchdog(env, cfg.dist.heartbeat_timeout_s) if env.world_size > 1 else contextlib.nullcontext()
+    with watchdog:
+        return train(runner, cfg, data, out, env.rank)
+
+
+def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
+    """Run the stages; report where the results are. Returns the process exit code."""
+    from training.dist import EXIT_REQUEUE
+    from training.engine.faults import EXIT_NUMERICAL, NumericalFault, run_with_recovery
+
     try:
         state = run_with_recovery(runner)
     except NumericalFault as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_NUMERICAL
     if runner.preempted:
-        if env.rank == 0:
+        if rank == 0:
             print(f"pre-empted ({runner.preempted}): checkpoint {out / 'checkpoints'}/"
                   f"{checkpoint.latest_tag(out / 'checkpoints')} at step {state.step}; exit {EXIT_REQUEUE} "
                   "(requeue, then --resume)", flush=True)
@@ -202,8 +213,8 @@ def main(argv=None) -> int:
         return EXIT_REQUEUE
 
     exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
-    if env.rank == 0:
-        ev = getattr(runner, "last_eval", {})
+    if rank == 0:
+        ev = runner.last_eval
         print(f"done: {state.step} steps, {state.tokens:,} tokens, {state.wall_s:.0f} s"
               + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f}" if ev else ""))
         print(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")

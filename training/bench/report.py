@@ -160,7 +160,7 @@ class RunSummary:
     stages: list = field(default_factory=list)  # [{"name", "start_step", "end_step", "end_wall_s"}]
     curve: list = field(default_factory=list)  # [{"step", "wall_s", "tokens", "flops", "loss", "acc"}]
     target: Optional[dict] = None  # Crossing as dict + speedups, filled by compare_runs
-    wall_s_mean_tokens_per_s: Optional[float] = None
+    mean_tokens_per_s: Optional[float] = None
     flops_points: list = field(default_factory=list)  # [(tokens, cumulative FLOPs)] at the train lines
     last_flops_per_token: Optional[float] = None
 
@@ -170,7 +170,8 @@ def _stages(train: Sequence[dict]) -> list[dict]:
     for r in train:
         name = r.get("stage", "main")
         if not stages or stages[-1]["name"] != name:
-            stages.append({"name": name, "start_step": r["step"], "end_step": r["step"], "end_wall_s": r.get("wall_s"),
+            start = stages[-1]["end_step"] + 1 if stages else 1  # the runner logs every stage's last step
+            stages.append({"name": name, "start_step": start, "end_step": r["step"], "end_wall_s": r.get("wall_s"),
                            "end_tokens": r.get("tokens")})
         else:
             stages[-1].update(end_step=r["step"], end_wall_s=r.get("wall_s"), end_tokens=r.get("tokens"))
@@ -226,7 +227,7 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
         s.total_flops = flops_at(s.total_tokens, points, last_fpt)
         train_wall = train[-1].get("wall_s") if train else None
         if train_wall:
-            s.wall_s_mean_tokens_per_s = train[-1].get("tokens", 0) / train_wall
+            s.mean_tokens_per_s = train[-1].get("tokens", 0) / train_wall
     if not evals and s.status == "ok":
         s.status = "no eval records"
     return s
@@ -280,19 +281,19 @@ def _fmt(x, kind: str = "g") -> str:
         return "–"
     if kind == "s":
         return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-    if kind == "tok":
-        return f"{x / 1e6:.2f} M"
-    if kind == "flops":
-        return f"{x / 1e15:.3f} PF" if x >= 1e14 else f"{x / 1e12:.2f} TF"
+    if kind in ("tok", "flops"):
+        units = [(1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1, "")]
+        scale, prefix = next(((s, p) for s, p in units if abs(x) >= s), (1, ""))
+        return f"{x / scale:.3g} {prefix}" + ("FLOP" if kind == "flops" else "tok")
     if kind == "x":
         return f"{x:.2f}x"
     return f"{x:.4f}"
 
 
 def markdown_table(report: dict) -> str:
-    head = ("| method | status | final held-out loss | final MLM acc | total time s | time to target s | "
-            "tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
-    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
+    head = ("| method | status | final held-out loss | final MLM acc | train time s | process s | "
+            "time to target s | tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for r in report["runs"]:
         t = r.get("target") or {}
         reached = t.get("reached")
@@ -303,7 +304,7 @@ def markdown_table(report: dict) -> str:
             sp, spf = _fmt(t.get("speedup_wall_s"), "x"), _fmt(t.get("speedup_flops"), "x")
         name = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
         lines.append(f"| {name} | {r['status']} | {_fmt(r['final_loss'])} | {_fmt(r['final_acc'])} | "
-                     f"{_fmt(r['total_wall_s'], 's')} | {ttt} | {tok} | {fl} | {sp} | {spf} |")
+                     f"{_fmt(r['total_wall_s'], 's')} | {_fmt(r.get('process_s'), 's')} | {ttt} | {tok} | {fl} | {sp} | {spf} |")
     return "\n".join(lines)
 
 
@@ -313,9 +314,10 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
             f"Target: the baseline (`{report['baseline']}`) final held-out MLM loss = "
             f"{_fmt(target)}.\n",
             markdown_table(report), "",
-            "Time = the runs' `wall_s` (training loop only: no start-up or export; in-loop evals and "
-            "checkpoints included). To-target values interpolate linearly between eval points; "
-            "speedup = baseline / method.", ""]
+            "Train time = the runs' `wall_s` (training loop only: no start-up or export; in-loop evals, "
+            "checkpoints and stage transitions included); all to-target values use it. Process s = the whole "
+            "subprocess (start-up, data loading, final checkpoint), for information. To-target values "
+            "interpolate linearly between eval points; speedup = baseline / method.", ""]
     stage_lines = []
     for r in report["runs"]:
         if len(r["stages"]) > 1:

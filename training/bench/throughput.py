@@ -234,6 +234,10 @@ def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: to
         "optimizer_s_median": statistics.median(r["optimizer_s"] for r in records),
         "peak_memory_bytes": peak,
         "memory_before_bytes": before,
+        "step_s_all": [r["step_s"] for r in records],
+        "forward_s_all": [r["forward_s"] for r in records],
+        "backward_s_all": [r["backward_s"] for r in records],
+        "optimizer_s_all": [r["optimizer_s"] for r in records],
         "loss_first": records[0]["loss"],
         "loss_last": records[-1]["loss"],
     }
@@ -241,24 +245,27 @@ def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: to
     return block
 
 
-def summarise(subject: Subject, flops_per_token: float, peak_tflops: float) -> dict:
+def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, tokens_per_step: int,
+              samples_per_step: int) -> dict:
+    """Medians over every timed step of every block (robust to the stalls of a shared machine);
+    `*_mean` is total tokens / total time, which a single stall drags down."""
     b = subject.blocks
-    med = {k: statistics.median(x[k] for x in b) for k in
-           ("tokens_per_s", "samples_per_s", "step_s_median", "forward_s_median", "backward_s_median",
-            "optimizer_s_median")}
+    pooled = {k: statistics.median(v for x in b for v in x[f"{k}_all"])
+              for k in ("step_s", "forward_s", "backward_s", "optimizer_s")}
+    seconds = sum(x["seconds"] for x in b)
+    steps = sum(x["steps"] for x in b)
     return {
         "label": subject.label,
         "parameters": subject.params,
-        "tokens_per_s": med["tokens_per_s"],
-        "samples_per_s": med["samples_per_s"],
-        "step_s": med["step_s_median"],
-        "forward_s": med["forward_s_median"],
-        "backward_s": med["backward_s_median"],
-        "optimizer_s": med["optimizer_s_median"],
+        "tokens_per_s": tokens_per_step / pooled["step_s"],
+        "samples_per_s": samples_per_step / pooled["step_s"],
+        "tokens_per_s_mean": tokens_per_step * steps / seconds,
+        "tokens_per_s_block_median": statistics.median(x["tokens_per_s"] for x in b),
+        **pooled,
         "peak_memory_bytes": max(x["peak_memory_bytes"] for x in b),
         "peak_memory_minus_start_bytes": statistics.median(x["peak_memory_bytes"] - x["memory_before_bytes"]
                                                            for x in b),
-        "mfu": flops_per_token * med["tokens_per_s"] / (peak_tflops * 1e12),
+        "mfu": flops_per_token * tokens_per_step / pooled["step_s"] / (peak_tflops * 1e12),
         "blocks": b,
     }
 
@@ -291,12 +298,31 @@ def machine_info(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 
+def select_stage(cfg, stage: Optional[str], data_seq_len: int):
+    """(stage label, model config, seq_len) to measure: the top-level `model:` at the data's length by
+    default, or the model and seq_len of one stage (`--stage NAME` or index)."""
+    if stage is None:
+        return None, cfg.model, data_seq_len
+    names = [s.name for s in cfg.stages]
+    if stage in names:
+        index = names.index(stage)
+    elif stage.isdigit() and int(stage) < len(names):
+        index = int(stage)
+    else:
+        from training.errors import UserError
+
+        raise UserError(f"--stage {stage}: no such stage (stages: {', '.join(names)})")
+    seq_len = cfg.stages[index].seq_len or data_seq_len
+    return names[index], cfg.stage_model(index), min(seq_len, data_seq_len)
+
+
 def run(args) -> dict:
     from training.config import load_config
     from training.dist import init_distributed
     from training.engine.build import build_engine, compute_dtype
     from training.model.flops import count_parameters, flops_per_token
-    from training.pretrain import build_model, load_data
+    from training.model.bert import BertForPreTraining
+    from training.pretrain import load_data, resolve_model
 
     overrides = list(args.set) + ["deepspeed.tensorboard=false"]
     cfg = load_config(args.config, overrides)
@@ -309,12 +335,14 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     dtype = compute_dtype(cfg.train.precision)
+    machine = machine_info(device)  # load average at the start
 
     data = load_data(cfg)
-    seq_len = data.seq_len
+    resolve_model(cfg, data.vocab_size)
+    stage_name, model_cfg, seq_len = select_stage(cfg, args.stage, data.seq_len)
     t = cfg.train
     total_steps = args.warmup + args.steps
-    stream = data.train_batches(t.micro_batch_size, 0, 1, cfg.run.seed)
+    stream = data.train_batches(t.micro_batch_size, 0, 1, cfg.run.seed, seq_len=seq_len)
     steps = [[{k: v.to(device) for k, v in next(stream).items()} for _ in range(t.grad_accum)]
              for _ in range(total_steps)]
     tokens_per_step = t.micro_batch_size * t.grad_accum * seq_len
@@ -325,19 +353,19 @@ def run(args) -> dict:
     caveats: list[str] = []
     if "ours" in models:
         torch.manual_seed(cfg.run.seed)
-        ours = build_model(cfg, data.vocab_size).to(device)
+        ours = BertForPreTraining(model_cfg).to(device)
         engine, _ = build_engine(ours, cfg, 1, None)
-        subjects.append(Subject("ours", f"ours (training.model.bert, attention={cfg.model.attention})", engine,
+        subjects.append(Subject("ours", f"ours (training.model.bert, attention={model_cfg.attention})", engine,
                                 count_parameters(ours)))
     if "hf" in models:
         torch.manual_seed(cfg.run.seed)
-        hf, caveats = build_hf_model(cfg.model)
+        hf, caveats = build_hf_model(model_cfg)
         hf = hf.to(device)
         engine, _ = build_engine(hf, cfg, 1, None)
         subjects.append(Subject("hf", "transformers.BertForPreTraining (sdpa)", engine,
                                 count_parameters(hf, trainable_only=True)))
 
-    fpt = flops_per_token(cfg.model, seq_len, masked_fraction=cfg.data.mlm_probability)
+    fpt = flops_per_token(model_cfg, seq_len, masked_fraction=cfg.data.mlm_probability)
     if cfg.run.peak_tflops:
         peak, peak_source = cfg.run.peak_tflops, "config run.peak_tflops"
         peaks = []
@@ -360,8 +388,9 @@ def run(args) -> dict:
         else " ".join(sys.argv),
         "config": str(args.config),
         "overrides": list(args.set),
-        "machine": machine_info(device),
-        "shape": {k: getattr(cfg.model, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+        "machine": machine,
+        "stage": stage_name,
+        "shape": {k: getattr(model_cfg, k) for k in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                                                       "ffn_size", "attention", "norm", "nsp")},
         "precision": cfg.train.precision,
         "optimizer": cfg.optimizer.name + (" (fused)" if cfg.optimizer.fused else ""),
@@ -379,10 +408,11 @@ def run(args) -> dict:
         "peak_tflops_trials": peaks,
         "peak_source": peak_source,
         "memory_metric": memory.description,
-        "timing": "per optimizer step: forward (model+loss), backward (engine.backward), optimizer (engine.step); "
-                  "synchronised on CUDA; medians over steps, then over blocks",
+        "timing": "per optimizer step: forward (model+loss), backward (engine.backward), optimizer (engine.step), "
+                  "synchronised on CUDA; reported values are medians over all timed steps of all blocks; "
+                  "tokens_per_s = tokens_per_step / median step time; *_mean = total tokens / total time",
         "caveats": caveats,
-        "models": {s.name: summarise(s, fpt, peak) for s in subjects},
+        "models": {s.name: summarise(s, fpt, peak, tokens_per_step, samples_per_step) for s in subjects},
     }
     try:
         result["machine"]["loadavg_end"] = os.getloadavg()
@@ -390,9 +420,11 @@ def run(args) -> dict:
         pass
     if "ours" in result["models"] and "hf" in result["models"]:
         o, h = result["models"]["ours"], result["models"]["hf"]
-        paired = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(o["blocks"], h["blocks"])]
+        # per repeat: the two adjacent blocks' median step times (drift between repeats cancels)
+        paired = [b["step_s_median"] / a["step_s_median"] for a, b in zip(o["blocks"], h["blocks"])]
         result["ratio_ours_over_hf"] = {
             "tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
+            "tokens_per_s_mean": o["tokens_per_s_mean"] / h["tokens_per_s_mean"],
             "tokens_per_s_paired_median": statistics.median(paired),
             "tokens_per_s_paired": paired,
             "step_s": o["step_s"] / h["step_s"],
@@ -423,11 +455,13 @@ def format_table(result: dict) -> str:
     head = (f"{result['config']}  {result['precision']}  {result['optimizer']}  seq {result['seq_len']}  "
             f"batch {result['micro_batch_size']}x{result['grad_accum']}  {result['machine']['device']}  "
             f"peak {result['peak_tflops']:.2f} TFLOPS ({'config' if 'config' in result['peak_source'] else 'measured'})"
-            f"  medians of {result['repeats']} blocks x {result['steps_per_block']} steps")
+            f"  median step of {result['repeats']} blocks x {result['steps_per_block']} steps")
     tail = []
     if ratio:
         tail.append(f"paired ours/HF tokens/s per repeat: "
                     + ", ".join(f"{x:.2f}" for x in ratio["tokens_per_s_paired"])
                     + f" (median {ratio['tokens_per_s_paired_median']:.2f})")
+    tail.append("mean tokens/s (total tokens / total time): " + ", ".join(
+        f"{n} {m['tokens_per_s_mean']:,.0f}" for n, m in result["models"].items()))
     tail += [f"caveat: {c}" for c in result["caveats"]]
     return "\n".join([head, *lines, *tail])

@@ -15,6 +15,7 @@ and an exported post-LN model loads back into HF (see `training.model.hf`). Diff
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import math
@@ -173,6 +174,8 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, inner)
         self.key = nn.Linear(cfg.hidden_size, inner)
         self.value = nn.Linear(cfg.hidden_size, inner)
+        if cfg.slimming:  # EarlyBERT: one coefficient per head scales that head's context output
+            self.head_coef = nn.Parameter(torch.ones(num_heads))
 
     def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -191,6 +194,8 @@ class SelfAttention(nn.Module):
             out = fused_attention(q, k, v, key_padding, dropout_p, scale)
         else:  # "linear"
             out = linear_attention(q, k, v, key_padding)
+        if hasattr(self, "head_coef"):
+            out = out * self.head_coef.to(out.dtype)[:, None, None]
         return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
@@ -223,10 +228,13 @@ class Intermediate(nn.Module):
         else:
             self.dense_u = nn.Linear(cfg.hidden_size, cfg.ffn_rank, bias=False)
             self.dense_v = nn.Linear(cfg.ffn_rank, ffn_size)
+        if cfg.slimming:  # EarlyBERT: one coefficient per FFN neuron scales its post-GELU activation
+            self.neuron_coef = nn.Parameter(torch.ones(ffn_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
-        return F.gelu(x)  # erf GELU == HF "gelu"
+        x = F.gelu(x)  # erf GELU == HF "gelu"
+        return x * self.neuron_coef.to(x.dtype) if hasattr(self, "neuron_coef") else x
 
 
 class Output(nn.Module):
@@ -275,25 +283,35 @@ class Encoder(nn.Module):
             # Pre-LN leaves the residual stream un-normalised; normalise once before the heads.
             self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    def frozen_prefix(self) -> int:
+        """How many leading layers have no trainable parameter (MSLT's frozen lower layers)."""
+        for i, layer in enumerate(self.layer):
+            if any(p.requires_grad for p in layer.parameters()):
+                return i
+        return len(self.layer)
+
     def forward(self, x, key_padding, layer_keep_prob: Optional[Sequence[float]] = None,
-                layer_drop_generator: Optional[torch.Generator] = None):
+                layer_drop_generator: Optional[torch.Generator] = None, no_grad_layers: int = 0):
+        """no_grad_layers: run the first n layers forward-only under torch.no_grad() (no activations kept,
+        no backward); only valid when nothing below them trains either (see Bert.forward)."""
         if not self.training:
             layer_keep_prob = None  # inference runs every layer, unscaled
         elif layer_keep_prob is not None:
             layer_keep_prob = [float(p) for p in layer_keep_prob]  # one host copy if a tensor
         for i, layer in enumerate(self.layer):
-            if layer_keep_prob is None:
-                x = layer(x, key_padding)
-                continue
-            p = layer_keep_prob[i]
-            # Draw from a CPU generator (default: torch's): no device sync. Data-parallel ranks must pass
-            # generators seeded alike, or they would skip different layers and reduce different grads.
-            # p >= 1 draws nothing, so keep-prob 1 leaves the RNG stream untouched.
-            if p >= 1.0:
-                x = layer(x, key_padding)
-            elif p > 0.0 and torch.rand((), generator=layer_drop_generator).item() < p:
-                x = layer(x, key_padding, branch_scale=1.0 / p)
-            # else: skipped, identity
+            with torch.no_grad() if i < no_grad_layers else contextlib.nullcontext():
+                if layer_keep_prob is None:
+                    x = layer(x, key_padding)
+                    continue
+                p = layer_keep_prob[i]
+                # Draw from a CPU generator (default: torch's): no device sync. Data-parallel ranks must pass
+                # generators seeded alike, or they would skip different layers and reduce different grads.
+                # p >= 1 draws nothing, so keep-prob 1 leaves the RNG stream untouched.
+                if p >= 1.0:
+                    x = layer(x, key_padding)
+                elif p > 0.0 and torch.rand((), generator=layer_drop_generator).item() < p:
+                    x = layer(x, key_padding, branch_scale=1.0 / p)
+                # else: skipped, identity
         if hasattr(self, "final_layer_norm"):
             x = self.final_layer_norm(x)
         return x
@@ -321,8 +339,17 @@ class Bert(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
                 layer_drop_generator=None):
         key_padding = attention_mask.bool() if attention_mask is not None else None
-        x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, key_padding, layer_keep_prob, layer_drop_generator)
+        # Frozen bottom (MSLT): when the embeddings and the leading layers train no parameter, they run
+        # forward-only; the first trainable layer gets an input without grad history. Checked per call
+        # from requires_grad (a few flag reads), so freezing/unfreezing needs no extra bookkeeping.
+        frozen = 0
+        if torch.is_grad_enabled() and not any(p.requires_grad for p in self.embeddings.parameters()):
+            frozen = self.encoder.frozen_prefix()
+            with torch.no_grad():
+                x = self.embeddings(input_ids, token_type_ids)
+        else:
+            x = self.embeddings(input_ids, token_type_ids)
+        return self.encoder(x, key_padding, layer_keep_prob, layer_drop_generator, no_grad_layers=frozen)
 
 
 class PredictionHeadTransform(nn.Module):
@@ -415,6 +442,7 @@ class BertForPreTraining(nn.Module):
         nsp_loss      when next_sentence_label is given (requires cfg.nsp)
         logits        [B, S, vocab] only when labels is None (parity tests / export)
         nsp_logits    [B, 2] when cfg.nsp
+        slimming_penalty  cfg.slimming in training mode: slimming_l1 * sum|c|, already included in mlm_loss
         """
         if layer_keep_prob is not None:
             if self.cfg.norm != "pre":
@@ -439,9 +467,21 @@ class BertForPreTraining(nn.Module):
             if next_sentence_label is not None:
                 out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
                 losses.append(out["nsp_loss"])
+        if self.cfg.slimming and self.training and self.cfg.slimming_l1 > 0 and "mlm_loss" in out:
+            # EarlyBERT's L1 penalty, folded into mlm_loss: the runner weights each micro-batch's mlm_loss
+            # by its share of the global masked-token count, so the penalty enters each step exactly once.
+            penalty = self.cfg.slimming_l1 * self.slimming_l1_norm()
+            out["slimming_penalty"] = penalty.detach()
+            out["mlm_loss"] = out["mlm_loss"] + penalty
+            losses[0] = out["mlm_loss"]
         if losses:
             out["loss"] = sum(losses)
         return out
+
+    def slimming_l1_norm(self) -> torch.Tensor:
+        """sum |c| over every slimming coefficient (heads and FFN neurons), in fp32."""
+        return sum(p.float().abs().sum() for name, p in self.named_parameters()
+                   if name.endswith(("head_coef", "neuron_coef")))
 
     def _masked_lm(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
         """MLM loss on masked positions only: gather, then transform + vocab projection."""

@@ -33,6 +33,10 @@ class ModelConfig(BaseModel):
     ffn_per_layer: Optional[list[int]] = None
     # CoRe relaxed FFN: W = U V with this rank; None means a full-rank FFN.
     ffn_rank: Optional[int] = None
+    # EarlyBERT network slimming: a coefficient (init 1) per attention head (attention.self.head_coef)
+    # and per FFN neuron (intermediate.neuron_coef); training adds slimming_l1 * sum|c| to the loss.
+    slimming: bool = False
+    slimming_l1: float = 1e-4
     # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
     init_from_hf: Optional[str] = None
 
@@ -63,6 +67,8 @@ class ModelConfig(BaseModel):
                 raise ValueError(f"model.{name} has {len(per_layer)} entries for {self.num_layers} layers")
         if self.heads_per_layer is not None and any(h < 1 or h > self.num_heads for h in self.heads_per_layer):
             raise ValueError(f"model.heads_per_layer entries must be in [1, num_heads={self.num_heads}]")
+        if self.slimming_l1 < 0:
+            raise ValueError(f"model.slimming_l1 must be >= 0, got {self.slimming_l1}")
         if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
             raise ValueError(f"model.ffn_rank must be in [1, {min(self.hidden_size, self.ffn_size)}]")
         return self

@@ -140,7 +140,9 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
         log.info("ignoring checkpoint tensors the model does not use: %s", ", ".join(unexpected))
 
     missing = [k for k in ours if k not in state]
-    body_missing = [k for k in missing if not k.startswith(("cls.", "bert.pooler."))]
+    # EarlyBERT slimming coefficients (model.slimming) are ours only: they keep their init (1).
+    body_missing = [k for k in missing if not k.startswith(("cls.", "bert.pooler."))
+                    and not k.endswith(("head_coef", "neuron_coef"))]
     if body_missing:
         raise UserError(f"{hf_dir}: checkpoint lacks {body_missing[0]} ({len(body_missing)} "
                         f"embedding/encoder tensors missing)")
@@ -167,8 +169,12 @@ def _check_exportable(cfg: ModelConfig) -> None:
         raise UserError("cannot export to HF: HF BERT has no low-rank FFN (model.ffn_rank); "
                         "multiply the factors out into a full-rank model first")
     if cfg.heads_per_layer is not None and any(h != cfg.num_heads for h in cfg.heads_per_layer):
-        raise UserError("cannot export to HF: pruned heads (model.heads_per_layer) are not representable; "
-                        "transformers 5 BertConfig has no pruned_heads and fixes head_dim = hidden/heads")
+        pruned = ", ".join(f"layer {i}: {h}" for i, h in enumerate(cfg.heads_per_layer) if h != cfg.num_heads)
+        raise UserError(f"cannot export to HF: pruned heads ({pruned} of {cfg.num_heads} heads; "
+                        f"model.heads_per_layer={cfg.heads_per_layer}) are not representable: transformers 5 "
+                        f"BertConfig has no pruned_heads and fixes head_dim = hidden/heads, so a layer with "
+                        f"fewer heads of head_dim {cfg.head_dim} cannot be written, even when every layer "
+                        "has the same count")
     if cfg.ffn_per_layer is not None and len(set(cfg.ffn_per_layer)) > 1:
         raise UserError("cannot export to HF: HF BERT has one intermediate_size for all layers; "
                         f"model.ffn_per_layer is non-uniform {cfg.ffn_per_layer}")
@@ -191,6 +197,9 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
 
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in model.named_parameters()}  # de-duplicated: no decoder aliases
+    if cfg.slimming:  # EarlyBERT coefficients are folded into the next Linear: same function, HF names
+        from training.stages.earlybert import fold_slimming
+        tensors = fold_slimming(tensors, cfg)
     if not cfg.nsp:
         gen = torch.Generator().manual_seed(0)
         std, hidden = cfg.initializer_range, cfg.hidden_size

@@ -38,7 +38,7 @@ Tensors = dict[str, torch.Tensor]
 KINDS = ("hidden", "ffn", "stack", "seq")  # the fixed order compose()/grow() applies them in
 
 # Config fields no growth operator can change (they fix a parameter's meaning or a head's shape).
-_FIXED = ("vocab_size", "type_vocab_size", "pad_token_id", "norm", "nsp", "ffn_rank", "layer_norm_eps")
+_FIXED = ("vocab_size", "type_vocab_size", "pad_token_id", "norm", "nsp", "ffn_rank", "layer_norm_eps", "slimming")
 # Shape fields, and which growth kinds may change each.
 _MAY_CHANGE = {
     "hidden_size": {"hidden"}, "num_heads": {"hidden"}, "heads_per_layer": {"hidden", "stack"},

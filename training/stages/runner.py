@@ -44,6 +44,7 @@ class StagePlan:
     start_step: int
     seq_len: int
     model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
+    ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
 
 
 @dataclass
@@ -91,10 +92,7 @@ class StageRunner:
         self.state = TrainState()
         self.plan = self._make_plan()
         self.total_steps = sum(p.steps for p in self.plan)
-        warmups = [(p.start_step, cfg.warmup_steps(self.total_steps) if p.index == 0 else cfg.stages[p.index].warmup_steps)
-                   for p in self.plan]
-        self.lr_segments = staged_segments(self.total_steps, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr,
-                                           cfg.optimizer.decay_power)
+        self.lr_segments = self._lr_segments()
         self.last_eval: dict = {}
 
     # ------------------------------------------------------------------------------------ set-up
@@ -112,6 +110,35 @@ class StageRunner:
             plan.append(StagePlan(i, stage.name, steps, start, seq_len, self.cfg.stage_model(i)))
             start += steps
         return plan
+
+    def _lr_segments(self) -> list:
+        cfg = self.cfg
+        warmups = [(p.start_step, cfg.warmup_steps(self.total_steps) if p.index == 0 else cfg.stages[p.index].warmup_steps)
+                   for p in self.plan]
+        # A stage that ended early may have ended inside its warmup: its (past) segment is cut there.
+        warmups = [(start, min(w, p.steps) if p.ended_early else w) for (start, w), p in zip(warmups, self.plan)]
+        return staged_segments(self.total_steps, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr,
+                               cfg.optimizer.decay_power)
+
+    def _move_boundary(self, index: int, start: int) -> None:
+        """Stage `index` starts at global step `start` instead of where planned (its previous stage ended
+        early: EarlyBERT's early-bird ticket); it takes over the previous stage's remaining steps, so the
+        run's total steps are unchanged. The stage's LR warmup moves with it."""
+        prev, cur = self.plan[index - 1], self.plan[index]
+        shift = cur.start_step - start
+        if shift:
+            prev.steps, cur.start_step, cur.steps = prev.steps - shift, start, cur.steps + shift
+            prev.ended_early = shift > 0
+            self.lr_segments = self._lr_segments()
+
+    def _stage_watch(self, index: int):
+        """The watcher the next stage's hook puts on stage `index` (EarlyBERT's search), or None."""
+        nxt = self.cfg.stages[index + 1] if index + 1 < len(self.plan) else None
+        factory = getattr(get_hook(nxt.hook), "watch", None) if nxt is not None else None
+        if factory is None:
+            return None
+        ctx = HookContext(step=self.state.step, out_dir=self.out_dir, args=nxt.hook_args)
+        return factory(ctx, self.metrics.write, self.rank)
 
     def set_model(self, model: torch.nn.Module, model_cfg: ModelConfig) -> None:
         self.model, self.model_cfg = model, model_cfg
@@ -143,6 +170,10 @@ class StageRunner:
         self.set_model(self.model_factory(model_cfg), model_cfg)
         self._build()
         self.state = checkpoint.load(self.engine, self.ckpt_dir, tag)
+        self.plan = self._make_plan()  # as configured, then the actual start of the current stage
+        self.lr_segments = self._lr_segments()
+        if stage_index > 0:
+            self._move_boundary(stage_index, self.state.step - self.state.stage_step)
         log.info("resumed from %s at step %d (stage %s)", tag, self.state.step, self.plan[stage_index].name)
 
     def _enter_stage(self, index: int) -> float:
@@ -213,16 +244,19 @@ class StageRunner:
         fp16 = self.cfg.train.precision == "fp16"
         inject = faults.injector(self.rank)
         nan_factor = inject.loss_factor(self.state.step + 1)
-        losses = []
+        losses, penalties = [], []
         for i, batch in enumerate(micro_batches):
             out = self.engine(**_to_device(batch, self.device), **forward_kwargs)
-            loss = out["mlm_loss"].float() * out["mlm_count"] / max(global_count, 1.0)
+            weight = out["mlm_count"] / max(global_count, 1.0)
+            loss = out["mlm_loss"].float() * weight
             if "nsp_loss" in out:
                 loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / global_samples
             if nan_factor is not None:
                 loss = loss * nan_factor
             self.engine.backward(loss * scale)
             losses.append(loss.detach())
+            if "slimming_penalty" in out:  # trained on, but not part of the reported MLM loss
+                penalties.append(out["slimming_penalty"].float() * weight)
             if i < len(micro_batches) - 1:
                 self.engine.step()
         if nan_factor is not None:
@@ -238,7 +272,8 @@ class StageRunner:
         else:
             self.engine.step()
         tokens = int(sum(b["input_ids"].numel() for b in micro_batches)) * self.world_size
-        return StepResult(loss=float(loss_t), tokens=tokens, samples=int(samples) * self.world_size,
+        reported = loss_t - torch.stack(penalties).sum() if penalties else loss_t
+        return StepResult(loss=float(reported), tokens=tokens, samples=int(samples) * self.world_size,
                           bad=bad > 0, preempt=preempt > 0)
 
     def _check_faults(self, result: StepResult) -> None:
@@ -311,6 +346,9 @@ class StageRunner:
             bar.set_description(f"stage {plan.index + 1}/{len(self.plan)} {plan.name}")
             stage_flops = flops_per_token(self.model_cfg, plan.seq_len)
             stream = self._micro_batches()
+            watch = self._stage_watch(plan.index)  # True from start/observe: end this stage now
+            if watch is not None and watch.start(self.state.step, self.state.stage_step, self.engine):
+                self._move_boundary(plan.index + 1, self.state.step)
             window_start, window_tokens = time.perf_counter(), 0
             while self.state.stage_step < plan.steps:
                 micro = [next(stream) for _ in range(cfg.train.grad_accum)]
@@ -328,6 +366,8 @@ class StageRunner:
                 except faults.RestoreRequested:
                     bar.close()
                     raise
+                if watch is not None and watch.observe(self.state.step, self.engine):
+                    self._move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
                 if self.state.step % run.log_every == 0 or stage_done:
                     loss = _all_reduce_sum([result.loss])[0]
@@ -350,7 +390,8 @@ class StageRunner:
                                         "wall_s": time.perf_counter() - start_wall})
                     window_start = time.perf_counter()  # eval time is not training throughput
                 pause = self.state.step == run.stop_at_step or result.preempt
-                if (run.save_every and self.state.step % run.save_every == 0) or done or pause:
+                periodic = run.save_every and self.state.step % run.save_every == 0 and not self._bad_streak
+                if periodic or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
                     self._save()
                     window_start = time.perf_counter()

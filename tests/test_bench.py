@@ -1,0 +1,262 @@
+"""Benchmark tooling: time-to-target maths, report files, and small end-to-end compare / throughput runs."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.bench import report as R
+from training.bench.compare import run_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ maths
+
+def _evals(points):
+    """[(step, wall_s, tokens, loss)] -> eval records."""
+    return [{"kind": "eval", "step": s, "wall_s": w, "tokens": t, "heldout_loss": l, "heldout_acc": 0.1}
+            for s, w, t, l in points]
+
+
+def test_time_to_target_interpolates_between_eval_points():
+    evals = _evals([(10, 10.0, 1000, 8.0), (20, 20.0, 2000, 6.0), (30, 30.0, 3000, 5.0)])
+    x = R.time_to_target(evals, 7.0, flops_of_tokens=lambda t: 2.0 * t)
+    assert x.reached
+    assert x.wall_s == pytest.approx(15.0)
+    assert x.tokens == pytest.approx(1500)
+    assert x.step == pytest.approx(15)
+    assert x.flops == pytest.approx(3000)
+    # exactly on a point
+    assert R.time_to_target(evals, 6.0).wall_s == pytest.approx(20.0)
+    # first crossing wins even if the curve goes back up later
+    bumpy = _evals([(10, 10.0, 1000, 8.0), (20, 20.0, 2000, 6.5), (30, 30.0, 3000, 7.5), (40, 40.0, 4000, 6.0)])
+    assert R.time_to_target(bumpy, 7.0).wall_s == pytest.approx(10 + 10 * (1.0 / 1.5))
+
+
+def test_time_to_target_first_point_and_not_reached():
+    evals = _evals([(10, 12.0, 1000, 5.0), (20, 20.0, 2000, 4.0)])
+    x = R.time_to_target(evals, 6.0)  # already below at the first eval: no earlier point to interpolate from
+    assert x.reached and x.wall_s == pytest.approx(12.0)
+    y = R.time_to_target(evals, 3.0)
+    assert not y.reached and y.wall_s is None
+    z = R.time_to_target(_evals([(10, 1.0, 10, float("nan")), (20, 2.0, 20, 4.0)]), 5.0)
+    assert z.reached and z.wall_s == pytest.approx(2.0)
+
+
+def test_cumulative_flops_per_stage_and_fallback():
+    train = [{"step": 1, "tokens": 100, "flops_per_token": 10.0, "stage": "a"},
+             {"step": 2, "tokens": 200, "flops_per_token": 10.0, "stage": "a"},
+             {"step": 3, "tokens": 300, "flops_per_token": 40.0, "stage": "b"}]
+    points, source = R.cumulative_flops(train, default_fpt=None)
+    assert source == "metrics"
+    assert points == [(0, 0.0), (100, 1000.0), (200, 2000.0), (300, 6000.0)]
+    assert R.flops_at(250, points, 40.0) == pytest.approx(4000.0)
+    assert R.flops_at(400, points, 40.0) == pytest.approx(10000.0)
+    bare = [{k: v for k, v in r.items() if k != "flops_per_token"} for r in train]
+    points, source = R.cumulative_flops(bare, default_fpt=5.0)
+    assert source == "config" and points[-1] == (300, 1500.0)
+    assert R.cumulative_flops(bare, default_fpt=None) == ([], "unknown")
+
+
+def _write_run(run_dir: Path, evals, fpt=10.0, stages=None, tokens_per_step=100):
+    """A fake run dir: train lines every step (with a stage name), eval lines as given."""
+    run_dir.mkdir(parents=True)
+    lines = []
+    last_step = max(e[0] for e in evals)
+    for step in range(1, last_step + 1):
+        stage = stages(step) if stages else "main"
+        lines.append({"kind": "train", "step": step, "stage": stage, "loss": 1.0, "tokens": step * tokens_per_step,
+                      "wall_s": float(step), "flops_per_token": fpt * (2 if stage == "big" else 1)})
+        for e in evals:
+            if e[0] == step:
+                lines.append({"kind": "eval", "step": step, "stage": stage, "tokens": step * tokens_per_step,
+                              "heldout_loss": e[1], "heldout_acc": e[2], "wall_s": step + 0.1})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_compare_runs_speedup_and_not_reached(tmp_path):
+    _write_run(tmp_path / "base", [(10, 7.0, 0.1), (20, 6.0, 0.2), (30, 5.0, 0.3)])
+    _write_run(tmp_path / "fast", [(10, 6.0, 0.2), (20, 4.0, 0.4)],
+               stages=lambda s: "small" if s <= 10 else "big")
+    _write_run(tmp_path / "slow", [(10, 8.0, 0.05), (20, 7.0, 0.1), (30, 6.0, 0.15)])
+    runs = [R.summarise_run(n, f"{n}.yaml", tmp_path / n) for n in ("base", "fast", "slow")]
+    rep = R.compare_runs(runs)
+    assert rep["target_heldout_loss"] == 5.0
+    base, fast, slow = rep["runs"]
+    assert base["target"]["reached"] and base["target"]["wall_s"] == pytest.approx(30.1)
+    assert base["target"]["speedup_wall_s"] == pytest.approx(1.0)
+    # fast crosses 5.0 halfway between its evals at 10.1 s and 20.1 s
+    assert fast["target"]["wall_s"] == pytest.approx(15.1)
+    assert fast["target"]["tokens"] == pytest.approx(1500)
+    assert fast["target"]["speedup_wall_s"] == pytest.approx(30.1 / 15.1)
+    # FLOPs: 1000 tokens at 10/token, then 500 at 20/token (stage "big")
+    assert fast["target"]["flops"] == pytest.approx(1000 * 10 + 500 * 20)
+    assert fast["target"]["speedup_flops"] == pytest.approx(3000 * 10 / 20000)
+    assert [s["name"] for s in fast["stages"]] == ["small", "big"]
+    assert slow["target"]["reached"] is False and slow["target"]["speedup_wall_s"] is None
+    assert slow["final_loss"] == 6.0 and slow["final_acc"] == 0.15
+
+
+def test_missing_baseline_and_failed_run(tmp_path):
+    _write_run(tmp_path / "m", [(10, 6.0, 0.2)])
+    runs = [R.summarise_run("base", "b.yaml", tmp_path / "nope", status="failed (exit 1)"),
+            R.summarise_run("m", "m.yaml", tmp_path / "m")]
+    rep = R.compare_runs(runs)
+    assert rep["target_heldout_loss"] is None
+    assert rep["runs"][1]["target"]["reached"] is None
+    paths = R.write_report(rep, tmp_path / "out")
+    assert "failed (exit 1)" in paths["md"].read_text()
+
+
+def test_report_files_contain_every_method(tmp_path):
+    _write_run(tmp_path / "baseline", [(10, 7.0, 0.1), (20, 5.0, 0.3)])
+    _write_run(tmp_path / "stacking", [(10, 6.0, 0.2), (20, 4.5, 0.35)], stages=lambda s: "small" if s <= 10 else "big")
+    _write_run(tmp_path / "worse", [(10, 8.0, 0.05), (20, 7.5, 0.1)])
+    runs = [R.summarise_run(n, f"{n}.yaml", tmp_path / n) for n in ("baseline", "stacking", "worse")]
+    rep = R.compare_runs(runs)
+    paths = R.write_report(rep, tmp_path / "out", preamble="Command: `x`")
+    data = json.loads(paths["json"].read_text())
+    assert [r["name"] for r in data["runs"]] == ["baseline", "stacking", "worse"]
+    md = paths["md"].read_text()
+    for name in ("baseline (baseline)", "| stacking |", "| worse |", R.NOT_REACHED, "Stages:"):
+        assert name in md
+    png = paths["png"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_torn_and_duplicate_metrics_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "eval", "step": 2, "heldout_loss": 5.0}\n{"kind": "eval", "step": 2, "heldout_loss": 4.0}\n'
+                    '{"kind": "train", "step": 3, "tok')
+    train, evals = R.split_records(R.read_jsonl(path))
+    assert train == [] and [e["heldout_loss"] for e in evals] == [4.0]
+
+
+def test_run_names():
+    assert run_names(["a/baseline.yaml", "a/stacking.yaml"]) == ["baseline", "stacking"]
+    assert run_names(["x/tiny.yaml", "y/tiny.yaml"]) == ["x-tiny", "y-tiny"]
+    assert run_names(["x/tiny.yaml", "x/tiny.yaml"]) == ["x-tiny", "x-tiny-1"]
+
+
+def test_planned_steps_counts_token_budget_stages(tmp_path):
+    from training.bench.compare import planned_steps
+    from training.config import load_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "stats.json").write_text(json.dumps({"seq_len": 64}))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"dir": str(data)}, "train": {"micro_batch_size": 4, "grad_accum": 2},
+        "stages": [{"name": "a", "steps": 5, "seq_len": 32}, {"name": "b", "tokens": 1000, "hook": "grow_seq",
+                                                                "seq_len": 64}]}))
+    # stage b: ceil(1000 / (8 sequences x 64 tokens)) = 2 steps
+    assert planned_steps(load_config(cfg)) == 7
+
+
+def test_shipped_bench_configs_load():
+    from training.config import load_config
+
+    configs = sorted((REPO / "configs" / "bench").glob("*/*.yaml"))
+    assert any(c.name == "baseline.yaml" for c in configs)
+    for c in configs:
+        cfg = load_config(c)
+        assert cfg.run.eval_every > 0
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+def _env():
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny prepared corpus (vocab 300, seq_len 64), made here so the test does not rely on repo data."""
+    import random
+
+    root = tmp_path_factory.mktemp("bench_data")
+    rng = random.Random(0)
+    words = ("the of and to in is was for on that with as by at from which an be this are history language "
+             "computer kernel parser runtime package manual install configure library module function").split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(20, 90))).capitalize() + "." for _ in range(500)]
+    (root / "corpus.txt").write_text("\n".join(docs) + "\n")
+    subprocess.run([sys.executable, "-m", "training.data", "prepare", "--input", str(root / "corpus.txt"),
+                    "--out", str(root / "prep"), "--seq-len", "64", "--tokenizer", "train:300",
+                    "--heldout-fraction", "0.1", "--num-proc", "1"],
+                   check=True, cwd=REPO, env=_env(), capture_output=True, text=True)
+    return root / "prep"
+
+
+def _tiny_config(tmp_path: Path, name: str, data: Path, **train) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    vocab = json.loads((data / "stats.json").read_text())["vocab_size"]
+    cfg["data"]["dir"] = str(data)
+    cfg["model"]["vocab_size"] = vocab
+    cfg["run"].update(save_every=0, export_hf=False)
+    cfg["train"]["max_steps"] = 12
+    cfg["optimizer"].update(train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+def test_compare_end_to_end(tmp_path, tiny_data):
+    base = _tiny_config(tmp_path, "base", tiny_data, lr=1e-3)
+    fast = _tiny_config(tmp_path, "fast", tiny_data, lr=1e-2)
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(fast),
+                           "--out", str(out), "--eval-every", "3", "--set", "run.seed=7", "--no-progress"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in rep["runs"]] == ["base", "fast"]
+    assert all(r["status"] == "ok" for r in rep["runs"])
+    for r in rep["runs"]:
+        assert [c["step"] for c in r["curve"]] == [3, 6, 9, 12]
+        assert r["flops_source"] == "metrics" and r["total_flops"] > 0
+        assert math.isfinite(r["final_loss"]) and 0 <= r["final_acc"] <= 1
+    assert rep["target_heldout_loss"] == rep["runs"][0]["final_loss"]
+    assert rep["runs"][0]["target"]["reached"]
+    assert "run.seed=7" in rep["common_sets"] and "run.eval_every=3" in rep["common_sets"]
+    md = (out / "report.md").read_text()
+    assert "| base (baseline) |" in md and "| fast |" in md
+    assert (out / "loss_vs_time.png").stat().st_size > 5000
+    assert (out / "logs" / "fast.log").is_file()
+    assert (out / "runs" / "fast" / "metrics.jsonl").is_file()
+    # rebuild the report without training
+    again = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(fast),
+                            "--out", str(out), "--report-only"], cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["target_heldout_loss"] == rep["target_heldout_loss"]
+
+
+@pytest.mark.slow
+def test_throughput_end_to_end(tmp_path, tiny_data):
+    cfg = _tiny_config(tmp_path, "tp", tiny_data, lr=1e-3)
+    out = tmp_path / "tp"
+    proc = subprocess.run([sys.executable, "-m", "training.bench", "throughput", "--config", str(cfg), "--out",
+                           str(out), "--steps", "2", "--warmup", "1", "--repeats", "2"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "throughput.json").read_text())
+    assert set(res["models"]) == {"ours", "hf"}
+    for m in res["models"].values():
+        assert m["tokens_per_s"] > 0 and m["samples_per_s"] > 0
+        assert m["forward_s"] > 0 and m["backward_s"] > 0 and m["optimizer_s"] > 0
+        assert m["peak_memory_bytes"] > 0 and m["mfu"] > 0
+        assert len(m["blocks"]) == 2 and all(b["steps"] == 2 for b in m["blocks"])
+    assert res["peak_source"] == "config run.peak_tflops"  # tiny.yaml sets it
+    assert res["ratio_ours_over_hf"]["tokens_per_s"] > 0
+    assert "ours/HF" in proc.stdout

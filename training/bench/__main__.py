@@ -1,0 +1,85 @@
+"""Benchmarks: `python -m training.bench throughput ...` and `python -m training.bench compare ...`.
+
+throughput  tokens/s, samples/s, forward/backward/optimizer split, peak memory and MFU of our model vs
+            Hugging Face BertForPreTraining, same engine, same batches, alternating blocks.
+compare     train BASELINE and METHOD configs as subprocesses; time/tokens/FLOPs to the baseline's
+            final held-out loss, speedups, report.json / report.md / loss_vs_time.png.
+mslt        each MSLT stage (frozen lower layers) vs the same shape fully trainable, 2 ranks: forward/backward/
+            optimizer time, gradient all-reduce bytes, saved activations, peak memory (training/bench/mslt.py).
+See BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from training.errors import exit_on_user_error  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("throughput", help="our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
+    t.add_argument("--config", required=True, help="run config YAML (its model/train/optimizer/data sections)")
+    t.add_argument("--out", required=True, help="output directory (writes throughput.json)")
+    t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per block (default 10)")
+    t.add_argument("--warmup", type=int, default=2, help="untimed steps before every block (default 2)")
+    t.add_argument("--repeats", type=int, default=3, help="alternating blocks per model (default 3)")
+    t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
+                   "default: the top-level model at the data's seq_len")
+    t.add_argument("--models", nargs="+", choices=("ours", "hf"), default=["ours", "hf"])
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+
+    c = sub.add_parser("compare", help="train configs and compare time to the baseline's final held-out loss")
+    c.add_argument("--configs", nargs="+", required=True, metavar="CONFIG",
+                   help="BASELINE.yaml first, then one config per method")
+    c.add_argument("--out", required=True, help="output directory (runs/, logs/, report.*)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override applied to every run, e.g. --set data.dir=data/x --set run.seed=1 (repeatable)")
+    c.add_argument("--eval-every", type=int, default=None, help="same as --set run.eval_every=N for every run")
+    c.add_argument("--names", nargs="+", default=None, help="run names (default: config file stems)")
+    c.add_argument("--launcher", default=None,
+                   help="command that replaces `python` for each run, e.g. 'torchrun --nproc_per_node 8'")
+    c.add_argument("--report-only", action="store_true", help="do not train: rebuild the report from OUT/runs")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--note", action="append", default=[], help="free text added to the report's notes")
+    m = sub.add_parser("mslt", help="MSLT stages (frozen lower layers) vs fully trainable: time split, all-reduce "
+                       "bytes, memory")
+    from training.bench.mslt import add_arguments as add_mslt_arguments
+
+    add_mslt_arguments(m)
+    args = p.parse_args(argv)
+    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1):
+        p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
+    return args
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "throughput":
+        from training.bench import throughput
+
+        throughput.run(args)
+    elif args.command == "mslt":
+        from training.bench import mslt
+
+        mslt.run(args)
+    else:
+        from training.bench import compare
+
+        compare.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

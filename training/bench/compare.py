@@ -1,0 +1,210 @@
+"""Train several configs one after another and compare them on time to the baseline's held-out loss.
+
+Each config is an opaque `python -m training.pretrain` config: it runs in its own subprocess,
+`python -m training.pretrain --config X --out DIR/runs/<name> --overwrite --set ...`, with the common
+`--set`s (data dir, seed, eval cadence) applied to all. The first config is the baseline. Progress is
+a tqdm bar per run that follows the run's metrics.jsonl; the child's own output goes to
+DIR/logs/<name>.log. The analysis is in training.bench.report.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from training.bench.report import compare_runs, read_jsonl, split_records, summarise_run, write_report
+from training.errors import UserError
+
+# Set for every run before the user's --set (which therefore win): compare reads metrics, so no HF
+# export (it only adds minutes after training) and no per-run progress bar (compare draws its own).
+DEFAULT_SETS = ("run.progress=false", "run.export_hf=false")
+
+
+def run_names(configs: list[str], names: Optional[list[str]] = None) -> list[str]:
+    """Names from file stems; a repeated stem gets its parent folder (then an index) prepended."""
+    if names:
+        if len(names) != len(configs):
+            raise UserError(f"--names has {len(names)} entries for {len(configs)} configs")
+        if len(set(names)) != len(names):
+            raise UserError(f"--names must be unique, got {names}")
+        return list(names)
+    stems = [Path(c).stem for c in configs]
+    out = []
+    for i, (c, stem) in enumerate(zip(configs, stems)):
+        name = stem if stems.count(stem) == 1 else f"{Path(c).parent.name}-{stem}"
+        while name in out:
+            name = f"{name}-{i}"
+        out.append(name)
+    return out
+
+
+def planned_steps(cfg) -> Optional[int]:
+    """Optimizer steps the run will take (for the progress bar), as the runner plans them for one
+    process: token-budget stages need the data's seq_len, read from data.dir/stats.json."""
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum
+    data_seq = None
+    try:
+        data_seq = int(json.loads((Path(cfg.data.dir) / "stats.json").read_text())["seq_len"])
+    except (OSError, ValueError, KeyError):
+        pass
+    total = 0
+    for stage in cfg.stages:
+        if stage.steps is not None:
+            total += stage.steps
+            continue
+        seq = stage.seq_len or data_seq
+        if seq is None:
+            return None
+        total += stage.num_steps(global_batch * seq)
+    return total
+
+
+def _config_info(config: str, sets: list[str]) -> dict:
+    """Total steps and eval cadence, if the config loads here (it is validated again by the child)."""
+    try:
+        from training.config import load_config
+
+        cfg = load_config(config, sets)
+        return {"total_steps": planned_steps(cfg), "eval_every": cfg.run.eval_every, "error": None}
+    except UserError as err:
+        return {"total_steps": None, "eval_every": None, "error": str(err)}
+    except Exception as err:  # noqa: BLE001 - a config our parent cannot read is still the child's to judge
+        return {"total_steps": None, "eval_every": None, "error": f"{type(err).__name__}: {err}"}
+
+
+def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[int], position: int,
+            poll_s: float = 0.5) -> None:
+    """A tqdm bar over the run's steps, read from its metrics.jsonl while the child runs."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=name, unit="step", position=position, leave=True, dynamic_ncols=True)
+    shown = 0
+    last_eval = None
+    try:
+        while True:
+            done = proc.poll() is not None
+            if metrics.is_file():
+                train, evals = split_records(read_jsonl(metrics))
+                if train:
+                    step = int(train[-1]["step"])
+                    if evals:
+                        last_eval = evals[-1]["heldout_loss"]
+                    if step > shown:
+                        bar.update(step - shown)
+                        shown = step
+                    post = {"stage": train[-1].get("stage"), "loss": f"{train[-1].get('loss', float('nan')):.3f}"}
+                    if last_eval is not None:
+                        post["eval"] = f"{last_eval:.3f}"
+                    bar.set_postfix(post)
+            if done:
+                break
+            time.sleep(poll_s)
+    finally:
+        bar.close()
+
+
+def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: Optional[str],
+              position: int = 0, progress: bool = True) -> tuple[int, float]:
+    """Run one config to completion; returns (exit code, seconds of the whole subprocess)."""
+    run_dir = out_dir / "runs" / name
+    log_dir = out_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    cmd = [*prefix, "-m", "training.pretrain", "--config", str(config), "--out", str(run_dir), "--overwrite"]
+    for s in sets:
+        cmd += ["--set", s]
+    info = _config_info(config, sets)
+    with open(log_dir / f"{name}.log", "w") as log:
+        log.write("$ " + shlex.join(cmd) + "\n")
+        log.flush()
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            if progress:
+                _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position)
+            rc = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    seconds = time.perf_counter() - start
+    (log_dir / f"{name}.json").write_text(json.dumps({"command": cmd, "exit_code": rc, "process_s": seconds}))
+    return rc, seconds
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def run(args) -> dict:
+    configs = [str(c) for c in args.configs]
+    for c in configs:
+        if not Path(c).is_file():
+            raise UserError(f"config file not found: {c}")
+    names = run_names(configs, args.names)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    sets = list(DEFAULT_SETS) + list(args.set)
+    if args.eval_every:
+        sets.append(f"run.eval_every={args.eval_every}")
+    notes = []
+
+    infos = {n: _config_info(c, sets) for n, c in zip(names, configs)}
+    cadences = {n: i["eval_every"] for n, i in infos.items() if i["eval_every"] is not None}
+    if len(set(cadences.values())) > 1:
+        notes.append(f"run.eval_every differs between configs ({cadences}); pass --eval-every N for a "
+                     "consistent time resolution")
+    for n, i in infos.items():
+        if i["error"]:
+            notes.append(f"{n}: config not readable by this process ({i['error']}); the run decides")
+
+    statuses: dict[str, str] = {}
+    process_s: dict[str, float] = {}
+    if not args.report_only:
+        for i, (name, config) in enumerate(zip(names, configs)):
+            print(f"[{i + 1}/{len(configs)}] {name}: {config}", flush=True)
+            rc, seconds = train_one(config, name, out, sets, args.launcher, progress=not args.no_progress)
+            process_s[name] = seconds
+            statuses[name] = "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
+            if rc != 0:
+                print(f"  {name} failed (exit {rc}); last lines of {out / 'logs' / (name + '.log')}:\n"
+                      + _tail(out / "logs" / f"{name}.log"), file=sys.stderr, flush=True)
+    else:  # --report-only: what train_one recorded when the runs were made
+        for name in names:
+            try:
+                rec = json.loads((out / "logs" / f"{name}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            process_s[name] = rec.get("process_s")
+            if rec.get("exit_code"):
+                statuses[name] = f"failed (exit {rec['exit_code']}, see logs/{name}.log)"
+    runs = [summarise_run(n, c, out / "runs" / n, statuses.get(n, "ok")) for n, c in zip(names, configs)]
+    report = compare_runs(runs, 0)
+    for r in report["runs"]:
+        r["process_s"] = process_s.get(r["name"])
+    report["common_sets"] = sets
+    report["command"] = "python -m training.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report["notes"] = notes + list(args.note or [])
+    from training.bench.throughput import machine_info
+    import torch
+
+    report["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    preamble = f"Command: `{report['command']}`\n\nMachine: {report['machine'].get('cpu', '?')}, " \
+               f"{report['machine'].get('cpu_count')} CPUs" + (f", {report['machine']['gpu']}"
+                                                               if "gpu" in report["machine"] else "")
+    paths = write_report(report, out, preamble)
+    print((out / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return report
+
+
+def load_report(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,527 @@
+"""MSLT's saving, measured: each stage of an MSLT run with its lower layers frozen, side by side with the same
+shape fully trainable, in one run of W data-parallel ranks (default 2 gloo ranks on CPU).
+
+    python -m training.bench mslt --config configs/mslt_default.yaml --out DIR [--ranks 2] [--steps 5]
+
+Without a launcher the command spawns `--ranks` processes itself (torch.multiprocessing, gloo on CPU, NCCL
+on GPU); under `deepspeed`/`torchrun` it uses the launched ranks. Rank 0 writes DIR/mslt.json.
+
+For every stage of the config, two subjects (one when the stage freezes nothing, e.g. the first and the
+joint stage): "mslt" — the stage's model after its hook's `prepare` (what the runner trains), and "full" —
+the same shape with every parameter trainable. Each is wrapped by the same `build_engine` (the config's
+precision, ZeRO stage, optimizer, clipping) and trained on the same real batches (the stage's seq_len).
+Blocks alternate full, mslt, full, mslt, ... (`--repeats`), each after `--warmup` untimed steps.
+
+Per optimizer step (medians over the timed steps of all blocks):
+* forward_s / backward_s / optimizer_s: model+loss, `engine.backward`, `engine.step` (CUDA-synchronised).
+  DeepSpeed reduces the gradients inside backward (ZeRO 0/1/2 alike); `comm_s` is the time spent inside
+  collectives (all phases). `*_cpu_s`: the same phases in process CPU time (time.process_time, all threads
+  of the rank), much less sensitive than wall time to other jobs on a shared machine.
+* collectives: every torch.distributed collective issued during forward, backward and step, by phase, op and
+  dtype (count, elements, bytes; all-reduce and reduce-scatter count their input, all-gather its output).
+  `grad_reduce_bytes` = the all-reduce + reduce-scatter bytes in `engine.backward` of tensors with more than
+  one element (the gradient buckets: ZeRO 0/1/2 all reduce gradients there; scalar overflow/norm reductions,
+  LAMB's per-tensor norms under ZeRO 1/2 and the parameter all-gather in `engine.step` are listed, not
+  counted), and
+  `trainable_grad_bytes` = trainable elements x the reduced dtype's size: equal under ZeRO 0; ZeRO 1/2 pad
+  their flat partitions to an alignment, shown as `grad_reduce_padding_elements`.
+* saved_activation_bytes: bytes of the distinct tensors autograd saved for backward in one forward
+  (torch.autograd.graph.saved_tensors_hooks); frozen layers under no_grad save none.
+* peak_memory_bytes: CUDA max_memory_allocated per block; on CPU the process peak RSS per block (VmHWM, see
+  training/bench/throughput.py MemoryProbe), rank 0 and the max over ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("training.bench.mslt")
+
+# (name in torch.distributed, which argument is the payload, "in" = reduced input / "out" = gathered output)
+_COLLECTIVES = {
+    "all_reduce": ("tensor", 0),
+    "all_reduce_coalesced": ("tensors", 0),
+    "reduce": ("tensor", 0),
+    "broadcast": ("tensor", 0),
+    "reduce_scatter_tensor": ("input", 1),
+    "_reduce_scatter_base": ("input", 1),
+    "reduce_scatter": ("input_list", 1),
+    "all_gather_into_tensor": ("output_tensor", 0),
+    "_all_gather_base": ("output_tensor", 0),
+    "all_gather": ("tensor_list", 0),
+}
+_TIMES = ("step_s", "forward_s", "backward_s", "optimizer_s",
+          "step_cpu_s", "forward_cpu_s", "backward_cpu_s", "optimizer_cpu_s")
+_REDUCING = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter_tensor", "_reduce_scatter_base",
+             "reduce_scatter")
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class CollectiveCounter:
+    """Record every torch.distributed collective while installed (also the all-gather/reduce-scatter
+    functions DeepSpeed's TorchBackend caches at init). Nested calls (a deprecated alias calling its
+    replacement) count once. `records` holds (phase, op, dtype, numel, seconds)."""
+
+    def __init__(self):
+        self.records: list[tuple[str, str, str, int, float]] = []
+        self.phase = "other"
+        self._depth = threading.local()
+        self._saved: list[tuple[object, str, object]] = []
+
+    def _wrap(self, op: str, fn):
+        arg, pos = _COLLECTIVES[op]
+
+        def wrapper(*args, **kwargs):
+            depth = getattr(self._depth, "n", 0)
+            self._depth.n = depth + 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth.n = depth
+                if depth == 0:
+                    payload = kwargs.get(arg, args[pos] if len(args) > pos else None)
+                    tensors = _tensors(payload)
+                    numel = sum(t.numel() for t in tensors)
+                    dtype = str(tensors[0].dtype).removeprefix("torch.") if tensors else "?"
+                    self.records.append((self.phase, op, dtype, numel, time.perf_counter() - t0))
+
+        wrapper.__wrapped__ = fn
+        return wrapper
+
+    def install(self) -> "CollectiveCounter":
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        originals = {}
+        for op in _COLLECTIVES:
+            fn = getattr(dist, op, None)
+            if fn is None:
+                continue
+            originals[fn] = self._wrap(op, fn)
+            for module in (dist, c10d):
+                if getattr(module, op, None) is fn:
+                    self._saved.append((module, op, fn))
+                    setattr(module, op, originals[fn])
+        try:  # DeepSpeed's backend keeps references to two of them
+            from deepspeed.comm import comm as ds_comm
+
+            cdb = getattr(ds_comm, "cdb", None)
+            for attr in ("all_gather_function", "reduce_scatter_function"):
+                fn = getattr(cdb, attr, None) if cdb is not None else None
+                if fn in originals:
+                    self._saved.append((cdb, attr, fn))
+                    setattr(cdb, attr, originals[fn])
+        except ImportError:
+            pass
+        return self
+
+    def uninstall(self) -> None:
+        for owner, attr, fn in reversed(self._saved):
+            setattr(owner, attr, fn)
+        self._saved.clear()
+
+    def __enter__(self):
+        return self.install()
+
+    def __exit__(self, *exc):
+        self.uninstall()
+
+    @contextlib.contextmanager
+    def in_phase(self, phase: str):
+        before, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = before
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def element_size(dtype_name: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+
+
+def summarise_collectives(records, steps: int, phases=("forward", "backward", "step")) -> dict:
+    """Per-step totals of the records in `phases`, grouped by phase, op and dtype. The gradient reduction is
+    what DeepSpeed reduces in `engine.backward` (ZeRO 0/1/2 all reduce there, at the accumulation boundary)."""
+    by_op: dict[str, dict] = {}
+    grad_bytes = grad_elems = 0
+    seconds = 0.0
+    for phase, op, dtype, numel, secs in records:
+        if phase not in phases:
+            continue
+        nbytes = numel * element_size(dtype) if dtype != "?" else 0
+        entry = by_op.setdefault(f"{phase}:{op}:{dtype}", {"calls": 0, "elements": 0, "bytes": 0, "sizes": []})
+        entry["calls"] += 1
+        entry["elements"] += numel
+        entry["bytes"] += nbytes
+        if numel not in entry["sizes"]:
+            entry["sizes"].append(numel)
+        seconds += secs
+        if phase == "backward" and op in _REDUCING and numel > 1:
+            grad_bytes += nbytes
+            grad_elems += numel
+    per_step = {key: {"calls": v["calls"] / steps, "elements": v["elements"] / steps,
+                      "bytes": v["bytes"] / steps, "distinct_sizes": sorted(v["sizes"])}
+                for key, v in sorted(by_op.items())}
+    return {"by_op": per_step, "grad_reduce_bytes": grad_bytes / steps, "grad_reduce_elements": grad_elems / steps,
+            "comm_s": seconds / steps}
+
+
+# ------------------------------------------------------------------------------------------ subjects
+
+def trainable_stats(model: torch.nn.Module) -> dict:
+    params = list(model.parameters())  # tied parameters once
+    trainable = [p for p in params if p.requires_grad]
+    return {"parameters": sum(p.numel() for p in params),
+            "trainable_parameters": sum(p.numel() for p in trainable),
+            "trainable_tensors": len(trainable),
+            "frozen_tensors": len(params) - len(trainable),
+            "no_grad_layers": _no_grad_layers(model)}
+
+
+def _no_grad_layers(model) -> int:
+    if any(p.requires_grad for p in model.bert.embeddings.parameters()):
+        return 0
+    return model.bert.encoder.frozen_prefix()
+
+
+@contextlib.contextmanager
+def saved_tensor_bytes(sink: dict):
+    """Count the distinct storages autograd saves for backward inside the block."""
+    seen: set = set()
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.device)
+            if key not in seen:
+                seen.add(key)
+                sink["bytes"] = sink.get("bytes", 0) + t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(engine, micro_batches: list[dict], device: torch.device, counter: CollectiveCounter,
+               probe: Optional[dict] = None) -> dict:
+    """One optimizer step (grad_accum micro-batches); each micro-batch's loss is its token mean / accum."""
+    fwd = bwd = opt = 0.0
+    cpu = [0.0, 0.0, 0.0]
+    loss_sum = 0.0
+    _sync(device)
+    for batch in micro_batches:
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        with counter.in_phase("forward"), (saved_tensor_bytes(probe) if probe is not None else contextlib.nullcontext()):
+            out = engine(**batch)
+            loss = out["mlm_loss"].float()
+            if "nsp_loss" in out:
+                loss = loss + out["nsp_loss"].float()
+        _sync(device)
+        t1, c1 = time.perf_counter(), time.process_time()
+        with counter.in_phase("backward"):
+            engine.backward(loss)
+        _sync(device)
+        t2, c2 = time.perf_counter(), time.process_time()
+        if probe is not None:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            probe["module_grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
+            probe["frozen_with_grad"] = sum(1 for p in engine.module.parameters()
+                                            if not p.requires_grad and p.grad is not None)
+        with counter.in_phase("step"):
+            engine.step()
+        _sync(device)
+        t3, c3 = time.perf_counter(), time.process_time()
+        fwd, bwd, opt = fwd + (t1 - t0), bwd + (t2 - t1), opt + (t3 - t2)
+        cpu = [cpu[0] + (c1 - c0), cpu[1] + (c2 - c1), cpu[2] + (c3 - c2)]
+        loss_sum += float(loss.detach())
+    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "step_s": fwd + bwd + opt, "loss": loss_sum,
+            "forward_cpu_s": cpu[0], "backward_cpu_s": cpu[1], "optimizer_cpu_s": cpu[2], "step_cpu_s": sum(cpu)}
+
+
+class Subject:
+    def __init__(self, key: str, variant: str, engine, stats: dict, frozen_snapshot: dict):
+        self.key, self.variant, self.engine, self.stats = key, variant, engine, stats
+        self.frozen_snapshot = frozen_snapshot  # name -> tensor of frozen params (checked after the blocks)
+        self.blocks: list[dict] = []
+        self.records: list = []
+        self.probe: dict = {}
+
+
+def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device, counter: CollectiveCounter,
+              memory) -> dict:
+    for i, micro in enumerate(steps[:warmup]):
+        timed_step(subject.engine, micro, device, counter, probe=subject.probe if not subject.probe else None)
+    before = memory.start()
+    counter.clear()
+    records = [timed_step(subject.engine, micro, device, counter) for micro in steps[warmup:]]
+    peak = memory.peak()
+    subject.records.extend(counter.records)
+    counter.clear()
+    block = {k + "_median": statistics.median(r[k] for r in records) for k in _TIMES}
+    block.update({"steps": len(records), "peak_memory_bytes": peak, "memory_before_bytes": before,
+                  "loss_first": records[0]["loss"], "loss_last": records[-1]["loss"]})
+    subject.blocks.append(block)
+    return block
+
+
+def _all_gather_obj(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def summarise(subject: Subject, timed_steps: int) -> dict:
+    b = subject.blocks
+    comm = summarise_collectives(subject.records, timed_steps * len(b))
+    dtypes = {key.split(":")[2] for key, v in comm["by_op"].items()
+              if key.split(":")[0] == "backward" and key.split(":")[1] in _REDUCING and max(v["distinct_sizes"]) > 1}
+    grad_dtype = dtypes.pop() if len(dtypes) == 1 else None
+    trainable_bytes = subject.stats["trainable_parameters"] * element_size(grad_dtype) if grad_dtype else None
+    peaks = _all_gather_obj(max(x["peak_memory_bytes"] for x in b))
+    result = {
+        "variant": subject.variant,
+        **subject.stats,
+        **{k: statistics.median(x[k + "_median"] for x in b) for k in _TIMES},
+        "comm_s": comm["comm_s"],
+        "peak_memory_bytes": peaks[0],
+        "peak_memory_bytes_max_over_ranks": max(peaks),
+        "saved_activation_bytes": subject.probe.get("bytes", 0),
+        "module_grad_bytes_after_backward": subject.probe.get("module_grad_bytes"),
+        "frozen_params_with_grad": subject.probe.get("frozen_with_grad"),
+        "collectives_per_step": comm["by_op"],
+        "grad_reduce_dtype": grad_dtype,
+        "grad_reduce_bytes": comm["grad_reduce_bytes"],
+        "trainable_grad_bytes": trainable_bytes,
+        "grad_reduce_padding_elements": (comm["grad_reduce_elements"] - subject.stats["trainable_parameters"]
+                                         if grad_dtype else None),
+        "grad_reduce_equals_trainable": trainable_bytes is not None and comm["grad_reduce_bytes"] == trainable_bytes,
+        "blocks": b,
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def _stage_subjects(cfg, seq_len_default: int):
+    """[(stage index, name, model_cfg, seq_len, hook)] of the config's stages."""
+    from training.stages.hooks import get_hook
+
+    out = []
+    for i, stage in enumerate(cfg.stages):
+        seq = min(stage.seq_len or seq_len_default, seq_len_default)
+        out.append((i, stage.name, cfg.stage_model(i), seq, get_hook(stage.hook)))
+    return out
+
+
+def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: int):
+    from training.engine.build import build_engine
+    from training.model.bert import BertForPreTraining
+
+    torch.manual_seed(seed)
+    model = BertForPreTraining(model_cfg)
+    if frozen and hook is not None:
+        hook.prepare(model, stage)
+    model.to(device)
+    stats = trainable_stats(model)
+    engine, _ = build_engine(model, cfg, world, None)
+    snapshot = {n: p.detach().clone() for n, p in engine.module.named_parameters() if not p.requires_grad}
+    return engine, stats, snapshot
+
+
+def measure(args, rank: int, world: int) -> Optional[dict]:
+    from training.bench.throughput import MemoryProbe, machine_info
+    from training.config import load_config
+    from training.pretrain import load_data, resolve_model
+
+    overrides = list(args.set) + ["deepspeed.tensorboard=false"]
+    cfg = load_config(args.config, overrides)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    data = load_data(cfg)
+    resolve_model(cfg, data.vocab_size)
+    t = cfg.train
+    memory = MemoryProbe(device)
+    machine = machine_info(device)  # loadavg_start: now
+    counter = CollectiveCounter().install()
+    stages_out = []
+    try:
+        for index, name, model_cfg, seq_len, hook in _stage_subjects(cfg, data.seq_len):
+            if args.stages and name not in args.stages:
+                continue
+            stage = cfg.stages[index]
+            total = args.warmup + args.steps
+            stream = data.train_batches(t.micro_batch_size, rank, world, cfg.run.seed, seq_len=seq_len)
+            steps = [[{k: v.to(device) for k, v in next(stream).items()} for _ in range(t.grad_accum)]
+                     for _ in range(total)]
+            subjects = []
+            for variant in ("full", "mslt"):
+                engine, stats, snapshot = _build(model_cfg, stage, hook, variant == "mslt", cfg, world, device,
+                                                 cfg.run.seed)
+                if variant == "mslt" and stats["frozen_tensors"] == 0:
+                    del engine
+                    break  # nothing frozen in this stage: the full subject is the MSLT stage
+                subjects.append(Subject(name, variant, engine, stats, snapshot))
+            for r in range(args.repeats):
+                for s in subjects:
+                    b = run_block(s, steps, args.warmup, device, counter, memory)
+                    if rank == 0:
+                        log.info("stage %s %s repeat %d: step %.3f s (fwd %.3f bwd %.3f opt %.3f)", name, s.variant,
+                                 r, b["step_s_median"], b["forward_s_median"], b["backward_s_median"],
+                                 b["optimizer_s_median"])
+            entry = {"stage": name, "index": index, "hook": stage.hook, "hook_args": dict(stage.hook_args),
+                     "num_layers": model_cfg.num_layers, "seq_len": seq_len,
+                     "tokens_per_step": t.micro_batch_size * t.grad_accum * world * seq_len}
+            for s in subjects:
+                res = summarise(s, args.steps)
+                changed = [n for n, p in s.engine.module.named_parameters()
+                           if n in s.frozen_snapshot and not torch.equal(p.detach(), s.frozen_snapshot[n])]
+                res["frozen_params_changed"] = len(changed)
+                entry[s.variant] = res
+            if "mslt" not in entry:
+                entry["mslt"] = "same as full (nothing frozen in this stage)"
+            else:
+                f, m = entry["full"], entry["mslt"]
+                entry["mslt_over_full"] = {k: m[k] / f[k] for k in
+                                           _TIMES + ("grad_reduce_bytes", "saved_activation_bytes",
+                                                     "trainable_parameters", "peak_memory_bytes")
+                                           if f.get(k)}
+            stages_out.append(entry)
+            for s in subjects:
+                if hasattr(s.engine, "destroy"):
+                    s.engine.destroy()
+            del subjects
+    finally:
+        counter.uninstall()
+    if rank != 0:
+        return None
+    return {
+        "command": getattr(args, "command_line", None) or " ".join(sys.argv),
+        "config": str(args.config),
+        "overrides": list(args.set),
+        "machine": machine,
+        "world_size": world,
+        "backend": __import__("torch.distributed", fromlist=["x"]).get_backend(),
+        "precision": t.precision,
+        "optimizer": cfg.optimizer.name,
+        "zero_stage": t.zero_stage,
+        "micro_batch_size": t.micro_batch_size,
+        "grad_accum": t.grad_accum,
+        "steps_per_block": args.steps,
+        "warmup_per_block": args.warmup,
+        "repeats": args.repeats,
+        "memory_metric": memory.description,
+        "notes": __doc__.split("Per optimizer step", 1)[1].strip(),
+        "stages": stages_out,
+    }
+
+
+def _worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    _run_rank(args)
+
+
+def _run_rank(args) -> None:
+    from training.config import load_config
+    from training.dist import init_distributed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, list(args.set))
+    env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    result = measure(args, env.rank, env.world_size)
+    if result is not None:
+        try:
+            result["machine"]["loadavg_end"] = os.getloadavg()
+        except OSError:
+            pass
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mslt.json").write_text(json.dumps(result, indent=1))
+        print(format_table(result))
+        print(f"wrote {out / 'mslt.json'}")
+
+
+def run(args) -> None:
+    args.command_line = "python -m training.bench " + " ".join(sys.argv[1:])
+    if "WORLD_SIZE" in os.environ or args.ranks == 1:
+        if args.threads is None and "WORLD_SIZE" in os.environ:
+            args.threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        _run_rank(args)
+        return
+    import torch.multiprocessing as mp
+    from training.dist import free_port
+
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    mp.start_processes(_worker, args=(args.ranks, free_port(), args), nprocs=args.ranks, join=True,
+                       start_method="spawn")
+
+
+def _mib(x) -> str:
+    return f"{x / 2**20:.1f}" if isinstance(x, (int, float)) else "-"
+
+
+def format_table(result: dict) -> str:
+    lines = [f"MSLT vs full, {result['world_size']} ranks ({result['backend']}), {result['precision']}, "
+             f"{result['optimizer']}, ZeRO {result['zero_stage']}",
+             f"{'stage':8} {'variant':6} {'train%':>7} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'opt s':>8} "
+             f"{'bwd cpu s':>9} {'reduce MiB':>10} {'=train?':>7} {'act MiB':>8} {'peak MiB':>9}"]
+    for st in result["stages"]:
+        for variant in ("full", "mslt"):
+            r = st.get(variant)
+            if not isinstance(r, dict):
+                continue
+            lines.append(f"{st['stage']:8} {variant:6} {100 * r['trainable_parameters'] / r['parameters']:7.1f} "
+                         f"{r['step_s']:8.3f} {r['forward_s']:8.3f} {r['backward_s']:8.3f} {r['optimizer_s']:8.3f} "
+                         f"{r['backward_cpu_s']:9.3f} "
+                         f"{_mib(r['grad_reduce_bytes']):>10} {str(r['grad_reduce_equals_trainable']):>7} "
+                         f"{_mib(r['saved_activation_bytes']):>8} {_mib(r['peak_memory_bytes']):>9}")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="an MSLT run config (its stages, model, train, optimizer, data)")
+    p.add_argument("--out", required=True, help="output directory (writes mslt.json)")
+    p.add_argument("--ranks", type=int, default=2, help="processes to spawn when not under a launcher (default 2)")
+    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per block (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before every block (default 2)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating full/mslt blocks per stage (default 2)")
+    p.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="only these stages")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")

@@ -1,0 +1,466 @@
+"""EarlyBERT (Chen et al., ACL 2021): slimming coefficients, early-bird ticket search, structured pruning.
+
+Search stage (`model: {slimming: true}`): every attention head has a coefficient scaling its context
+output (`...attention.self.head_coef`, before attention.output.dense) and every FFN neuron one scaling
+its post-GELU activation (`...intermediate.neuron_coef`), all initialised to 1. In training mode the
+model adds `slimming_l1 * sum|c|` (lambda, default 1e-4 as the authors' scripts) to its `mlm_loss`
+(training/model/bert.py), so the runner needs no change for the penalty.
+
+Ticket (`draw_ticket`): by coefficient magnitude, heads layerwise (`ratio_heads` of each layer's heads
+pruned, default 1/3, at least one head kept) and FFN neurons globally (`ratio_ffn` of all neurons
+pruned, default 0.4, at least one neuron per layer kept). Ties go to the lower index.
+
+Early-bird detection (You et al. 2020; `EarlyBirdSearch`): every `interval` steps the ticket's binary
+masks are drawn; the distance of two masks is the normalised Hamming distance, taken separately for
+heads and neurons, the larger of the two (**our choice**: heads are too few to count in one pooled
+distance). Once `window` masks are kept and the newest is within `threshold` of each of the others, the
+ticket is drawn: the search stage ends there and the pruned stage starts at once, taking over the
+search stage's remaining steps (the run's total steps and LR end point are unchanged; the search
+stage's `steps` is its maximum). Without `search` args the search stage runs its full length.
+
+Prune stage (`hook: prune`): `resolve` draws the ticket from the coefficients at the boundary (the same
+masks the search drew: the boundary is the draw step) and sets `heads_per_layer` / `ffn_per_layer`;
+`transform` folds the coefficients into the following Linear (head h's coefficient into the columns
+of attention.output.dense for that head, neuron j's into column j of output.dense) and drops
+slimming (**our choice**: the pruned model is a plain per-layer-sized BERT, no penalty), then cuts the
+pruned rows/columns: smaller Linear layers, fewer heads (head_dim unchanged).
+
+`rewind: init` (default, as the authors' code reloading the step-0 checkpoint) replaces the weights by
+those saved at the search stage's first step (`OUT/earlybert/init.pt`, rank 0, written by the search
+watcher) before pruning; it needs `optimizer_state: reset` (moments of trained weights do not belong
+to rewound ones). `rewind: keep` continues from the searched weights; with `optimizer_state: carry`
+the moments are cut like their weights and scaled by c^power where a coefficient is folded (Adam's
+m/sqrt(v) is unchanged by that scaling, see growth.py for the convention); coefficients' own moments
+are dropped.
+
+Files under OUT/earlybert/ (rank 0): `init.pt` (rewind: init), `search.json` (every mask drawn, so a
+resumed search continues exactly; entries after the resume step are ignored), `ticket.json` (the
+ticket: step, reason, kept head and neuron indices per layer).
+
+Runner integration: the prune hook is a `WatchingHook`; for the stage *before* a stage whose hook has a
+`watch` factory, the runner creates `watch(ctx, write_metrics, rank)`, calls `start(step, stage_step,
+engine)` when the stage (re)starts and `observe(step, engine)` after every optimizer step; either
+returning True ends the stage now. Records of kind "earlybird" (mask distances, coefficient
+statistics) go to metrics.jsonl.
+
+hook_args of the prune stage:
+    {ratio_heads: 0.3333, ratio_ffn: 0.4, rewind: init|keep,
+     search: {interval: 10, window: 5, threshold: 0.1}}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from training.errors import UserError
+from training.model.config import ModelConfig
+from training.stages.hooks import Hook, HookContext, Tensors
+
+log = logging.getLogger(__name__)
+
+HEAD_COEF = "attention.self.head_coef"
+NEURON_COEF = "intermediate.neuron_coef"
+_COEF_RE = re.compile(r"^bert\.encoder\.layer\.(\d+)\.(attention\.self\.head_coef|intermediate\.neuron_coef)$")
+_FREE_FIELDS = ("dropout", "attention_dropout", "slimming", "slimming_l1", "heads_per_layer", "ffn_per_layer")
+
+
+def _layer(i: int) -> str:
+    return f"bert.encoder.layer.{i}."
+
+
+# -------------------------------------------------------------------------------------------- arguments
+
+@dataclass(frozen=True)
+class SearchArgs:
+    interval: int = 10  # steps between two masks
+    window: int = 5  # masks compared (the newest against the window - 1 before it)
+    threshold: float = 0.1  # normalised Hamming distance under which the ticket is drawn
+
+
+@dataclass(frozen=True)
+class PruneArgs:
+    ratio_heads: float = 1 / 3  # fraction of each layer's heads pruned
+    ratio_ffn: float = 0.4  # fraction of all FFN neurons pruned (global threshold)
+    rewind: str = "init"  # init: the weights saved at the search stage's start; keep: the searched ones
+    search: Optional[SearchArgs] = None  # None: no early-bird detection, the search stage runs its length
+
+
+def parse_args(raw: dict[str, Any]) -> PruneArgs:
+    raw = dict(raw or {})
+    known = {"ratio_heads", "ratio_ffn", "rewind", "search"}
+    if set(raw) - known:
+        raise ValueError(f"unknown hook_args {sorted(set(raw) - known)} (known: {sorted(known)})")
+    search = raw.pop("search", None)
+    if search is not None:
+        if not isinstance(search, dict) or set(search) - {"interval", "window", "threshold"}:
+            raise ValueError("hook_args.search takes {interval, window, threshold}")
+        search = SearchArgs(**search)
+        if search.interval < 1 or search.window < 2 or not 0 < search.threshold <= 1:
+            raise ValueError(f"hook_args.search needs interval >= 1, window >= 2, threshold in (0, 1]: {search}")
+    args = PruneArgs(**raw, search=search)
+    if not 0 <= args.ratio_heads < 1 or not 0 <= args.ratio_ffn < 1:
+        raise ValueError(f"ratio_heads and ratio_ffn must be in [0, 1), got {args.ratio_heads}, {args.ratio_ffn}")
+    if args.rewind not in ("init", "keep"):
+        raise ValueError(f"rewind must be 'init' or 'keep', got {args.rewind!r}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- coefficients
+
+def coefficients(source) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(head coefficients per layer, neuron coefficients per layer), fp32 CPU copies.
+
+    `source`: a name -> tensor dict, a module, a DeepSpeed engine (its fp32 masters preferred), or such a
+    (heads, neurons) pair (returned as it is)."""
+    if isinstance(source, tuple):
+        return source
+    if isinstance(source, dict):
+        named = source.items()
+    elif hasattr(source, "module") and hasattr(source, "optimizer"):
+        from training.stages import transfer
+        masters = dict(transfer._named_master_params(source))
+        named = [(n, masters.get(n, p)) for n, p in source.module.named_parameters()]
+    else:
+        named = source.named_parameters()
+    heads: dict[int, torch.Tensor] = {}
+    neurons: dict[int, torch.Tensor] = {}
+    for name, t in named:
+        m = _COEF_RE.match(name)
+        if m:
+            (heads if m.group(2) == HEAD_COEF else neurons)[int(m.group(1))] = t.detach().float().cpu().clone()
+    if not heads or sorted(heads) != list(range(len(heads))) or sorted(neurons) != sorted(heads):
+        raise ValueError("no slimming coefficients (model.slimming: true) found, or not one per layer")
+    return [heads[i] for i in sorted(heads)], [neurons[i] for i in sorted(neurons)]
+
+
+def slimming_stats(source, small: float = 0.1) -> dict[str, float]:
+    """mean |c|, min |c|, max |c| and the fraction with |c| < small, for heads and for FFN neurons.
+
+    Runner hook-up if wanted elsewhere: `self.metrics.write({"kind": "slimming", "step": s,
+    **slimming_stats(self.engine)})`; the early-bird search already writes these with its records."""
+    heads, neurons = coefficients(source)
+    out = {}
+    for kind, values in (("head", torch.cat(heads).abs()), ("neuron", torch.cat(neurons).abs())):
+        out.update({f"{kind}_coef_mean": float(values.mean()), f"{kind}_coef_min": float(values.min()),
+                    f"{kind}_coef_max": float(values.max()),
+                    f"{kind}_coef_below_{small:g}": float((values < small).float().mean())})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ ticket
+
+@dataclass
+class Ticket:
+    heads: list[list[int]]  # kept head indices per layer (ascending)
+    neurons: list[list[int]]  # kept FFN neuron indices per layer (ascending)
+    head_masks: list[torch.Tensor] = field(repr=False)  # bool, True = kept
+    neuron_masks: list[torch.Tensor] = field(repr=False)
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        return [len(k) for k in self.heads]
+
+    @property
+    def ffn_per_layer(self) -> list[int]:
+        return [len(k) for k in self.neurons]
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat(self.head_masks), torch.cat(self.neuron_masks)
+
+    def to_json(self) -> dict:
+        return {"heads": self.heads, "neurons": self.neurons, "heads_per_layer": self.heads_per_layer,
+                "ffn_per_layer": self.ffn_per_layer}
+
+
+def _keep_largest(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the `keep` largest entries; ties go to the lower index (stable, deterministic)."""
+    order = torch.sort(-values, stable=True).indices
+    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask[order[:keep]] = True
+    return mask
+
+
+def draw_ticket(heads: list[torch.Tensor], neurons: list[torch.Tensor], ratio_heads: float,
+                ratio_ffn: float) -> Ticket:
+    """Masks from coefficient magnitudes: heads layerwise, FFN neurons by one global quantile."""
+    head_masks = []
+    for c in heads:
+        pruned = min(int(c.numel() * ratio_heads + 1e-6), c.numel() - 1)
+        head_masks.append(_keep_largest(c.abs(), c.numel() - pruned))
+    sizes = [c.numel() for c in neurons]
+    flat = torch.cat(neurons).abs()
+    pruned = int(flat.numel() * ratio_ffn + 1e-6)
+    flat_mask = _keep_largest(flat, flat.numel() - pruned)
+    neuron_masks = list(flat_mask.split(sizes))
+    for i, (mask, c) in enumerate(zip(neuron_masks, neurons)):
+        if not mask.any():  # a layer may not lose every neuron: keep its largest
+            neuron_masks[i] = _keep_largest(c.abs(), 1)
+    return Ticket(heads=[m.nonzero().flatten().tolist() for m in head_masks],
+                  neurons=[m.nonzero().flatten().tolist() for m in neuron_masks],
+                  head_masks=head_masks, neuron_masks=neuron_masks)
+
+
+def mask_distance(a: Ticket, b: Ticket) -> float:
+    """max(normalised Hamming distance of the head masks, that of the neuron masks)."""
+    (ha, na), (hb, nb) = a.flat(), b.flat()
+    return max(float((ha != hb).float().mean()), float((na != nb).float().mean()))
+
+
+def _pack(mask: torch.Tensor) -> str:
+    return np.packbits(mask.numpy().astype(np.uint8)).tobytes().hex()
+
+
+def _unpack(text: str, n: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n].astype(bool))
+
+
+def _ticket_from_record(rec: dict, head_sizes: list[int], ffn_sizes: list[int]) -> Ticket:
+    hm = _unpack(rec["heads"], sum(head_sizes)).split(head_sizes)
+    nm = _unpack(rec["neurons"], sum(ffn_sizes)).split(ffn_sizes)
+    return Ticket(heads=[m.nonzero().flatten().tolist() for m in hm],
+                  neurons=[m.nonzero().flatten().tolist() for m in nm], head_masks=list(hm), neuron_masks=list(nm))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def earlybert_dir(out_dir: Path) -> Path:
+    return Path(out_dir) / "earlybert"
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def save_init_weights(tensors: Tensors, out_dir: Path) -> Path:
+    path = earlybert_dir(out_dir) / "init.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".init.pt.tmp-{os.getpid()}")
+    torch.save({k: v.detach().float().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------- early-bird search
+
+class EarlyBirdSearch:
+    """Draws masks every `interval` steps; True from observe() once the last `window` masks agree.
+
+    Also saves the search stage's initial weights for `rewind: init`. Every rank runs it on the same
+    (replicated) coefficients and reaches the same decision without communication; only rank 0 writes.
+    """
+
+    def __init__(self, args: PruneArgs, out_dir: Path, write: Callable[[dict], None] = lambda r: None,
+                 rank: int = 0):
+        self.args = args
+        self.out_dir = Path(out_dir)
+        self.write = write
+        self.rank = rank
+        self.history: list[tuple[int, Ticket]] = []
+        self.records: list[dict] = []  # what search.json holds: one per mask drawn
+        self.drawn_step: Optional[int] = None
+
+    @property
+    def path(self) -> Path:
+        return earlybert_dir(self.out_dir) / "search.json"
+
+    def start(self, step: int, stage_step: int, engine) -> bool:
+        """At the search stage's (re)start. A fresh stage (stage_step 0) saves the initial weights (rewind:
+        init) and forgets any earlier search; a resumed one reloads the masks drawn up to `step`. Returns
+        True when the ticket had already been drawn at `step` (a checkpoint taken at the draw)."""
+        self.history, self.records, self.drawn_step = [], [], None
+        if stage_step == 0:
+            if self.args.rewind == "init" and self.rank == 0:
+                from training.stages import transfer
+                path = save_init_weights(transfer.fp32_weights(engine), self.out_dir)
+                log.info("EarlyBERT: saved the search stage's initial weights to %s (rewind: init)", path)
+            if self.rank == 0 and self.path.exists():
+                self.path.unlink()
+            return False
+        if self.args.rewind == "init" and not (earlybert_dir(self.out_dir) / "init.pt").is_file():
+            log.warning("EarlyBERT: %s is missing; the prune stage's rewind: init will fail (use rewind: keep)",
+                        earlybert_dir(self.out_dir) / "init.pt")
+        if self.path.is_file():
+            heads, neurons = coefficients(engine)
+            head_sizes, ffn_sizes = [c.numel() for c in heads], [c.numel() for c in neurons]
+            for rec in json.loads(self.path.read_text()).get("masks", []):
+                if rec["step"] > step:
+                    continue
+                self.records.append(rec)
+                self.history.append((rec["step"], _ticket_from_record(rec, head_sizes, ffn_sizes)))
+                if rec.get("drawn"):
+                    self.drawn_step = rec["step"]
+        return self.drawn_step is not None
+
+    def observe(self, step: int, engine) -> bool:
+        """After optimizer step `step` (global). True when the ticket is drawn now."""
+        search = self.args.search
+        if search is None or self.drawn_step is not None or step % search.interval:
+            return self.drawn_step is not None and search is not None
+        heads, neurons = coefficients(engine)
+        ticket = draw_ticket(heads, neurons, self.args.ratio_heads, self.args.ratio_ffn)
+        self.history.append((step, ticket))
+        recent = self.history[-search.window:]
+        distances = [mask_distance(ticket, old) for _, old in recent[:-1]]
+        drawn = len(recent) == search.window and max(distances) < search.threshold
+        rec = {"step": step, "heads": _pack(torch.cat(ticket.head_masks)),
+               "neurons": _pack(torch.cat(ticket.neuron_masks)), "drawn": drawn}
+        self.records.append(rec)
+        stats = slimming_stats((heads, neurons))
+        self.write({"kind": "earlybird", "step": step,
+                    "distance_max": max(distances) if distances else None,
+                    "distance_prev": distances[-1] if distances else None, "drawn": drawn, **stats})
+        if self.rank == 0:
+            _write_json(self.path, {"ratio_heads": self.args.ratio_heads, "ratio_ffn": self.args.ratio_ffn,
+                                    "masks": self.records})
+        if drawn:
+            self.drawn_step = step
+            if self.rank == 0:
+                _write_json(earlybert_dir(self.out_dir) / "ticket.json",
+                            {"step": step, "reason": "early_bird", "distance_max": max(distances),
+                             **ticket.to_json()})
+            log.info("EarlyBERT: early-bird ticket drawn at step %d (mask distance %.4f < %g over %d masks)",
+                     step, max(distances), search.threshold, search.window)
+        return drawn
+
+
+# ------------------------------------------------------------------------------------------ the weights
+
+def fold_slimming(tensors: Tensors, cfg: ModelConfig, coefs: Optional[tuple] = None, moment: int = 1) -> Tensors:
+    """Multiply each coefficient into the Linear that consumes what it scales, and drop the coefficients.
+
+    Head h of layer i: columns [h*D, (h+1)*D) of attention.output.dense.weight; neuron j: column j of
+    output.dense.weight (output.dense_u.weight for a low-rank FFN). The function is unchanged.
+    `coefs`: the coefficient values when `tensors` are optimizer moments (scaled by c**moment).
+    """
+    heads, neurons = coefficients(coefs if coefs is not None else tensors)
+    out = dict(tensors)
+    for i in range(cfg.num_layers):
+        p = _layer(i)
+        out.pop(p + HEAD_COEF, None)
+        out.pop(p + NEURON_COEF, None)
+        scale_h = heads[i].repeat_interleave(cfg.head_dim) ** moment
+        key = p + "attention.output.dense.weight"
+        if key in out:
+            out[key] = out[key] * scale_h.to(out[key].dtype)[None, :]
+        key = p + ("output.dense.weight" if cfg.ffn_rank is None else "output.dense_u.weight")
+        if key in out:
+            out[key] = out[key] * (neurons[i] ** moment).to(out[key].dtype)[None, :]
+    return out
+
+
+def prune_tensors(tensors: Tensors, cfg: ModelConfig, ticket: Ticket) -> Tensors:
+    """Keep only the ticket's heads (Q/K/V rows, attention.output.dense columns) and FFN neurons
+    (intermediate rows, output columns) in every layer; other tensors pass through."""
+    out = dict(tensors)
+    d = cfg.head_dim
+
+    def take(key, dim, index):
+        if key in out:
+            out[key] = out[key].index_select(dim, index).clone()
+
+    for i in range(cfg.num_layers):
+        p = _layer(i)
+        heads = torch.tensor(ticket.heads[i], dtype=torch.long)
+        rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
+        for name in ("query", "key", "value"):
+            take(p + f"attention.self.{name}.weight", 0, rows)
+            take(p + f"attention.self.{name}.bias", 0, rows)
+        take(p + "attention.output.dense.weight", 1, rows)
+        take(p + HEAD_COEF, 0, heads)
+        neurons = torch.tensor(ticket.neurons[i], dtype=torch.long)
+        if cfg.ffn_rank is None:
+            take(p + "intermediate.dense.weight", 0, neurons)
+            take(p + "intermediate.dense.bias", 0, neurons)
+            take(p + "output.dense.weight", 1, neurons)
+        else:
+            take(p + "intermediate.dense_v.weight", 0, neurons)
+            take(p + "intermediate.dense_v.bias", 0, neurons)
+            take(p + "output.dense_u.weight", 1, neurons)
+        take(p + NEURON_COEF, 0, neurons)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- prune hook
+
+@dataclass(frozen=True)
+class WatchingHook(Hook):
+    """A hook that also watches the stage before its own: `watch(ctx, write_metrics, rank)` -> an object
+    with start(step, stage_step, engine) -> bool and observe(step, engine) -> bool (True: end the stage)."""
+    watch: Optional[Callable[[HookContext, Callable[[dict], None], int], Any]] = None
+
+
+def _validate(old: ModelConfig, new: ModelConfig, stage) -> None:
+    args = parse_args(stage.hook_args)
+    if not old.slimming:
+        raise ValueError("the previous (search) stage needs model.slimming: true")
+    if new.slimming:
+        raise ValueError("the pruned stage folds the coefficients into the weights: set model.slimming: false")
+    if new.heads_per_layer is not None or new.ffn_per_layer is not None:
+        raise ValueError("heads_per_layer / ffn_per_layer of the pruned stage are decided from the ticket; "
+                         "leave them unset")
+    a, b = old.model_dump(), new.model_dump()
+    diffs = [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if k not in _FREE_FIELDS and a[k] != b[k]]
+    if diffs:
+        raise ValueError(f"pruning keeps the rest of the shape; changed: {', '.join(diffs)}")
+    if args.rewind == "init" and stage.optimizer_state != "reset":
+        raise ValueError("rewind: init restarts from the initial weights, whose optimizer state is fresh: "
+                         "set optimizer_state: reset (or rewind: keep)")
+
+
+def _resolve(old: ModelConfig, declared: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
+    args = parse_args(ctx.args)
+    heads, neurons = coefficients(tensors)
+    ticket = draw_ticket(heads, neurons, args.ratio_heads, args.ratio_ffn)
+    # The runner passes this ctx to every transform call of the boundary (weights and moments alike):
+    # moments carry no coefficient values, so the ticket and the coefficients travel with it.
+    ctx.earlybert = {"ticket": ticket, "coefs": (heads, neurons)}
+    new = declared.model_copy(update={"heads_per_layer": ticket.heads_per_layer,
+                                      "ffn_per_layer": ticket.ffn_per_layer})
+    if _is_rank0():
+        _write_json(earlybert_dir(ctx.out_dir) / "ticket.json",
+                    {"step": ctx.step, "reason": "prune", "rewind": args.rewind, **ticket.to_json()})
+    log.info("EarlyBERT: pruning to heads %s, FFN %s (rewind: %s)", ticket.heads_per_layer,
+             ticket.ffn_per_layer, args.rewind)
+    return new
+
+
+def _transform(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int, ctx: HookContext) -> Tensors:
+    args = parse_args(ctx.args)
+    state = getattr(ctx, "earlybert", None)
+    if state is None:  # called without resolve (tests): the tensors must be weights with coefficients
+        heads, neurons = coefficients(tensors)
+        state = {"ticket": draw_ticket(heads, neurons, args.ratio_heads, args.ratio_ffn), "coefs": (heads, neurons)}
+    coefs = state["coefs"]
+    if args.rewind == "init":
+        path = earlybert_dir(ctx.out_dir) / "init.pt"
+        if not path.is_file():
+            raise UserError(f"rewind: init needs {path}, saved at the search stage's first step; it is missing "
+                            "(use rewind: keep, or rerun the search stage from its start)")
+        init = torch.load(path, map_location="cpu", weights_only=True)
+        if set(init) != set(tensors) or any(init[k].shape != tensors[k].shape for k in tensors):
+            raise UserError(f"{path} does not match the search stage's model (a stale file from another run?)")
+        tensors, coefs = init, None  # the initial coefficients (1) are folded
+    return prune_tensors(fold_slimming(tensors, old, coefs, moment), old, state["ticket"])
+
+
+def _watch(ctx: HookContext, write: Callable[[dict], None], rank: int) -> EarlyBirdSearch:
+    return EarlyBirdSearch(parse_args(ctx.args), ctx.out_dir, write, rank)
+
+
+HOOKS = [WatchingHook(name="prune", validate=_validate, transform=_transform, resolve=_resolve, watch=_watch)]
