@@ -127,8 +127,9 @@ def test_report_files_contain_every_method(tmp_path):
     md = paths["md"].read_text()
     for name in ("baseline (baseline)", "| stacking |", "| worse |", R.NOT_REACHED, "Stages:"):
         assert name in md
-    png = paths["png"].read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for key in ("png", "png_flops"):
+        png = paths[key].read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
 def test_torn_and_duplicate_metrics_lines(tmp_path):

@@ -192,6 +192,12 @@ def run(args) -> dict:
         r["process_s"] = process_s.get(r["name"])
     report["common_sets"] = sets
     report["command"] = "python -m training.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if args.report_only:  # keep the command that trained the runs
+        try:
+            previous = json.loads((out / "report.json").read_text())
+            report["report_command"], report["command"] = report["command"], previous.get("command", report["command"])
+        except (OSError, ValueError):
+            pass
     report["notes"] = notes + list(args.note or [])
     from training.bench.throughput import machine_info
     import torch

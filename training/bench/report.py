@@ -208,14 +208,17 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
     last_fpt = train[-1].get("flops_per_token", fpt_default) if train else fpt_default
     s.flops_points, s.last_flops_per_token = [list(p) for p in points], last_fpt
     s.stages = _stages(train)
+    for st in s.stages:
+        st["end_flops"] = flops_at(st["end_tokens"], points, last_fpt) if st.get("end_tokens") is not None else None
     for e in evals:
         s.curve.append({"step": e["step"], "wall_s": e.get("wall_s"), "tokens": e.get("tokens"),
                         "flops": flops_at(e.get("tokens", 0), points, last_fpt),
                         "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage")})
-    if len(evals) >= 2:
-        s.eval_every = int(evals[1]["step"] - evals[0]["step"])
-    elif evals:
-        s.eval_every = int(evals[0]["step"])
+    try:  # the cadence the run was configured with (stage-end evals come on top of it)
+        s.eval_every = int(json.loads((run_dir / "config.resolved.json").read_text())["run"]["eval_every"])
+    except (OSError, ValueError, KeyError, TypeError):
+        gaps = [b["step"] - a["step"] for a, b in zip(evals, evals[1:])]
+        s.eval_every = max(set(gaps), key=gaps.count) if gaps else None
     if evals:
         s.final_loss, s.final_acc, s.final_step = (evals[-1].get("heldout_loss"), evals[-1].get("heldout_acc"),
                                                    int(evals[-1]["step"]))
@@ -332,22 +335,30 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
     Path(path).write_text("\n".join(text))
 
 
-def plot_loss_vs_time(report: dict, path: str | Path) -> None:
+X_AXES = {
+    "wall_s": ("wall-clock seconds (training loop, metrics wall_s)", "end_wall_s", "time"),
+    "flops": ("training FLOPs (flops_per_token x tokens)", "end_flops", "FLOPs"),
+}
+
+
+def plot_loss_vs_time(report: dict, path: str | Path, x: str = "wall_s") -> None:
+    """Held-out loss against `x` ("wall_s" or "flops"), one curve per run, stage boundaries marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    xlabel, boundary_key, what = X_AXES[x]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     for r in report["runs"]:
-        pts = [(c["wall_s"], c["loss"]) for c in r["curve"] if c["wall_s"] is not None and c["loss"] is not None]
+        pts = [(c[x], c["loss"]) for c in r["curve"] if c.get(x) is not None and c["loss"] is not None]
         if not pts:
             continue
         xs, ys = zip(*pts)
         label = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
         (line,) = ax.plot(xs, ys, marker=".", markersize=4, linewidth=1.5, label=label)
         for s in r["stages"][:-1]:  # boundaries: the end of every stage but the last
-            t = s.get("end_wall_s")
+            t = s.get(boundary_key)
             if t is None:
                 continue
             y = _interp(t, xs, ys)
@@ -356,9 +367,9 @@ def plot_loss_vs_time(report: dict, path: str | Path) -> None:
     target = report.get("target_heldout_loss")
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)")
-    ax.set_xlabel("wall-clock seconds (training loop, metrics wall_s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out MLM loss")
-    ax.set_title("Held-out loss vs time (| = stage boundary)")
+    ax.set_title(f"Held-out loss vs {what} (| = stage boundary)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -378,8 +389,10 @@ def _interp(x: float, xs: Sequence[float], ys: Sequence[float]) -> float:
 def write_report(report: dict, out_dir: str | Path, preamble: str = "") -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "loss_vs_time.png"}
+    paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "png": out_dir / "loss_vs_time.png",
+             "png_flops": out_dir / "loss_vs_flops.png"}
     paths["json"].write_text(json.dumps(report, indent=1, default=str))
     write_markdown(report, paths["md"], preamble)
-    plot_loss_vs_time(report, paths["png"])
+    plot_loss_vs_time(report, paths["png"], "wall_s")
+    plot_loss_vs_time(report, paths["png_flops"], "flops")
     return paths
