@@ -34,18 +34,18 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
-    """A square matmul's rate on this device and dtype: the MFU denominator when run.peak_tflops is unset.
-
-    On a GPU prefer setting run.peak_tflops to the datasheet's dense number; on CPU there is none to look up.
-    """
+    """A square matmul's best rate of `repeats` trials on this device and dtype: the MFU denominator when
+    run.peak_tflops is unset. The best, not the mean, so a stall during one trial does not lower the peak
+    (and inflate MFU). On a GPU prefer setting run.peak_tflops to the datasheet's dense number."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     a @ b  # warm-up
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
         a @ b
-    sync()
-    seconds = (time.perf_counter() - start) / repeats
-    return 2 * size**3 / seconds / 1e12
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
