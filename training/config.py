@@ -136,7 +136,8 @@ class DeepSpeedSection(_Strict):
 
 class DistSection(_Strict):
     timeout_s: int = 1800  # process-group timeout
-    heartbeat_timeout_s: float = 120.0  # a rank silent this long is declared dead; the others exit
+    # Opt-in watchdog: a rank silent this long is declared dead and the others exit naming it (e.g. 120).
+    heartbeat_timeout_s: Optional[float] = None
     backend: Optional[Literal["gloo", "nccl", "ccl"]] = None  # default: nccl on CUDA, gloo on CPU
 
 
