@@ -7,6 +7,8 @@ CONFIG ?= configs/default.yaml
 DATA   ?= data/default
 export DS_ACCELERATOR ?= $(shell nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 export HF_HUB_OFFLINE := 1
+# The venv's launchers (deepspeed, torchrun, mpirun from the mpich wheel) must be on PATH for the tests.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: train test test-fast test-slow data venv clean
