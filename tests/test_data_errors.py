@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.test_data_helpers import make_docs, quiet_prepare, write_lines
+from tests.data_helpers import make_docs, quiet_prepare, write_lines
 from training.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

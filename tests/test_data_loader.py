@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from tests.test_data_helpers import small_data_dir  # noqa: F401
+from tests.data_helpers import small_data_dir  # noqa: F401
 from training.data import PretrainingData
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from tests.test_data_helpers import make_docs, quiet_prepare, small_data_dir, write_lines  # noqa: F401
+from tests.data_helpers import make_docs, quiet_prepare, small_data_dir, write_lines  # noqa: F401
 from training.data import packing, sources
 from training.data.loader import _rows
 
