@@ -244,6 +244,40 @@ def test_compare_end_to_end(tmp_path, tiny_data):
 
 
 @pytest.mark.slow
+def test_compare_stop_at_target_ends_a_method_at_the_baseline_loss(tmp_path, tiny_data):
+    base = _tiny_config(tmp_path, "base", tiny_data, lr=1e-3)
+    long = _tiny_config(tmp_path, "long", tiny_data, lr=1e-2)
+    cfg = yaml.safe_load(long.read_text())
+    cfg["train"]["max_steps"] = 3000  # minutes if it were not stopped; the test's timeout catches that
+    long.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp"
+    proc = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(long),
+                           "--out", str(out), "--eval-every", "3", "--stop-at-target", "--no-progress"],
+                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    base_run, long_run = rep["runs"]
+    assert base_run["status"] == "ok" and base_run["final_step"] == 12
+    assert long_run["status"].startswith("stopped at target (step ")
+    stopped_at = int(long_run["status"].split("step ")[1].rstrip(")"))
+    # it ran on past the crossing for at most the few steps between the eval and the SIGTERM
+    assert long_run["target"]["reached"] and long_run["target"]["step"] <= stopped_at < 3000
+    assert long_run["final_step"] < 3000
+    assert any("--stop-at-target" in n for n in rep["notes"])
+    assert (out / "runs" / "long" / "checkpoints").is_dir()  # SIGTERM: it checkpointed on the way out
+
+
+def test_compare_status_names_the_stop():
+    from training.bench.compare import _status
+
+    assert _status("m", 0, None) == "ok"
+    assert _status("m", 75, 40) == "stopped at target (step 40)"
+    assert _status("m", 0, 40) == "stopped at target (step 40)"  # it ended on its own before the signal
+    assert _status("m", 1, 40).startswith("failed (exit 1")
+    assert _status("m", 75, None).startswith("failed (exit 75")
+
+
+@pytest.mark.slow
 def test_throughput_end_to_end(tmp_path, tiny_data):
     cfg = _tiny_config(tmp_path, "tp", tiny_data, lr=1e-3)
     out = tmp_path / "tp"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -78,18 +79,26 @@ def _config_info(config: str, sets: list[str]) -> dict:
 
 
 def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[int], position: int,
-            poll_s: float = 0.5) -> None:
-    """A tqdm bar over the run's steps, read from its metrics.jsonl while the child runs."""
+            progress: bool = True, stop_below: Optional[float] = None, poll_s: float = 0.5) -> Optional[int]:
+    """Follow the run's metrics.jsonl while the child runs: a tqdm bar over its steps and, with
+    `stop_below`, a SIGTERM (checkpoint and exit, as on pre-emption) once a held-out loss is at or below
+    it. Returns the step of that eval when the run was stopped, else None."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=name, unit="step", position=position, leave=True, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=name, unit="step", position=position, leave=True, dynamic_ncols=True,
+               disable=not progress)
     shown = 0
     last_eval = None
+    stopped_at = None
     try:
         while True:
             done = proc.poll() is not None
             if metrics.is_file():
                 train, evals = split_records(read_jsonl(metrics))
+                if (stop_below is not None and stopped_at is None and not done and evals
+                        and evals[-1].get("heldout_loss") is not None and evals[-1]["heldout_loss"] <= stop_below):
+                    stopped_at = int(evals[-1]["step"])
+                    proc.send_signal(signal.SIGTERM)
                 if train:
                     step = int(train[-1]["step"])
                     if evals:
@@ -106,11 +115,14 @@ def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[in
             time.sleep(poll_s)
     finally:
         bar.close()
+    return stopped_at
 
 
 def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: Optional[str],
-              position: int = 0, progress: bool = True) -> tuple[int, float]:
-    """Run one config to completion; returns (exit code, seconds of the whole subprocess)."""
+              position: int = 0, progress: bool = True,
+              stop_below: Optional[float] = None) -> tuple[int, float, Optional[int]]:
+    """Run one config to completion, or (with `stop_below`) until its held-out loss gets there; returns
+    (exit code, seconds of the whole subprocess, step of the stopping eval or None)."""
     run_dir = out_dir / "runs" / name
     log_dir = out_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -125,16 +137,27 @@ def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: 
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            if progress:
-                _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position)
+            stopped_at = _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position,
+                                 progress=progress, stop_below=stop_below)
             rc = proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
             raise
     seconds = time.perf_counter() - start
-    (log_dir / f"{name}.json").write_text(json.dumps({"command": cmd, "exit_code": rc, "process_s": seconds}))
-    return rc, seconds
+    (log_dir / f"{name}.json").write_text(json.dumps({"command": cmd, "exit_code": rc, "process_s": seconds,
+                                                      "stopped_at_step": stopped_at}))
+    return rc, seconds, stopped_at
+
+
+STOPPED = "stopped at target"
+
+
+def _status(name: str, rc: int, stopped_at: Optional[int]) -> str:
+    """ok; stopped at target (we sent SIGTERM: the run checkpoints and exits 75, as on pre-emption); failed."""
+    if stopped_at is not None and rc in (0, 75):
+        return f"{STOPPED} (step {stopped_at})"
+    return "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
 
 
 def _tail(path: Path, n: int = 15) -> str:
@@ -169,12 +192,19 @@ def run(args) -> dict:
     statuses: dict[str, str] = {}
     process_s: dict[str, float] = {}
     if not args.report_only:
+        target = None
         for i, (name, config) in enumerate(zip(names, configs)):
             print(f"[{i + 1}/{len(configs)}] {name}: {config}", flush=True)
-            rc, seconds = train_one(config, name, out, sets, args.launcher, progress=not args.no_progress)
+            stop_below = target if (args.stop_at_target and i > 0) else None
+            rc, seconds, stopped_at = train_one(config, name, out, sets, args.launcher,
+                                                progress=not args.no_progress, stop_below=stop_below)
             process_s[name] = seconds
-            statuses[name] = "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
-            if rc != 0:
+            statuses[name] = _status(name, rc, stopped_at)
+            if i == 0 and args.stop_at_target:
+                target = summarise_run(name, config, out / "runs" / name, statuses[name]).final_loss
+                if target is None:
+                    notes.append("--stop-at-target: the baseline has no final held-out loss; every run went to its end")
+            if not statuses[name].startswith(("ok", STOPPED)):
                 print(f"  {name} failed (exit {rc}); last lines of {out / 'logs' / (name + '.log')}:\n"
                       + _tail(out / "logs" / f"{name}.log"), file=sys.stderr, flush=True)
     else:  # --report-only: what train_one recorded when the runs were made
@@ -184,8 +214,7 @@ def run(args) -> dict:
             except (OSError, ValueError):
                 continue
             process_s[name] = rec.get("process_s")
-            if rec.get("exit_code"):
-                statuses[name] = f"failed (exit {rec['exit_code']}, see logs/{name}.log)"
+            statuses[name] = _status(name, rec.get("exit_code", 0), rec.get("stopped_at_step"))
     runs = [summarise_run(n, c, out / "runs" / n, statuses.get(n, "ok")) for n, c in zip(names, configs)]
     report = compare_runs(runs, 0)
     for r in report["runs"]:
@@ -198,6 +227,9 @@ def run(args) -> dict:
             report["report_command"], report["command"] = report["command"], previous.get("command", report["command"])
         except (OSError, ValueError):
             pass
+    if getattr(args, "stop_at_target", False):
+        notes.append("--stop-at-target: a method stopped at target reports its final loss/accuracy at the "
+                     "stopping eval, not at the end of its budget")
     report["notes"] = notes + list(args.note or [])
     from training.bench.throughput import machine_info
     import torch
