@@ -104,6 +104,21 @@ def test_compare_runs_speedup_and_not_reached(tmp_path):
     assert slow["final_loss"] == 6.0 and slow["final_acc"] == 0.15
 
 
+def test_only_the_final_stage_counts_towards_the_target(tmp_path):
+    """A relaxed/smaller model that reaches the loss early (CoRe's linear-attention stage) is not the model the
+    run delivers: the crossing is taken from the final stage's evals only (stages from config.resolved.json)."""
+    _write_run(tmp_path / "base", [(10, 7.0, 0.1), (20, 5.0, 0.3)])
+    _write_run(tmp_path / "core", [(10, 4.0, 0.2), (20, 6.0, 0.25), (30, 4.5, 0.4)],
+               stages=lambda s: "relaxed" if s <= 10 else "big")
+    (tmp_path / "core" / "config.resolved.json").write_text(json.dumps(
+        {"run": {"eval_every": 10}, "stages": [{"name": "relaxed"}, {"name": "big"}]}))
+    runs = [R.summarise_run(n, f"{n}.yaml", tmp_path / n) for n in ("base", "core")]
+    assert runs[1].final_stage == "big"
+    core = R.compare_runs(runs)["runs"][1]
+    # 4.0 at step 10 (relaxed) does not count; the big model crosses 5.0 two thirds of the way from 20 to 30
+    assert core["target"]["reached"] and core["target"]["step"] == pytest.approx(20 + 10 * (1 / 1.5))
+
+
 def test_missing_baseline_and_failed_run(tmp_path):
     _write_run(tmp_path / "m", [(10, 6.0, 0.2)])
     runs = [R.summarise_run("base", "b.yaml", tmp_path / "nope", status="failed (exit 1)"),

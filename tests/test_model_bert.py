@@ -11,6 +11,7 @@ import transformers
 from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig, count_parameters, flops_per_token
 from training.model import bert as bert_module
+from training.model import fused as fused_module
 
 BASE = dict(vocab_size=89, hidden_size=32, num_layers=3, num_heads=4, ffn_size=64, max_position=32,
             dropout=0.0, attention_dropout=0.0)
@@ -111,20 +112,28 @@ def test_eager_and_sdpa_agree_forward_and_backward_with_padding(other):
         torch.testing.assert_close(eager.bert(ids, mask), alt.bert(ids, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_fused_falls_back_to_sdpa_on_cpu_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(bert_module, "_fused_state", {"module": None, "disabled": False})
-    monkeypatch.setattr(bert_module, "_logged_reasons", set())
+@pytest.fixture
+def fresh_fused_ops():
+    """Each FusedOp forgets what it imported, disabled and logged, before and after the test."""
+    for op in fused_module.ALL_OPS:
+        op.reset()
+    yield
+    for op in fused_module.ALL_OPS:
+        op.reset()
+
+
+def test_fused_falls_back_to_sdpa_on_cpu_and_logs_once(caplog, monkeypatch, fresh_fused_ops):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = make(seed=13, attention="fused").eval()
     ids, mask, _ = batch(seed=14)
-    with caplog.at_level(logging.WARNING, logger="training.model.bert"):
+    with caplog.at_level(logging.WARNING, logger="training.model.fused"):
         model(ids, attention_mask=mask)
         model(ids, attention_mask=mask)
     fallbacks = [r for r in caplog.records if "falling back to sdpa" in r.getMessage()]
     assert len(fallbacks) == 1
 
 
-def test_fused_kernel_is_called_with_the_agreed_signature(monkeypatch, caplog):
+def test_fused_kernel_is_called_with_the_agreed_signature(monkeypatch, caplog, fresh_fused_ops):
     import sys
     import types
     calls = []
@@ -135,8 +144,6 @@ def test_fused_kernel_is_called_with_the_agreed_signature(monkeypatch, caplog):
                                               scale=softmax_scale)
 
     monkeypatch.setitem(sys.modules, "kernels.attention", types.SimpleNamespace(fused_attention=fake_kernel))
-    monkeypatch.setattr(bert_module, "_fused_state", {"module": None, "disabled": False})
-    monkeypatch.setattr(bert_module, "_logged_reasons", set())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     model = make(seed=30, attention="fused").eval()
     ids, mask, _ = batch(seed=31)
@@ -148,8 +155,8 @@ def test_fused_kernel_is_called_with_the_agreed_signature(monkeypatch, caplog):
         raise NotImplementedError("head_dim 8 unsupported")
 
     monkeypatch.setitem(sys.modules, "kernels.attention", types.SimpleNamespace(fused_attention=broken_kernel))
-    monkeypatch.setattr(bert_module, "_fused_state", {"module": None, "disabled": False})
-    with caplog.at_level(logging.WARNING, logger="training.model.bert"):
+    fused_module.ATTENTION.reset()  # import again
+    with caplog.at_level(logging.WARNING, logger="training.model.fused"):
         out = model(ids, attention_mask=mask)["logits"]
     assert [r.getMessage() for r in caplog.records if "head_dim 8 unsupported" in r.getMessage()]
     sdpa = make(seed=30, attention="sdpa").eval()
@@ -159,7 +166,7 @@ def test_fused_kernel_is_called_with_the_agreed_signature(monkeypatch, caplog):
 FUSED_VS_EAGER = """
 import torch
 from training.model import BertForPreTraining, ModelConfig
-from training.model import bert
+from training.model import fused as fused_ops
 base = dict(vocab_size=89, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=32,
             dropout=0.0, attention_dropout=0.0)
 torch.manual_seed(0)
@@ -170,7 +177,7 @@ ids = torch.randint(1, 89, (2, 10)); mask = torch.ones(2, 10, dtype=torch.long);
 labels = torch.full((2, 10), -100); labels[0, 3] = 4; labels[1, 2] = 9
 losses = [m(ids, mask, labels=labels)["loss"] for m in (eager, fused)]
 for loss in losses: loss.backward()
-assert not bert._logged_reasons, bert._logged_reasons  # the real kernel ran, no fallback
+assert not fused_ops.ATTENTION.logged, fused_ops.ATTENTION.logged  # the real kernel ran, no fallback
 torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
 for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
     torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4, msg=name)
@@ -188,6 +195,100 @@ def test_real_fused_kernel_matches_eager_under_triton_interpreter():
     result = subprocess.run([sys.executable, "-c", FUSED_VS_EAGER], env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+ALL_FUSED_OPS = ["bias_gelu", "residual_layernorm", "mlm_loss"]
+
+FUSED_OPS_VS_PLAIN = """
+import logging, os, sys
+import torch
+from training.model import BertForPreTraining, ModelConfig, fused
+from training.model.config import ModelConfig
+logging.basicConfig(level=logging.WARNING)
+base = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=32,
+            dropout=0.0, attention_dropout=0.0)
+ops = sys.argv[1].split(",")
+rank = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] else None
+torch.manual_seed(int(sys.argv[3]))  # fresh weights and inputs per seed
+plain = BertForPreTraining(ModelConfig(**base, ffn_rank=rank)).train()
+kern = BertForPreTraining(ModelConfig(**base, ffn_rank=rank, attention="fused", fused_ops=ops)).train()
+kern.load_state_dict(plain.state_dict())
+ids = torch.randint(1, 97, (3, 12)); mask = torch.ones(3, 12, dtype=torch.long); mask[1, 8:] = 0; mask[2, 3:] = 0
+labels = torch.full((3, 12), -100); labels[0, [1, 5, 7]] = torch.randint(0, 97, (3,)); labels[1, 2] = 9; labels[2, 0] = 3
+outs = [m(ids, mask, labels=labels) for m in (plain, kern)]
+for o in outs: o["loss"].backward()
+for op in fused.ALL_OPS:  # the real kernels ran: nothing fell back
+    assert not op.logged, (op.name, op.logged)
+torch.testing.assert_close(outs[1]["loss"], outs[0]["loss"], atol=1e-5, rtol=1e-5)
+assert outs[0]["mlm_correct"].item() == outs[1]["mlm_correct"].item()
+for (name, a), b in zip(plain.named_parameters(), kern.parameters()):
+    torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+# dropout on: the fused residual draws its mask from torch's generator, so a seed reproduces the step
+kern = BertForPreTraining(ModelConfig(**{**base, "dropout": 0.1}, ffn_rank=rank, fused_ops=ops)).train()
+kern.load_state_dict(plain.state_dict())
+losses = []
+for _ in range(2):
+    torch.manual_seed(5)
+    losses.append(kern(ids, mask, labels=labels)["loss"].item())
+assert losses[0] == losses[1], losses
+assert abs(losses[0] - outs[0]["loss"].item()) > 1e-6  # and it does drop something
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("ops,rank,seed", [(ALL_FUSED_OPS, None, 0), (ALL_FUSED_OPS, 8, 1), (["mlm_loss"], None, 2)])
+def test_fused_ops_match_the_pytorch_path_under_triton_interpreter(ops, rank, seed):
+    """Model-level check of the wiring (the kernels' own tests are tests/test_kernels_*.py): fp32, dropout 0,
+    loss to 1e-5 and every parameter's gradient to rtol 1e-4 against the same model without kernels."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")  # before triton is imported: a fresh interpreter
+    result = subprocess.run([sys.executable, "-c", FUSED_OPS_VS_PLAIN, ",".join(ops), str(rank or ""), str(seed)],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_fused_ops_fall_back_to_pytorch_on_cpu_and_log_each_op_once(caplog, monkeypatch, fresh_fused_ops):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    plain = make(seed=40).train()
+    kern = make(seed=40, fused_ops=ALL_FUSED_OPS).train()
+    ids, mask, labels = batch(seed=41)
+    with caplog.at_level(logging.WARNING, logger="training.model.fused"):
+        for _ in range(2):
+            a, b = plain(ids, mask, labels=labels), kern(ids, mask, labels=labels)
+    torch.testing.assert_close(b["loss"], a["loss"], atol=1e-6, rtol=1e-6)
+    messages = [r.getMessage() for r in caplog.records]
+    for op in ALL_FUSED_OPS:
+        assert sum(m.startswith(f"{op}: fused kernel not used") for m in messages) == 1, messages
+
+
+def test_fused_op_that_fails_is_disabled_and_the_step_still_runs(caplog, monkeypatch, fresh_fused_ops):
+    import sys
+    import types
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setitem(sys.modules, "kernels.bias_gelu", types.SimpleNamespace(fused_bias_gelu=broken))
+    kern = make(seed=42, fused_ops=["bias_gelu"]).train()
+    ids, mask, labels = batch(seed=43)
+    with caplog.at_level(logging.WARNING, logger="training.model.fused"):
+        for _ in range(2):
+            loss = kern(ids, mask, labels=labels)["loss"]
+    assert calls == [1]  # tried once, then disabled for the process
+    assert any("no kernel for this shape" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(loss, make(seed=42).train()(ids, mask, labels=labels)["loss"], atol=1e-6, rtol=1e-6)
+
+
+def test_fused_residual_layernorm_needs_post_ln():
+    with pytest.raises(ValueError, match="residual_layernorm.*norm: post"):
+        ModelConfig(**BASE, norm="pre", fused_ops=["residual_layernorm"])
+    with pytest.raises(ValueError, match="fused_ops"):
+        ModelConfig(**BASE, fused_ops=["softmax"])
 
 
 def naive_linear_attention(q, k, v, key_padding, eps=bert_module.LINEAR_ATTENTION_EPS):

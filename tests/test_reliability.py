@@ -292,3 +292,37 @@ def test_two_ranks_agree_on_a_signal_sent_to_one(tmp_path, tiny_data):
     assert meta(out, tag)["train_state"]["step"] < 40
     assert {"rng_rank0.pt", "rng_rank1.pt"} <= set(meta(out, tag)["files"])  # both ranks saved that step
     assert meta(out, tag)["train_state"]["step"] == max(r["step"] for r in metrics(out) if r.get("kind") == "train")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["frozen", "killed"])
+def test_a_dead_or_frozen_rank_ends_the_other_naming_it(tmp_path, tiny_data, how):
+    """No silent hang: with the default watchdog on (dist.heartbeat_timeout_s, here 6 s), rank 0 leaves
+    with an error line naming rank 1 well before the process-group timeout (600 s here), whether rank 1
+    was SIGKILLed (its sockets close) or SIGSTOPped (nothing closes: only heartbeats can tell)."""
+    import signal
+
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "c.yaml", tiny_data, out,
+                          {**BASE, "train": {"max_steps": 100000}, "dist": {"timeout_s": 600, "heartbeat_timeout_s": 6}})
+    procs = _start_ranks(config, 2, {})
+    try:
+        deadline = time.monotonic() + 120
+        while max((r["step"] for r in metrics(out) if r.get("kind") == "train"), default=0) < 3:
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "rank0.log").read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGSTOP if how == "frozen" else signal.SIGKILL)
+        start = time.monotonic()
+        code = procs[0].wait(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+                p.wait()
+    log = (tmp_path / "rank0.log").read_text()
+    assert code != 0, log[-3000:]
+    assert "error: rank 1 stopped responding" in log, log[-3000:]
+    assert took < 6 + 20, (took, log[-3000:])

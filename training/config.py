@@ -136,8 +136,9 @@ class DeepSpeedSection(_Strict):
 
 class DistSection(_Strict):
     timeout_s: int = 1800  # process-group timeout
-    # Opt-in watchdog: a rank silent this long is declared dead and the others exit naming it (e.g. 120).
-    heartbeat_timeout_s: Optional[float] = None
+    # Watchdog (multi-rank runs): a rank whose heartbeat stops this long is declared dead or frozen and the
+    # others exit naming it, instead of waiting timeout_s in a collective. null turns it off.
+    heartbeat_timeout_s: Optional[float] = 120.0
     backend: Optional[Literal["gloo", "nccl", "ccl"]] = None  # default: nccl on CUDA, gloo on CPU
 
 

@@ -199,10 +199,8 @@ def main(argv=None) -> int:
         (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
         shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
         (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
-    # Opt-in: a rank that dies makes the others exit within dist.heartbeat_timeout_s, naming it
-    # (training/dist.py). Off by default: with it on, a Slurm job requeued after a pre-emption checkpoint
-    # failed to restart in tests/test_launchers.py (cause not yet found); without it a dead peer ends the
-    # others through the process-group timeout, dist.timeout_s.
+    # A rank that dies or freezes makes the others exit within dist.heartbeat_timeout_s, naming it
+    # (training/dist.py); without the watchdog only the process-group timeout, dist.timeout_s, would.
     use_watchdog = env.world_size > 1 and cfg.dist.heartbeat_timeout_s is not None
     watchdog = start_watchdog(env, cfg.dist.heartbeat_timeout_s) if use_watchdog else contextlib.nullcontext()
     with watchdog:

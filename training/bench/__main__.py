@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--stop-at-target", action="store_true",
                    help="stop each method (SIGTERM: checkpoint, exit) at its first held-out eval at or below the "
                    "baseline's final loss; its budget then only bounds the runs that never get there")
+    c.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                   help="train only these runs (e.g. a method whose config changed); the others' results are "
+                   "read from OUT as --report-only does")
     c.add_argument("--report-only", action="store_true", help="do not train: rebuild the report from OUT/runs")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--note", action="append", default=[], help="free text added to the report's notes")

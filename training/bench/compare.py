@@ -71,18 +71,21 @@ def _config_info(config: str, sets: list[str]) -> dict:
         from training.config import load_config
 
         cfg = load_config(config, sets)
-        return {"total_steps": planned_steps(cfg), "eval_every": cfg.run.eval_every, "error": None}
+        return {"total_steps": planned_steps(cfg), "eval_every": cfg.run.eval_every, "error": None,
+                "final_stage": cfg.stages[-1].name if cfg.stages else None}
     except UserError as err:
-        return {"total_steps": None, "eval_every": None, "error": str(err)}
+        return {"total_steps": None, "eval_every": None, "error": str(err), "final_stage": None}
     except Exception as err:  # noqa: BLE001 - a config our parent cannot read is still the child's to judge
-        return {"total_steps": None, "eval_every": None, "error": f"{type(err).__name__}: {err}"}
+        return {"total_steps": None, "eval_every": None, "error": f"{type(err).__name__}: {err}", "final_stage": None}
 
 
 def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[int], position: int,
-            progress: bool = True, stop_below: Optional[float] = None, poll_s: float = 0.5) -> Optional[int]:
+            progress: bool = True, stop_below: Optional[float] = None, final_stage: Optional[str] = None,
+            poll_s: float = 0.5) -> Optional[int]:
     """Follow the run's metrics.jsonl while the child runs: a tqdm bar over its steps and, with
-    `stop_below`, a SIGTERM (checkpoint and exit, as on pre-emption) once a held-out loss is at or below
-    it. Returns the step of that eval when the run was stopped, else None."""
+    `stop_below`, a SIGTERM (checkpoint and exit, as on pre-emption) once a held-out loss of its final
+    stage (report.py: only that stage counts) is at or below it. Returns the step of that eval when the
+    run was stopped, else None."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=name, unit="step", position=position, leave=True, dynamic_ncols=True,
@@ -95,8 +98,9 @@ def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[in
             done = proc.poll() is not None
             if metrics.is_file():
                 train, evals = split_records(read_jsonl(metrics))
-                if (stop_below is not None and stopped_at is None and not done and evals
-                        and evals[-1].get("heldout_loss") is not None and evals[-1]["heldout_loss"] <= stop_below):
+                last = evals[-1] if evals else {}
+                if (stop_below is not None and stopped_at is None and not done and last.get("heldout_loss") is not None
+                        and last["heldout_loss"] <= stop_below and final_stage in (None, last.get("stage"))):
                     stopped_at = int(evals[-1]["step"])
                     proc.send_signal(signal.SIGTERM)
                 if train:
@@ -138,7 +142,7 @@ def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: 
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             stopped_at = _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position,
-                                 progress=progress, stop_below=stop_below)
+                                 progress=progress, stop_below=stop_below, final_stage=info["final_stage"])
             rc = proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
@@ -191,42 +195,48 @@ def run(args) -> dict:
 
     statuses: dict[str, str] = {}
     process_s: dict[str, float] = {}
-    if not args.report_only:
-        target = None
-        for i, (name, config) in enumerate(zip(names, configs)):
+    only = list(getattr(args, "only", None) or [])
+    if set(only) - set(names):
+        raise UserError(f"--only {sorted(set(only) - set(names))}: not among the run names {names}")
+    to_train = set() if args.report_only else (set(only) if only else set(names))
+    target = None
+    for i, (name, config) in enumerate(zip(names, configs)):
+        if name not in to_train:  # --report-only / --only: what train_one recorded when the run was made
+            try:
+                rec = json.loads((out / "logs" / f"{name}.json").read_text())
+                process_s[name] = rec.get("process_s")
+                statuses[name] = _status(name, rec.get("exit_code", 0), rec.get("stopped_at_step"))
+            except (OSError, ValueError):
+                pass
+        else:
             print(f"[{i + 1}/{len(configs)}] {name}: {config}", flush=True)
             stop_below = target if (args.stop_at_target and i > 0) else None
             rc, seconds, stopped_at = train_one(config, name, out, sets, args.launcher,
                                                 progress=not args.no_progress, stop_below=stop_below)
             process_s[name] = seconds
             statuses[name] = _status(name, rc, stopped_at)
-            if i == 0 and args.stop_at_target:
-                target = summarise_run(name, config, out / "runs" / name, statuses[name]).final_loss
-                if target is None:
-                    notes.append("--stop-at-target: the baseline has no final held-out loss; every run went to its end")
             if not statuses[name].startswith(("ok", STOPPED)):
                 print(f"  {name} failed (exit {rc}); last lines of {out / 'logs' / (name + '.log')}:\n"
                       + _tail(out / "logs" / f"{name}.log"), file=sys.stderr, flush=True)
-    else:  # --report-only: what train_one recorded when the runs were made
-        for name in names:
-            try:
-                rec = json.loads((out / "logs" / f"{name}.json").read_text())
-            except (OSError, ValueError):
-                continue
-            process_s[name] = rec.get("process_s")
-            statuses[name] = _status(name, rec.get("exit_code", 0), rec.get("stopped_at_step"))
+        if i == 0 and args.stop_at_target and to_train - {name}:
+            target = summarise_run(name, config, out / "runs" / name, statuses.get(name, "ok")).final_loss
+            if target is None:
+                notes.append("--stop-at-target: the baseline has no final held-out loss; every run went to its end")
     runs = [summarise_run(n, c, out / "runs" / n, statuses.get(n, "ok")) for n, c in zip(names, configs)]
     report = compare_runs(runs, 0)
     for r in report["runs"]:
         r["process_s"] = process_s.get(r["name"])
     report["common_sets"] = sets
     report["command"] = "python -m training.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    if args.report_only:  # keep the command that trained the runs
+    if args.report_only or only:  # keep the command that trained the (other) runs
         try:
             previous = json.loads((out / "report.json").read_text())
-            report["report_command"], report["command"] = report["command"], previous.get("command", report["command"])
         except (OSError, ValueError):
-            pass
+            previous = {}
+        if args.report_only:
+            report["report_command"], report["command"] = report["command"], previous.get("command", report["command"])
+        elif previous.get("command"):
+            report["earlier_command"] = previous["command"]
     if getattr(args, "stop_at_target", False):
         notes.append("--stop-at-target: a method stopped at target reports its final loss/accuracy at the "
                      "stopping eval, not at the end of its budget")
@@ -235,7 +245,8 @@ def run(args) -> dict:
     import torch
 
     report["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    preamble = f"Command: `{report['command']}`\n\nMachine: {report['machine'].get('cpu', '?')}, " \
+    earlier = f"Earlier runs of this report: `{report['earlier_command']}`\n\n" if report.get("earlier_command") else ""
+    preamble = f"Command: `{report['command']}`\n\n{earlier}Machine: {report['machine'].get('cpu', '?')}, " \
                f"{report['machine'].get('cpu_count')} CPUs" + (f", {report['machine']['gpu']}"
                                                                if "gpu" in report["machine"] else "")
     paths = write_report(report, out, preamble)

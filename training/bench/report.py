@@ -10,9 +10,12 @@ Definitions (also in BENCHMARKS.md):
   start-up, data loading, engine build and the final export are excluded; the in-loop held-out
   evaluations and checkpoints are included, at the same cadence for every method).
 * target: the baseline's held-out MLM loss at its final evaluation.
-* time / tokens / FLOPs to target: the first crossing of the target by the run's eval curve, linearly
-  interpolated between the two eval points around it (an eval at or below the target with no earlier
-  point is taken as is). "not reached" when no eval point gets to the target.
+* time / tokens / FLOPs to target: the first crossing of the target by the run's eval curve *in its
+  final stage*, linearly interpolated between the two eval points around it (an eval at or below the
+  target with no earlier point in that stage is taken as is). Only the final stage counts because only
+  it has the architecture the run delivers: a CoRe relaxed model (linear attention, low-rank FFN) or a
+  half-depth stacking model that reaches the loss is not the BERT the baseline trained. "not reached"
+  when no final-stage eval point gets to the target.
 * FLOPs: the integral of flops_per_token over tokens, segment by segment between train lines (each
   segment at the `flops_per_token` of the line that ends it, or the config's value when lines lack it).
 * speedup: baseline's time to target / the method's time to target (same for FLOPs and tokens).
@@ -157,6 +160,7 @@ class RunSummary:
     total_flops: Optional[float] = None
     flops_source: str = "unknown"
     eval_every: Optional[int] = None
+    final_stage: Optional[str] = None  # only its evals count towards the target (module doc)
     stages: list = field(default_factory=list)  # [{"name", "start_step", "end_step", "end_wall_s"}]
     curve: list = field(default_factory=list)  # [{"step", "wall_s", "tokens", "flops", "loss", "acc"}]
     target: Optional[dict] = None  # Crossing as dict + speedups, filled by compare_runs
@@ -214,8 +218,10 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
         s.curve.append({"step": e["step"], "wall_s": e.get("wall_s"), "tokens": e.get("tokens"),
                         "flops": flops_at(e.get("tokens", 0), points, last_fpt),
                         "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage")})
-    try:  # the cadence the run was configured with (stage-end evals come on top of it)
-        s.eval_every = int(json.loads((run_dir / "config.resolved.json").read_text())["run"]["eval_every"])
+    try:  # the cadence the run was configured with (stage-end evals come on top of it), and its last stage
+        resolved = json.loads((run_dir / "config.resolved.json").read_text())
+        s.final_stage = (resolved.get("stages") or [{}])[-1].get("name")
+        s.eval_every = int(resolved["run"]["eval_every"])
     except (OSError, ValueError, KeyError, TypeError):
         gaps = [b["step"] - a["step"] for a, b in zip(evals, evals[1:])]
         s.eval_every = max(set(gaps), key=gaps.count) if gaps else None
@@ -249,7 +255,7 @@ def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
             return flops_at(tokens, r.flops_points, r.last_flops_per_token) if r.flops_points else None
 
         evals = [{"step": c["step"], "wall_s": c["wall_s"], "tokens": c["tokens"], "heldout_loss": c["loss"]}
-                 for c in r.curve]
+                 for c in r.curve if r.final_stage is None or c.get("stage") in (None, r.final_stage)]
         crossings.append(time_to_target(evals, target, flops_of))
     base_x = crossings[baseline_index]
     for r, x in zip(runs, crossings):
@@ -268,7 +274,8 @@ def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
             "time": "metrics wall_s: seconds since the training loop started (excludes process start-up and "
                     "export; includes in-loop evals and checkpoints)",
             "target": "baseline's final held-out MLM loss",
-            "to_target": "first crossing of the target, linear interpolation between eval points",
+            "to_target": "first crossing of the target by an eval of the run's final stage (the architecture it "
+                         "delivers), linear interpolation between eval points",
             "speedup": "baseline time (tokens, FLOPs) to target / method's",
             "flops": "integral of flops_per_token over tokens (metrics field when present, else the config's "
                      "model shape)",

@@ -16,10 +16,8 @@ and an exported post-LN model loads back into HF (see `training.model.hf`). Diff
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
-import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.errors import UserError
+from training.model import fused
 from training.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -79,58 +78,43 @@ def linear_attention(q, k, v, key_padding, eps: float = LINEAR_ATTENTION_EPS) ->
     return (numerator / denominator.unsqueeze(-1)).to(dtype)
 
 
-# The fused kernel is loaded lazily; an import or call failure disables it for the process.
-_fused_state: dict = {"module": None, "disabled": False}
-_logged_reasons: set = set()
-
-
-def _log_fallback_once(reason: str) -> None:
-    if reason not in _logged_reasons:
-        _logged_reasons.add(reason)
-        log.warning("attention: fused kernel not used (%s); falling back to sdpa", reason)
-
-
-def _fused_module():
-    if _fused_state["module"] is None and not _fused_state["disabled"]:
-        try:
-            module = importlib.import_module("kernels.attention")  # the kernels engineer's module
-            module.fused_attention  # noqa: B018 - fail here, not mid-step, if it is missing
-            _fused_state["module"] = module
-        except Exception as err:  # ImportError, AttributeError, or a Triton failure at import
-            _fused_state["disabled"] = True
-            _log_fallback_once(f"import failed: {type(err).__name__}: {err}")
-    return None if _fused_state["disabled"] else _fused_state["module"]
-
-
-def _fused_supported(module, q: torch.Tensor) -> tuple[bool, str]:
-    """Ask the kernel module when it offers `fused_attention_available(device, dtype)`; otherwise
-    Triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1."""
-    probe = getattr(module, "fused_attention_available", None)
-    if probe is not None:
-        return probe(q.device, q.dtype)
-    if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-        return True, ""
-    return False, f"tensors on {q.device.type} and TRITON_INTERPRET is not set"
-
-
 def fused_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
-    """Triton kernel from `kernels.attention`; sdpa when it cannot run (each reason logged once)."""
-    module = _fused_module()
-    if module is not None:
-        ok, reason = _fused_supported(module, q)
-        if not ok:  # depends on device/dtype: checked per call, not a permanent disable
-            _log_fallback_once(reason)
-            module = None
-    if module is not None:
-        try:
-            return module.fused_attention(q, k, v, key_padding_mask=key_padding, dropout_p=dropout_p,
-                                          softmax_scale=scale)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as err:  # unsupported shape etc.: don't retry (and fail) every step
-            _fused_state["disabled"] = True
-            _log_fallback_once(f"call failed: {type(err).__name__}: {err}")
-    return sdpa_attention(q, k, v, key_padding, dropout_p, scale)
+    """Triton kernel from `kernels.attention` (same positional signature); sdpa when it cannot run."""
+    return fused.ATTENTION(q, k, v, key_padding, dropout_p, scale, fallback=sdpa_attention, fallback_name="sdpa")
+
+
+def _bias_gelu_eager(x, bias):
+    return F.gelu(x + bias)
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear, use_kernel: bool) -> torch.Tensor:
+    """gelu(linear(x)) with erf GeLU (HF "gelu"); the kernel fuses the bias add into the GeLU."""
+    if not use_kernel or linear.bias is None:
+        return F.gelu(linear(x))
+    return fused.BIAS_GELU(F.linear(x, linear.weight), linear.bias, fallback=_bias_gelu_eager)
+
+
+def _residual_layernorm_eager(x, r, weight, bias, dropout_p, eps):
+    return F.layer_norm(x + F.dropout(r, dropout_p, training=dropout_p > 0), (x.shape[-1],), weight, bias, eps)
+
+
+def residual_layernorm(x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm, dropout: nn.Dropout,
+                       use_kernel: bool) -> torch.Tensor:
+    """The post-LN residual norm(x + dropout(branch)); the kernel does add, dropout and LayerNorm in one
+    pass and regenerates its dropout mask in backward instead of storing it."""
+    if not use_kernel:
+        return norm(x + dropout(branch))
+    p = dropout.p if dropout.training else 0.0
+    return fused.RESIDUAL_LAYERNORM(x, branch, norm.weight, norm.bias, p, norm.eps,
+                                    fallback=_residual_layernorm_eager)
+
+
+def mlm_loss_eager(hidden, weight, bias, targets):
+    """(mean cross-entropy, correct argmax count) of the vocab projection; fp32 loss even under bf16."""
+    logits = F.linear(hidden, weight, bias).float()
+    # Sum / count instead of reduction="mean": a batch with no masked token gives 0, not NaN.
+    loss = F.cross_entropy(logits, targets, reduction="sum") / max(targets.numel(), 1)
+    return loss, (logits.argmax(dim=-1) == targets).sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,9 +197,13 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg, num_heads)
         self.output = AttentionOutput(cfg, num_heads)
 
+    def projected(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+        """Attention and its output projection (no dropout, no add, no norm)."""
+        return self.output.dense(self.self(x, key_padding))
+
     def branch(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
         """The residual branch: attention, output projection, dropout (no add, no norm)."""
-        return self.output.dropout(self.output.dense(self.self(x, key_padding)))
+        return self.output.dropout(self.projected(x, key_padding))
 
 
 class Intermediate(nn.Module):
@@ -230,10 +218,12 @@ class Intermediate(nn.Module):
             self.dense_v = nn.Linear(cfg.ffn_rank, ffn_size)
         if cfg.slimming:  # EarlyBERT: one coefficient per FFN neuron scales its post-GELU activation
             self.neuron_coef = nn.Parameter(torch.ones(ffn_size))
+        self.fused_gelu = "bias_gelu" in cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
-        x = F.gelu(x)  # erf GELU == HF "gelu"
+        if hasattr(self, "dense_u"):
+            x = self.dense_u(x)
+        x = linear_gelu(x, self.dense if hasattr(self, "dense") else self.dense_v, self.fused_gelu)
         return x * self.neuron_coef.to(x.dtype) if hasattr(self, "neuron_coef") else x
 
 
@@ -250,15 +240,18 @@ class Output(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def projected(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
-        return self.dropout(x)
+        return self.dropout(self.projected(x))
 
 
 class Layer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int):
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
+        self.fused_residual = "residual_layernorm" in cfg.fused_ops  # post-LN only (config checks)
         self.attention = Attention(cfg, cfg.layer_heads(index))
         self.intermediate = Intermediate(cfg, cfg.layer_ffn(index))
         self.output = Output(cfg, cfg.layer_ffn(index))
@@ -270,9 +263,11 @@ class Layer(nn.Module):
             # branch_scale = 1/keep_prob under progressive layer dropping keeps the expectation.
             x = x + branch_scale * self.attention.branch(ln_attn(x), key_padding)
             return x + branch_scale * self.output.project(self.intermediate(ln_ffn(x)))
-        # Post-LN (HF): LN(x + f(x)).
-        x = ln_attn(x + self.attention.branch(x, key_padding))
-        return ln_ffn(x + self.output.project(self.intermediate(x)))
+        # Post-LN (HF): LN(x + dropout(f(x))).
+        x = residual_layernorm(x, self.attention.projected(x, key_padding), ln_attn, self.attention.output.dropout,
+                               self.fused_residual)
+        return residual_layernorm(x, self.output.projected(self.intermediate(x)), ln_ffn, self.output.dropout,
+                                  self.fused_residual)
 
 
 class Encoder(nn.Module):
@@ -357,9 +352,10 @@ class PredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.fused_gelu = "bias_gelu" in cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(F.gelu(self.dense(x)))
+        return self.LayerNorm(linear_gelu(x, self.dense, self.fused_gelu))
 
 
 class MLMHead(nn.Module):
@@ -490,9 +486,12 @@ class BertForPreTraining(nn.Module):
         positions = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat_labels.index_select(0, positions)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
-        logits = self.cls.predictions(selected).float()  # fp32 loss even under bf16
+        head = self.cls.predictions
+        transformed = head.transform(selected)
+        if "mlm_loss" in self.cfg.fused_ops:  # no [masked tokens, vocab] logits in memory
+            loss, correct = fused.MLM_LOSS(transformed, head.decoder.weight, head.decoder.bias, targets,
+                                           fallback=mlm_loss_eager)
+        else:
+            loss, correct = mlm_loss_eager(transformed, head.decoder.weight, head.decoder.bias, targets)
         count = torch.tensor(positions.numel(), device=labels.device)
-        # Sum / count instead of reduction="mean": a batch with no masked token gives 0, not NaN.
-        loss = F.cross_entropy(logits, targets, reduction="sum") / count.clamp(min=1)
-        correct = (logits.argmax(dim=-1) == targets).sum()
         return {"mlm_loss": loss, "mlm_correct": correct, "mlm_count": count}

@@ -27,6 +27,10 @@ class ModelConfig(BaseModel):
     # eager: reference math; sdpa: torch scaled_dot_product_attention; fused: Triton kernels in kernels/
     # (falls back to sdpa with a logged reason); linear: elu+1 linear attention (CoRe's relaxed model).
     attention: Literal["eager", "sdpa", "fused", "linear"] = "sdpa"
+    # Triton kernels (kernels/) for the other hot spots, each falling back to the PyTorch path with a logged
+    # reason where it cannot run: bias_gelu (FFN and MLM-head GeLU with its bias add), residual_layernorm
+    # (post-LN add + dropout + LayerNorm), mlm_loss (vocab projection + cross-entropy without the logits).
+    fused_ops: list[Literal["bias_gelu", "residual_layernorm", "mlm_loss"]] = []
     nsp: bool = False
     # Per-layer head counts / FFN sizes after structured pruning (EarlyBERT); None means uniform.
     heads_per_layer: Optional[list[int]] = None
@@ -69,6 +73,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"model.heads_per_layer entries must be in [1, num_heads={self.num_heads}]")
         if self.slimming_l1 < 0:
             raise ValueError(f"model.slimming_l1 must be >= 0, got {self.slimming_l1}")
+        if "residual_layernorm" in self.fused_ops and self.norm != "post":
+            raise ValueError("model.fused_ops: residual_layernorm fuses the post-LN residual; it needs model.norm: post")
         if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
             raise ValueError(f"model.ffn_rank must be in [1, {min(self.hidden_size, self.ffn_size)}]")
         return self
