@@ -185,6 +185,19 @@ def test_shipped_bench_configs_load():
     for c in configs:
         cfg = load_config(c)
         assert cfg.run.eval_every > 0
+    # what configs/bench/README.md promises: per folder, the same final model, batch and eval cadence, and
+    # every method's step budget 1.5x the baseline's
+    for folder in {c.parent for c in configs}:
+        base = load_config(folder / "baseline.yaml")
+        base_steps = sum(s.steps for s in base.stages)
+        for c in sorted(folder.glob("*.yaml")):
+            if c.name == "baseline.yaml":
+                continue
+            cfg = load_config(c)
+            same = ("hidden_size", "num_layers", "num_heads", "ffn_size", "vocab_size")
+            assert {k: getattr(cfg.model, k) for k in same} == {k: getattr(base.model, k) for k in same}, c
+            assert (cfg.train.micro_batch_size, cfg.run.eval_every) == (base.train.micro_batch_size, base.run.eval_every)
+            assert sum(s.steps for s in cfg.stages) == base_steps * 3 // 2, c
 
 
 # ------------------------------------------------------------------------------------------ end to end
