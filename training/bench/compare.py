@@ -158,9 +158,10 @@ STOPPED = "stopped at target"
 
 
 def _status(name: str, rc: int, stopped_at: Optional[int]) -> str:
-    """ok; stopped at target (we sent SIGTERM: the run checkpoints and exits 75, as on pre-emption); failed."""
-    if stopped_at is not None and rc in (0, 75):
-        return f"{STOPPED} (step {stopped_at})"
+    """ok; stopped at target (we sent SIGTERM: the run checkpoints and exits 75, as on pre-emption; a launcher
+    such as torchrun may turn that into another code, which is noted); failed."""
+    if stopped_at is not None:
+        return f"{STOPPED} (step {stopped_at})" + ("" if rc in (0, 75) else f", exit {rc} after the signal")
     return "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
 
 
