@@ -66,17 +66,19 @@ def planned_steps(cfg) -> Optional[int]:
 
 
 def _config_info(config: str, sets: list[str]) -> dict:
-    """Total steps and eval cadence, if the config loads here (it is validated again by the child)."""
+    """Total steps, eval cadence and last stage, if the config loads here (the child validates it again)."""
+    info = {"total_steps": None, "eval_every": None, "error": None, "final_stage": None}
     try:
         from training.config import load_config
 
         cfg = load_config(config, sets)
-        return {"total_steps": planned_steps(cfg), "eval_every": cfg.run.eval_every, "error": None,
-                "final_stage": cfg.stages[-1].name if cfg.stages else None}
+        info.update(total_steps=planned_steps(cfg), eval_every=cfg.run.eval_every,
+                    final_stage=cfg.stages[-1].name if cfg.stages else None)
     except UserError as err:
-        return {"total_steps": None, "eval_every": None, "error": str(err), "final_stage": None}
+        info["error"] = str(err)
     except Exception as err:  # noqa: BLE001 - a config our parent cannot read is still the child's to judge
-        return {"total_steps": None, "eval_every": None, "error": f"{type(err).__name__}: {err}", "final_stage": None}
+        info["error"] = f"{type(err).__name__}: {err}"
+    return info
 
 
 def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[int], position: int,
@@ -196,7 +198,7 @@ def run(args) -> dict:
 
     statuses: dict[str, str] = {}
     process_s: dict[str, float] = {}
-    only = list(getattr(args, "only", None) or [])
+    only = list(args.only or [])
     if set(only) - set(names):
         raise UserError(f"--only {sorted(set(only) - set(names))}: not among the run names {names}")
     to_train = set() if args.report_only else (set(only) if only else set(names))
@@ -238,7 +240,7 @@ def run(args) -> dict:
             report["report_command"], report["command"] = report["command"], previous.get("command", report["command"])
         elif previous.get("command"):
             report["earlier_command"] = previous["command"]
-    if getattr(args, "stop_at_target", False):
+    if args.stop_at_target:
         notes.append("--stop-at-target: a method stopped at target reports its final loss/accuracy at the "
                      "stopping eval, not at the end of its budget")
     report["notes"] = notes + list(args.note or [])

@@ -80,7 +80,7 @@ def linear_attention(q, k, v, key_padding, eps: float = LINEAR_ATTENTION_EPS) ->
 
 def fused_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
     """Triton kernel from `kernels.attention` (same positional signature); sdpa when it cannot run."""
-    return fused.ATTENTION(q, k, v, key_padding, dropout_p, scale, fallback=sdpa_attention, fallback_name="sdpa")
+    return fused.ATTENTION(q, k, v, key_padding, dropout_p, scale, fallback=sdpa_attention)
 
 
 def _bias_gelu_eager(x, bias):
