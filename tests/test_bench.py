@@ -295,6 +295,16 @@ def test_compare_stop_at_target_ends_a_method_at_the_baseline_loss(tmp_path, tin
     assert (out / "runs" / "long" / "checkpoints").is_dir()  # SIGTERM: it checkpointed on the way out
 
 
+def test_compare_only_with_an_unknown_name_fails_before_touching_out(tmp_path):
+    from training.bench.__main__ import main
+
+    cfg = REPO / "configs" / "bench" / "small" / "baseline.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--out", str(tmp_path / "cmp"), "--configs", str(cfg), "--only", "zzz"])
+    assert exit_.value.code == 2
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_compare_status_names_the_stop():
     from training.bench.compare import _status
 

@@ -180,6 +180,9 @@ def run(args) -> dict:
         if not Path(c).is_file():
             raise UserError(f"config file not found: {c}")
     names = run_names(configs, args.names)
+    only = list(args.only or [])
+    if set(only) - set(names):
+        raise UserError(f"--only {sorted(set(only) - set(names))}: not among the run names {names}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     sets = list(DEFAULT_SETS) + list(args.set)
@@ -198,9 +201,6 @@ def run(args) -> dict:
 
     statuses: dict[str, str] = {}
     process_s: dict[str, float] = {}
-    only = list(args.only or [])
-    if set(only) - set(names):
-        raise UserError(f"--only {sorted(set(only) - set(names))}: not among the run names {names}")
     to_train = set() if args.report_only else (set(only) if only else set(names))
     target = None
     for i, (name, config) in enumerate(zip(names, configs)):
