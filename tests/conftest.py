@@ -5,26 +5,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import lzma
 from pathlib import Path
 
 import pytest
 
-CORPUS = Path(__file__).resolve().parent.parent.parent / "shared" / "corpus" / "debian-docs.txt.xz"
+from tests.corpus import write_real_text
 
 
-def write_small_corpus(path: Path, lines: int = 3000) -> Path:
-    """Real prose: the first lines of the shared Debian docs corpus, or generated text without it."""
-    if CORPUS.is_file():
-        with lzma.open(CORPUS, "rt", encoding="utf-8", errors="replace") as f:
-            text = [next(f) for _ in range(lines)]
-    else:
-        import random
-        rng = random.Random(0)
-        words = "the a model of data train layer stage grows when each token is masked and then predicted".split()
-        text = [" ".join(rng.choice(words) for _ in range(rng.randint(8, 60))) + "\n" for _ in range(lines)]
-    path.write_text("".join(text))
-    return path
+def write_small_corpus(path: Path, lines: int = 1200) -> Path:
+    """Real prose (about 540 kB for 1200 lines): paragraphs of the Wikipedia sample gensim ships."""
+    return write_real_text(path, lines)
 
 
 @pytest.fixture(scope="session")

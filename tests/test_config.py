@@ -17,6 +17,15 @@ def test_defaults_make_a_single_stage(tmp_path):
     assert [s.name for s in cfg.stages] == ["main"] and cfg.stages[0].steps == 10
 
 
+def test_a_stage_resets_the_optimizer_unless_it_asks_to_carry(tmp_path):
+    # The default is what the stacking and CompoundGrow authors do at a growth: a fresh optimizer.
+    text = ("model: {num_layers: 4}\nstages:\n  - {name: a, steps: 1, model: {num_layers: 1}}\n"
+            "  - {name: b, steps: 1, model: {num_layers: 2}, hook: stack}\n"
+            "  - {name: c, steps: 1, hook: stack, optimizer_state: carry}\n")
+    cfg = load_config(_write(tmp_path, text))
+    assert [s.optimizer_state for s in cfg.stages] == ["reset", "reset", "carry"]
+
+
 @pytest.mark.parametrize("text,needle", [
     ("train: {max_steps: 10, bogus: 1}\n", "unknown config key 'train.bogus'"),
     ("nonsense: 1\ntrain: {max_steps: 10}\n", "unknown config key 'nonsense'"),
@@ -82,3 +91,19 @@ def test_shipped_configs_load():
     for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
         cfg = load_config(path)
         assert all(cfg.stage_model(i) for i in range(len(cfg.stages))), path
+
+
+def test_configs_and_docs_name_no_path_of_a_particular_machine():
+    """Paths in what we ship are relative to the repository or given by the user."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    machine_path = re.compile(r"(?<![\w.])/(work|home|root|mnt|scratch)/\w")
+    shipped = [p for pattern in ("configs/**/*.yaml", "configs/**/*.md", "*.md", "docs/*.md", "slurm/*",
+                                 "deepspeed_configs/*", "training/**/*.py", "training/**/*.md", "kernels/*")
+               for p in repo.glob(pattern) if p.is_file()]
+    assert len(shipped) > 30
+    offenders = [f"{p.relative_to(repo)}:{i}" for p in shipped
+                 for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if machine_path.search(line)]
+    assert not offenders, offenders

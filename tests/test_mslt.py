@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 MSLT = """
 stages:
   - {name: L1, steps: 2, model: {num_layers: 1}}
-  - {name: L2, steps: 2, model: {num_layers: 2}, hook: mslt}
-  - {name: L3, steps: 2, model: {num_layers: 3}, hook: mslt, hook_args: {train_top: 1}}
-  - {name: joint, steps: 2, model: {num_layers: 3}, hook: mslt_joint}
+  - {name: L2, steps: 2, model: {num_layers: 2}, hook: mslt, optimizer_state: carry}
+  - {name: L3, steps: 2, model: {num_layers: 3}, hook: mslt, hook_args: {train_top: 1}, optimizer_state: carry}
+  - {name: joint, steps: 2, model: {num_layers: 3}, hook: mslt_joint, optimizer_state: carry}
 """
 LAYER = "bert.encoder.layer.{}."
 EMBEDDING_NAMES = ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",

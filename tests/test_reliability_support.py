@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 import os
 import signal
 import subprocess
@@ -20,8 +19,9 @@ import pytest
 import torch
 import yaml
 
+from tests.corpus import real_text_lines
+
 REPO = Path(__file__).resolve().parent.parent
-CORPUS = Path("/work/shared/corpus/debian-docs.txt.xz")
 
 # A fast fp32 run with dropout on (so the RNG state matters), a checkpoint every 2 steps.
 BASE_CONFIG = {
@@ -43,7 +43,8 @@ RESUME_CONFIGS: list[tuple[str, dict]] = [
     # Two stages across a growth transition (1 -> 2 layers, optimizer state carried by name); the kill may
     # land before, at or after the boundary (step 5).
     ("stack-2stage", {"stages": [{"name": "l1", "steps": 5, "model": {"num_layers": 1}},
-                                 {"name": "l2", "steps": 7, "hook": "stack", "warmup_steps": 1}]}),
+                                 {"name": "l2", "steps": 7, "hook": "stack", "warmup_steps": 1,
+                                  "optimizer_state": "carry"}]}),
 ]
 
 
@@ -54,22 +55,9 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def corpus_lines(n: int = 600) -> list[str]:
-    if CORPUS.is_file():
-        with lzma.open(CORPUS, "rt", errors="replace") as f:
-            lines = []
-            for line in f:
-                if line.strip():
-                    lines.append(line.rstrip("\n"))
-                if len(lines) >= n:
-                    break
-        if len(lines) >= n // 2:
-            return lines
-    import random
-
-    rng = random.Random(0)
-    words = "the of and a to in is you that it he was for on are as with his they at be this from".split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + "." for _ in range(n)]
+def corpus_lines(n: int = 250) -> list[str]:
+    """About 110 kB of real prose (tests/corpus.py)."""
+    return real_text_lines(n)
 
 
 @pytest.fixture(scope="session")

@@ -162,7 +162,9 @@ class StageSection(_Strict):
     hook: Optional[str] = None  # how this stage is entered from the previous one
     hook_args: dict[str, Any] = {}
     warmup_steps: int = 0  # LR warmup restarted at this stage's start (the first stage uses optimizer.*)
-    optimizer_state: Literal["reset", "carry"] = "carry"
+    # reset: a fresh optimizer at the boundary (what the stacking and CompoundGrow authors do); carry: moments
+    # mapped by name through the hook's operator (training/stages/transfer.py).
+    optimizer_state: Literal["reset", "carry"] = "reset"
     layer_drop: Optional[LayerDropSection] = None
 
     @model_validator(mode="after")

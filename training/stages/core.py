@@ -3,7 +3,7 @@
 Phase 1 trains a *relaxed* BERT: linear attention (Katharopoulos et al. 2020, phi(x) = elu(x) + 1, same
 Q/K/V/O projections and heads; `model.attention: linear`) and a rank-r factorised FFN
 (`model.ffn_rank: r`, the shipped configs use r = hidden/4). Both choices are ours: the paper does not
-publish its exact operators (see /work/shared/METHODS.md section 3).
+publish its exact operators (see METHODS.md section 3, beside the repository in ../shared).
 
 Phase 2 (`hook: core_refine`) turns it into the original BERT in the running job:
 
