@@ -147,6 +147,21 @@ def test_report_files_contain_every_method(tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
+def test_report_names_the_unigram_reference_and_each_run_s_distance_below_it(tmp_path):
+    _write_run(tmp_path / "baseline", [(10, 7.0, 0.1), (20, 6.5, 0.3)])
+    _write_run(tmp_path / "other", [(10, 6.0, 0.2), (20, 5.75, 0.35)])
+    for name in ("baseline", "other"):  # eval lines as the runner writes them
+        path = tmp_path / name / "metrics.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "heldout_unigram_loss": 7.25} if r["kind"] == "eval" else r) + "\n"
+                                for r in lines))
+    rep = R.compare_runs([R.summarise_run(n, f"{n}.yaml", tmp_path / n) for n in ("baseline", "other")])
+    assert R.unigram_reference(rep) == 7.25
+    md = R.write_report(rep, tmp_path / "out")["md"].read_text()
+    assert "nats below unigram" in md and "= 7.2500" in md
+    assert "| baseline (baseline) | ok | 6.5000 | 0.7500 |" in md and "| other | ok | 5.7500 | 1.5000 |" in md
+
+
 def test_torn_and_duplicate_metrics_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "eval", "step": 2, "heldout_loss": 5.0}\n{"kind": "eval", "step": 2, "heldout_loss": 4.0}\n'
@@ -255,6 +270,8 @@ def test_compare_end_to_end(tmp_path, tiny_data):
         assert [c["step"] for c in r["curve"]] == [3, 6, 9, 12]
         assert r["flops_source"] == "metrics" and r["total_flops"] > 0
         assert math.isfinite(r["final_loss"]) and 0 <= r["final_acc"] <= 1
+        assert math.isfinite(r["final_unigram"])  # the fixed positions' unigram loss, the same for both runs
+    assert rep["runs"][0]["final_unigram"] == rep["runs"][1]["final_unigram"]
     assert rep["target_heldout_loss"] == rep["runs"][0]["final_loss"]
     assert rep["runs"][0]["target"]["reached"]
     assert "run.seed=7" in rep["common_sets"] and "run.eval_every=3" in rep["common_sets"]

@@ -72,3 +72,39 @@ def test_short_seq_len_truncation(small_data_dir):
         assert torch.equal(tt, (torch.arange(12) > first_sep[:, None]).long())
     with pytest.raises(ValueError):
         next(plain.train_batches(4, seq_len=64))
+
+
+def test_heldout_mask_is_fixed_all_mask_and_independent_of_the_run(small_data_dir, data):
+    """The yardstick: the same positions whatever the batch size, the run's masking options or seed."""
+    plain = PretrainingData(small_data_dir, mlm_probability=0.4)
+    by5 = list(data.heldout_batches(5, seed=1))
+    by3 = list(plain.heldout_batches(3, seed=9))
+    labels5 = torch.cat([b["labels"] for b in by5])
+    ids5 = torch.cat([b["input_ids"] for b in by5])
+    assert torch.equal(labels5, torch.cat([b["labels"] for b in by3]))
+    assert torch.equal(ids5, torch.cat([b["input_ids"] for b in by3]))
+    target = labels5 != -100
+    assert (ids5[target] == data.special_ids["mask"]).all()  # every target is [MASK]: nothing to copy
+    original = torch.from_numpy(data._held_ids.astype("int64"))
+    assert torch.equal(ids5[~target], original[~target])  # nothing else changed
+    assert torch.equal(labels5[target], original[target])
+    maskable = ~data.collator.special[original]
+    assert not target[~maskable].any()
+    assert abs(float(target.sum() / maskable.sum()) - 0.15) < 0.03
+    # the training masking (80/10/10 at the run's rate) is still there on request, and differs
+    train_like = next(plain.heldout_batches(3, fixed_mask=False))
+    assert not torch.equal(train_like["labels"], by3[0]["labels"])
+
+
+def test_unigram_table_is_the_train_split_token_frequencies(data):
+    import numpy as np
+
+    logp = data.unigram_log_probs()
+    assert abs(float(logp.exp().sum()) - 1.0) < 1e-9
+    counts = np.bincount(data._train_ids.reshape(-1), minlength=data.vocab_size).astype(float)
+    special = data.collator.special.numpy() | ~data.collator.random_pool_mask().numpy()
+    counts = np.where(special, 0.0, counts + 1.0)  # add-one over the tokens that can be targets
+    np.testing.assert_allclose(logp.numpy()[~special], np.log(counts / counts.sum())[~special], rtol=1e-12)
+    assert torch.isinf(logp[torch.from_numpy(special)]).all()
+    labels = torch.tensor([[-100, 7, 9], [9, -100, -100]])
+    assert data.unigram_nll(labels) == pytest.approx(-float(logp[7] + 2 * logp[9]))

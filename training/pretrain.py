@@ -229,7 +229,9 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
     if rank == 0:
         ev = runner.last_eval
         print(f"done: {state.step} steps, {state.tokens:,} tokens, {state.wall_s:.0f} s"
-              + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f}" if ev else ""))
+              + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f} (fixed all-[MASK] "
+                 f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "
+                 f"{ev['heldout_below_unigram']:+.3f} nats below it)" if ev else ""))
         print(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
         print(f"  checkpoint: {out / 'checkpoints'}/{checkpoint.latest_tag(out / 'checkpoints')}")
         print(f"  HF model:   {exported}")

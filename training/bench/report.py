@@ -9,6 +9,8 @@ Definitions (also in BENCHMARKS.md):
 * time axis: the metrics' `wall_s`, i.e. seconds since the run's training loop started (process
   start-up, data loading, engine build and the final export are excluded; the in-loop held-out
   evaluations and checkpoints are included, at the same cadence for every method).
+* held-out loss: the fixed evaluation mask (training/data/loader.py FIXED_MASK_*: 15% of the held-out
+  positions, all [MASK], identical for every run), beside the unigram table's loss on the same positions.
 * target: the baseline's held-out MLM loss at its final evaluation.
 * time / tokens / FLOPs to target: the first crossing of the target by the run's eval curve *in its
   final stage*, linearly interpolated between the two eval points around it (an eval at or below the
@@ -154,6 +156,8 @@ class RunSummary:
     status: str = "ok"  # ok | failed (...) | missing
     final_loss: Optional[float] = None
     final_acc: Optional[float] = None
+    # The unigram table's loss on the same fixed held-out positions (a model that ignores context scores it).
+    final_unigram: Optional[float] = None
     final_step: Optional[int] = None
     total_wall_s: Optional[float] = None
     total_tokens: Optional[int] = None
@@ -217,7 +221,8 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
     for e in evals:
         s.curve.append({"step": e["step"], "wall_s": e.get("wall_s"), "tokens": e.get("tokens"),
                         "flops": flops_at(e.get("tokens", 0), points, last_fpt),
-                        "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage")})
+                        "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage"),
+                        "unigram": e.get("heldout_unigram_loss")})
     try:  # the cadence the run was configured with (stage-end evals come on top of it), and its last stage
         resolved = json.loads((run_dir / "config.resolved.json").read_text())
         s.final_stage = (resolved.get("stages") or [{}])[-1].get("name")
@@ -228,6 +233,7 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
     if evals:
         s.final_loss, s.final_acc, s.final_step = (evals[-1].get("heldout_loss"), evals[-1].get("heldout_acc"),
                                                    int(evals[-1]["step"]))
+        s.final_unigram = evals[-1].get("heldout_unigram_loss")
     last = train[-1] if train else (evals[-1] if evals else None)
     if last is not None:
         ends = [r.get("wall_s") for r in (train[-1:] + evals[-1:]) if r.get("wall_s") is not None]
@@ -273,7 +279,8 @@ def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
         "definitions": {
             "time": "metrics wall_s: seconds since the training loop started (excludes process start-up and "
                     "export; includes in-loop evals and checkpoints)",
-            "target": "baseline's final held-out MLM loss",
+            "target": "baseline's final held-out MLM loss at the fixed all-[MASK] evaluation positions",
+            "unigram": "loss of the training split's token-frequency table on the same positions (no context)",
             "to_target": "first crossing of the target by an eval of the run's final stage (the architecture it "
                          "delivers), linear interpolation between eval points",
             "speedup": "baseline time (tokens, FLOPs) to target / method's",
@@ -300,10 +307,16 @@ def _fmt(x, kind: str = "g") -> str:
     return f"{x:.4f}"
 
 
+def unigram_reference(report: dict) -> Optional[float]:
+    """The unigram table's loss on the fixed held-out positions (the baseline's, else any run's)."""
+    runs = sorted(report["runs"], key=lambda r: r["name"] != report["baseline"])
+    return next((r["final_unigram"] for r in runs if r.get("final_unigram") is not None), None)
+
+
 def markdown_table(report: dict) -> str:
-    head = ("| method | status | final held-out loss | final MLM acc | train time s | process s | "
-            "time to target s | tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| method | status | final held-out loss | nats below unigram | final MLM acc | train time s | "
+            "process s | time to target s | tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in report["runs"]:
         t = r.get("target") or {}
         reached = t.get("reached")
@@ -313,7 +326,8 @@ def markdown_table(report: dict) -> str:
             ttt, tok, fl = _fmt(t.get("wall_s"), "s"), _fmt(t.get("tokens"), "tok"), _fmt(t.get("flops"), "flops")
             sp, spf = _fmt(t.get("speedup_wall_s"), "x"), _fmt(t.get("speedup_flops"), "x")
         name = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
-        lines.append(f"| {name} | {r['status']} | {_fmt(r['final_loss'])} | {_fmt(r['final_acc'])} | "
+        below = (r["final_unigram"] - r["final_loss"]) if None not in (r.get("final_unigram"), r["final_loss"]) else None
+        lines.append(f"| {name} | {r['status']} | {_fmt(r['final_loss'])} | {_fmt(below)} | {_fmt(r['final_acc'])} | "
                      f"{_fmt(r['total_wall_s'], 's')} | {_fmt(r.get('process_s'), 's')} | {ttt} | {tok} | {fl} | {sp} | {spf} |")
     return "\n".join(lines)
 
@@ -323,6 +337,10 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
     text = [f"# Method comparison\n", preamble.strip() + "\n" if preamble.strip() else "",
             f"Target: the baseline (`{report['baseline']}`) final held-out MLM loss = "
             f"{_fmt(target)}.\n",
+            "Held-out loss: the fixed evaluation mask (15% of the held-out positions, every one [MASK], the same for "
+            "every run); unigram = the loss of a table of the training split's token frequencies on the same "
+            f"positions{' = ' + _fmt(unigram_reference(report)) if unigram_reference(report) is not None else ''}, "
+            "what a model that learned nothing from context scores.\n",
             markdown_table(report), "",
             "Train time = the runs' `wall_s` (training loop only: no start-up or export; in-loop evals, "
             "checkpoints and stage transitions included); all to-target values use it. Process s = the whole "
@@ -374,6 +392,9 @@ def plot_loss_vs_time(report: dict, path: str | Path, x: str = "wall_s") -> None
     target = report.get("target_heldout_loss")
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, label="target (baseline final)")
+    unigram = unigram_reference(report)
+    if unigram is not None:
+        ax.axhline(unigram, color="black", linestyle=":", linewidth=1.2, label="unigram table (no context)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out MLM loss")
     ax.set_title(f"Held-out loss vs {what} (| = stage boundary)")

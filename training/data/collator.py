@@ -50,6 +50,12 @@ class MLMCollator:
         self.mlm_probability, self.mask_ratio, self.random_ratio = mlm_probability, mask_ratio, random_ratio
         self.whole_word, self.nsp, self.nsp_probability, self.seed = whole_word, nsp, nsp_probability, seed
 
+    def random_pool_mask(self) -> torch.Tensor:
+        """Bool [vocab]: the tokens a random replacement may draw (not bracketed like [PAD] or [unused0])."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[self.random_pool] = True
+        return mask
+
     @classmethod
     def from_tokenizer_dir(cls, tokenizer_dir: str, **kwargs) -> "MLMCollator":
         with open(os.path.join(tokenizer_dir, "vocab.txt"), encoding="utf-8") as f:

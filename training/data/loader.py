@@ -19,6 +19,11 @@ from training.data.collator import MLMCollator, seed_for
 from training.errors import UserError
 
 PERM_STREAM, HELDOUT_STREAM = 11, 12
+# The held-out yardstick: the same positions for every run, method, seed and checkpoint. 15% of the non-special
+# positions of each held-out row (drawn from a fixed seed and the row's index), every one replaced by [MASK]:
+# no kept token to copy and no random one, whatever masking the run trains with (data.mlm_probability, 80/10/10).
+FIXED_MASK_SEED = 20261201
+FIXED_MASK_PROBABILITY = 0.15
 
 
 def _rows(ds) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +73,10 @@ class PretrainingData:
         self.collator = MLMCollator.from_tokenizer_dir(
             self.tokenizer_dir, mlm_probability=mlm_probability, whole_word=whole_word, nsp=nsp,
             mask_ratio=mask_ratio, random_ratio=random_ratio)
+        # No NSP swap either: segment B stays the row's own, so the positions do not depend on model.nsp.
+        self.fixed_mask_collator = MLMCollator.from_tokenizer_dir(
+            self.tokenizer_dir, mlm_probability=FIXED_MASK_PROBABILITY, mask_ratio=1.0, random_ratio=0.0)
+        self._unigram: torch.Tensor | None = None
 
     # -- metadata --------------------------------------------------------------------------------
     @property
@@ -90,6 +99,18 @@ class PretrainingData:
     @property
     def num_heldout_rows(self) -> int:
         return len(self._held_sep)
+
+    def unigram_log_probs(self) -> torch.Tensor:
+        """log p(token) [vocab] of the unigram table: token frequencies of the train split, add-one smoothed
+        over the non-special tokens (special tokens are never targets and get -inf). The cross-entropy of a
+        model that ignores its context; a masked-LM loss near it means nothing was learned from context."""
+        if self._unigram is None:
+            counts = torch.from_numpy(np.bincount(self._train_ids.reshape(-1).astype(np.int64),
+                                                  minlength=self.vocab_size)[: self.vocab_size].astype(np.float64))
+            special = self.collator.special | ~self.collator.random_pool_mask()
+            counts = torch.where(special, torch.zeros_like(counts), counts + 1.0)
+            self._unigram = (counts / counts.sum()).log()
+        return self._unigram
 
     # -- order -----------------------------------------------------------------------------------
     def epoch_permutation(self, seed: int, epoch: int) -> torch.Tensor:
@@ -148,15 +169,30 @@ class PretrainingData:
             step += 1
 
     def heldout_batches(self, batch_size: int, max_batches: int | None = None, seed: int = 0,
-                        seq_len: int | None = None) -> Iterator[dict]:
-        """Held-out rows in order with fixed masking: identical on every call with the same args."""
+                        seq_len: int | None = None, fixed_mask: bool = True) -> Iterator[dict]:
+        """Held-out rows in order. fixed_mask (the evaluation): the FIXED_MASK_* positions, all [MASK],
+        identical for any batch size, run, seed or model; else the training masking, seeded by `seed`.
+        `unigram_nll(batch["labels"])` scores a batch's targets with the unigram table."""
         seq_len = self._check_seq_len(seq_len)
         n = self.num_heldout_rows
+        if n == 0:
+            raise UserError(f"data dir {self.data_dir}: the held-out split has no rows; nothing to evaluate on")
         count = -(-n // batch_size)
         for b in range(count if max_batches is None else min(count, max_batches)):
             rows = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
-            yield self._collate(self._held_ids, self._held_sep, rows, rows,
-                                seed_for(seed, 0, HELDOUT_STREAM), seq_len)
+            if fixed_mask:
+                ids, sep = truncate(torch.from_numpy(self._held_ids[rows.numpy()].astype(np.int64)),
+                                    torch.from_numpy(self._held_sep[rows.numpy()].astype(np.int64)), seq_len,
+                                    self.collator.sep_id)
+                batch = self.fixed_mask_collator(ids, sep, sample_keys=rows, seed=FIXED_MASK_SEED)
+            else:
+                batch = self._collate(self._held_ids, self._held_sep, rows, rows,
+                                      seed_for(seed, 0, HELDOUT_STREAM), seq_len)
+            yield batch
+
+    def unigram_nll(self, labels: torch.Tensor) -> float:
+        """Summed cross-entropy (nats) of the unigram table over the targets in `labels` (-100 = none)."""
+        return float(-self.unigram_log_probs()[labels[labels != -100]].sum())
 
     def _check_seq_len(self, seq_len: int | None) -> int:
         if seq_len is None:

@@ -301,7 +301,10 @@ class StageRunner:
         module = self.engine.module
         was_training = module.training
         module.eval()
-        loss_sum = correct = count = 0.0
+        """The held-out yardstick: MLM loss and accuracy at the fixed all-[MASK] positions (training/data/
+        loader.py FIXED_MASK_*, the same for every run and checkpoint), beside the unigram table's loss on the
+        same positions and how far below it the model is (nats; <= 0 means nothing learned from context)."""
+        loss_sum = correct = count = unigram = 0.0
         batches = self.data.heldout_batches(self.cfg.run.eval_batch_size, max_batches=self.cfg.run.eval_batches)
         for i, batch in enumerate(batches):
             if i % self.world_size != self.rank:  # each rank takes its share of the fixed held-out batches
@@ -310,9 +313,14 @@ class StageRunner:
             loss_sum += float(out["mlm_loss"].float()) * float(out["mlm_count"])
             correct += float(out["mlm_correct"])
             count += float(out["mlm_count"])
+            unigram += self.data.unigram_nll(batch["labels"])
         module.train(was_training)
-        loss_sum, correct, count = _all_reduce_sum([loss_sum, correct, count])
-        return {"heldout_loss": loss_sum / max(count, 1.0), "heldout_acc": correct / max(count, 1.0)}
+        loss_sum, correct, count, unigram = _all_reduce_sum([loss_sum, correct, count, unigram])
+        if count == 0:  # a loss over nothing would read as a perfect 0.000
+            raise UserError(f"data.dir={self.cfg.data.dir}: the held-out evaluation has no masked token")
+        loss, unigram = loss_sum / count, unigram / count
+        return {"heldout_loss": loss, "heldout_acc": correct / count, "heldout_unigram_loss": unigram,
+                "heldout_below_unigram": unigram - loss}
 
     def _lr(self, step: int) -> float:
         return lr_at(self.lr_segments, step)
