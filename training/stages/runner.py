@@ -298,12 +298,12 @@ class StageRunner:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
         """The held-out yardstick: MLM loss and accuracy at the fixed all-[MASK] positions (training/data/
         loader.py FIXED_MASK_*, the same for every run and checkpoint), beside the unigram table's loss on the
         same positions and how far below it the model is (nats; <= 0 means nothing learned from context)."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
         loss_sum = correct = count = unigram = 0.0
         batches = self.data.heldout_batches(self.cfg.run.eval_batch_size, max_batches=self.cfg.run.eval_batches)
         for i, batch in enumerate(batches):
