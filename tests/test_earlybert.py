@@ -10,7 +10,7 @@ from training.engine import checkpoint
 from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig
 from training.model.flops import count_parameters
-from training.stages import earlybert as eb
+from training.stages import earlybert as eb, transfer
 from training.stages.hooks import HookContext, get_hook
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=32,
@@ -152,7 +152,7 @@ def test_pruning_dead_units_preserves_the_function_and_counts(tmp_path):
     new_cfg = hook.resolve(cfg, declared, weights, ctx)
     assert new_cfg.heads_per_layer == [3, 3] and new_cfg.ffn_per_layer == [44, 44] and not new_cfg.slimming
     pruned = BertForPreTraining(new_cfg).eval()
-    pruned.load_state_dict(hook.transform(weights, cfg, new_cfg, 1, ctx))  # strict: exactly its names/shapes
+    pruned.load_state_dict(hook.transform(weights, cfg, new_cfg, transfer.WEIGHTS, ctx))  # strict: names/shapes
     ids = _ids(seed=3, batch=3, seq=11)
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
@@ -169,26 +169,29 @@ def test_pruning_dead_units_preserves_the_function_and_counts(tmp_path):
     assert ticket["heads"] == [[1, 2, 3], [0, 2, 3]] and ticket["ffn_per_layer"] == [44, 44]
 
 
-def test_moments_are_cut_like_weights_and_scaled_by_the_folded_coefficient(tmp_path):
+def test_moments_are_cut_like_weights_and_scaled_like_the_folded_gradient(tmp_path):
+    """The folded column W * c gets the gradient / c: exp_avg x 1/c, exp_avg_sq x 1/c**2 (autograd:
+    tests/test_moments.py); coefficients' moments are dropped."""
     cfg, model = _slim_model_with_dead_units()
     hook = get_hook("prune")
     ctx = HookContext(step=5, out_dir=tmp_path, args={"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"})
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     new_cfg = hook.resolve(cfg, cfg.model_copy(update={"slimming": False}), weights, ctx)
     ones = {k: torch.ones_like(p) for k, p in model.named_parameters()}
-    m2 = hook.transform(ones, cfg, new_cfg, 2, ctx)
-    assert not any("coef" in k for k in m2)
     coef = model.bert.encoder.layer[0].attention.self.head_coef.detach()
-    o = m2["bert.encoder.layer.0.attention.output.dense.weight"]
-    assert o.shape == (32, 24)
-    torch.testing.assert_close(o[0, :8], coef[1].expand(8) ** 2)  # head 0 pruned; kept head 1 first
-    assert m2["bert.encoder.layer.0.attention.self.query.weight"].shape == (24, 32)
+    for power in (1, 2):
+        m = hook.transform(ones, cfg, new_cfg, power, ctx)
+        assert not any("coef" in k for k in m)
+        o = m["bert.encoder.layer.0.attention.output.dense.weight"]
+        assert o.shape == (32, 24)
+        torch.testing.assert_close(o[0, :8], (1 / coef[1]).expand(8) ** power)  # head 0 pruned; kept head 1 first
+        assert torch.equal(m["bert.encoder.layer.0.attention.self.query.weight"], torch.ones(24, 32))
 
 
 @pytest.mark.parametrize("stages,needle", [
     ("[{name: a, steps: 2}, {name: b, steps: 2, hook: prune, model: {slimming: false}}]", "slimming: true"),
-    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, model: {slimming: false}}]",
-     "optimizer_state: reset"),
+    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, optimizer_state: carry, "
+     "model: {slimming: false}}]", "optimizer_state: reset"),
     ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, optimizer_state: reset, "
      "model: {slimming: true}}]", "slimming: false"),
     ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
@@ -315,3 +318,17 @@ def test_a_bert_checkpoint_initialises_a_slimming_model_with_unit_coefficients(t
     with torch.no_grad():
         torch.testing.assert_close(slim(ids)["logits"], plain(ids)["logits"], rtol=0, atol=0)
         torch.testing.assert_close(slim(ids)["logits"], model(ids)["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_rewind_init_refuses_a_missing_or_stale_init_file(tmp_path):
+    """One rank (no process group): a plain load, with the one-line errors every rank would share."""
+    cfg, model = _slim_model_with_dead_units()
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UserError, match="rewind: init needs .*init.pt.*missing"):
+        eb.load_init_weights(tmp_path, weights)
+    eb.save_init_weights({k: v for k, v in weights.items() if "coef" not in k}, tmp_path)
+    with pytest.raises(UserError, match="does not match the search stage's model"):
+        eb.load_init_weights(tmp_path, weights)
+    eb.save_init_weights(weights, tmp_path)
+    loaded = eb.load_init_weights(tmp_path, weights)
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)

@@ -135,17 +135,22 @@ def test_grow_ffn_preserves_the_loss(norm):
     assert_same_function(model, load(new, grow_ffn(model.state_dict(), old, new)))
 
 
-def test_grow_ffn_scales_moments_by_k_to_the_moment():
-    old, new, k = cfg(), cfg(ffn_size=128), 2
+def test_grow_ffn_moments_scale_like_the_gradients_not_the_weights():
+    """exp_avg x g, exp_avg_sq x g**2 with g the gradient's factor (measured with autograd in
+    tests/test_moments.py): a copied output.dense column (weight / k) keeps its gradient, a copied
+    intermediate.dense row (weight unchanged) gets 1/k of it."""
+    old, new, k = cfg(), cfg(ffn_size=192), 3
     moments = {k_: torch.rand_like(p) + 0.5 for k_, p in random_model(old).named_parameters()}
-    name = LAYER.format(1) + "output.dense.weight"
+    w2, w1, b1 = (LAYER.format(1) + n for n in ("output.dense.weight", "intermediate.dense.weight",
+                                                "intermediate.dense.bias"))
     for moment in (1, 2):
         out = grow_ffn(moments, old, new, moment=moment)
         assert set(out) == {n for n, _ in BertForPreTraining(new).named_parameters()}
-        expected = moments[name].repeat(1, k) / k ** moment
-        torch.testing.assert_close(out[name], expected, rtol=0, atol=0)
-        w1 = LAYER.format(1) + "intermediate.dense.weight"
-        assert torch.equal(out[w1], moments[w1].repeat(k, 1))  # tiled, never scaled
+        assert torch.equal(out[w2], moments[w2].repeat(1, k))  # tiled, never scaled
+        torch.testing.assert_close(out[w1], moments[w1].repeat(k, 1) / k ** moment, rtol=0, atol=0)
+        torch.testing.assert_close(out[b1], moments[b1].repeat(k) / k ** moment, rtol=0, atol=0)
+        b2 = LAYER.format(1) + "output.dense.bias"
+        assert out[b2] is moments[b2]
 
 
 # ---------------------------------------------------------------------------------------- hidden
@@ -207,7 +212,9 @@ def test_grow_hidden_with_pruned_heads_preserves_the_loss():
     assert_same_function(model, load(new, grow_hidden(model.state_dict(), old, new)))
 
 
-def test_grow_hidden_scales_moments_by_k_to_the_moment():
+def test_grow_hidden_moments_scale_like_the_gradients_not_the_weights():
+    """Every tiled output axis: gradient x 1/k (Q weight divided by k too, embeddings not); the MLM
+    transform LayerNorm (weight / k for the tied decoder) keeps its gradient (autograd: tests/test_moments.py)."""
     old, new, k = cfg(), cfg(hidden_size=64, num_heads=4), 2
     moments = {n: torch.rand_like(p) + 0.5 for n, p in random_model(old).named_parameters()}
     for moment in (1, 2):
@@ -215,10 +222,13 @@ def test_grow_hidden_scales_moments_by_k_to_the_moment():
         assert set(out) == {n for n, _ in BertForPreTraining(new).named_parameters()}
         q = LAYER.format(0) + "attention.self.query.weight"
         torch.testing.assert_close(out[q], moments[q].repeat(k, k) / k ** moment, rtol=0, atol=0)
-        ln = "cls.predictions.transform.LayerNorm.weight"
-        torch.testing.assert_close(out[ln], moments[ln].repeat(k) / k ** moment, rtol=0, atol=0)
         emb = "bert.embeddings.word_embeddings.weight"
-        assert torch.equal(out[emb], moments[emb].repeat(1, k))
+        torch.testing.assert_close(out[emb], moments[emb].repeat(1, k) / k ** moment, rtol=0, atol=0)
+        for part in ("weight", "bias"):
+            ln = f"cls.predictions.transform.LayerNorm.{part}"
+            assert torch.equal(out[ln], moments[ln].repeat(k))
+        nsp = "cls.predictions.bias"
+        assert out[nsp] is moments[nsp]
 
 
 # ---------------------------------------------------------------------------------------- seq

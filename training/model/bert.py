@@ -4,7 +4,9 @@ Parameter names and shapes match `transformers.BertForPreTraining`, so HF checkp
 and an exported post-LN model loads back into HF (see `training.model.hf`). Differences from HF:
 
 * The pooler (`bert.pooler.dense`) and `cls.seq_relationship` exist only when `cfg.nsp` is true; an
-  MLM-only model never trains them. `export_hf` fills them with freshly initialised weights.
+  MLM-only model never trains them. `export_hf` fills them with freshly initialised weights, except a
+  pooler imported from an HF checkpoint: with `cfg.carry_pooler` it is carried as fp32 buffers
+  (`CarriedPooler`), never trained, and exported as imported.
 * `norm: pre` reuses the two per-layer LayerNorms (`attention.output.LayerNorm`, `output.LayerNorm`)
   as the LayerNorms *before* each sub-layer and adds `bert.encoder.final_layer_norm`. Same names,
   different maths, so a Pre-LN model cannot be exported to HF.
@@ -321,8 +323,32 @@ class Pooler(nn.Module):
         return torch.tanh(self.dense(hidden[:, 0]))
 
 
+class _CarriedLinear(nn.Module):
+    """A Linear's weight and bias as persistent fp32 buffers: in the state dict (checkpoints, stage transitions,
+    export) under the Linear's names, but no parameter, so no optimizer, gradient or DeepSpeed bf16/fp16 cast
+    (DeepSpeed casts parameters only) ever changes them. Zeros until loaded (training.model.hf)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(out_features, in_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class CarriedPooler(Pooler):
+    """The pooler of an MLM-only model started from an HF checkpoint (cfg.carry_pooler): MLM never uses it;
+    it is carried untrained so the export writes back the imported one (load_hf_weights fills it)."""
+
+    def __init__(self, cfg: ModelConfig):
+        nn.Module.__init__(self)
+        self.dense = _CarriedLinear(cfg.hidden_size, cfg.hidden_size)
+
+
 class Bert(nn.Module):
-    """Embeddings + encoder (+ pooler when cfg.nsp). forward returns the last hidden states."""
+    """Embeddings + encoder (+ pooler when cfg.nsp; untrained when cfg.carry_pooler). forward returns the last
+    hidden states."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -330,6 +356,8 @@ class Bert(nn.Module):
         self.encoder = Encoder(cfg)
         if cfg.nsp:
             self.pooler = Pooler(cfg)
+        elif cfg.carry_pooler:
+            self.pooler = CarriedPooler(cfg)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
                 layer_drop_generator=None):

@@ -78,3 +78,16 @@ class ModelConfig(BaseModel):
         if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
             raise ValueError(f"model.ffn_rank must be in [1, {min(self.hidden_size, self.ffn_size)}]")
         return self
+
+    # An MLM-only model (nsp false) carries the pooler (bert.pooler.dense) of its `init_from_hf` checkpoint
+    # untrained, so the HF export writes it back as imported (not freshly drawn). Set by the run when the
+    # checkpoint has one. It is held as fp32 buffers: no optimizer, no bf16 cast, no gradient touches it.
+    carry_pooler: bool = False
+
+    @model_validator(mode="after")
+    def _check_carry_pooler(self) -> "ModelConfig":
+        if self.carry_pooler and self.nsp:
+            raise ValueError("model.carry_pooler is for nsp: false models; with nsp the pooler is trained")
+        if self.carry_pooler and not self.init_from_hf:
+            raise ValueError("model.carry_pooler needs model.init_from_hf (it carries that checkpoint's pooler)")
+        return self

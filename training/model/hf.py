@@ -1,6 +1,15 @@
 """Hugging Face interop: read a BERT config/checkpoint, export to `transformers.BertForPreTraining`.
 
 Only local directories are read (no hub access). transformers is imported lazily, in export only.
+
+Every tensor of an imported checkpoint that the model has survives import -> train -> export under its HF
+name: trained ones as trained, and the pooler (`bert.pooler.dense`) of an MLM-only model (nsp false) as
+imported. MLM never uses that pooler, so `model.init_from_hf` sets `model.carry_pooler` when the checkpoint
+has one: the model then holds it as fp32 buffers (bert.CarriedPooler), which no optimizer, gradient or bf16
+cast touches, which checkpoints and stage transitions carry, and which `export_hf` writes back instead of a
+freshly drawn pooler. With nsp true the pooler is a trained parameter like any other. Checkpoint tensors
+the model has no place for (an NSP classifier `cls.seq_relationship` when nsp is false) are dropped at
+import; the export then draws that classifier fresh (seeded), as HF's pre-training class needs one.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ TIED_ALIASES = {
 }
 # Present in some checkpoints, never parameters of ours: skipped silently.
 IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+POOLER_KEYS = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")
 
 
 def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
@@ -64,6 +74,22 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
         return ModelConfig(**fields)
     except ValidationError as err:
         raise UserError(f"{path}: invalid model config: {err}") from None
+
+
+def _checkpoint_names(hf_dir: Path) -> list[str]:
+    """The tensor names of the checkpoint in `hf_dir` (safetensors: without reading the tensors)."""
+    st = hf_dir / "model.safetensors"
+    if st.is_file():
+        from safetensors import safe_open
+        with safe_open(str(st), framework="pt") as f:
+            return list(f.keys())
+    return list(_read_checkpoint(hf_dir))
+
+
+def checkpoint_has_pooler(hf_dir: PathLike) -> bool:
+    """Whether the HF checkpoint in `hf_dir` holds a pooler (bert.pooler.dense, any HF key spelling)."""
+    names = _normalise_keys(dict.fromkeys(_checkpoint_names(Path(hf_dir))))
+    return all(k in names for k in POOLER_KEYS)
 
 
 def _read_checkpoint(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -118,9 +144,10 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
 
     Returns the names of our parameters the checkpoint lacked; these keep their init. Only head
     tensors (cls.*, bert.pooler.*) may be missing: a missing embedding/encoder tensor, an extra
-    encoder layer or a shape mismatch raises UserError. Checkpoint heads our model does not have
-    (pooler / NSP when cfg.nsp is false) are ignored. Full-rank FFN weights are SVD-factorised into
-    a low-rank model (cfg.ffn_rank).
+    encoder layer or a shape mismatch raises UserError. A model with cfg.carry_pooler gets the
+    checkpoint's pooler into its carried (untrained) buffers, and needs it there. Checkpoint heads our
+    model has no place for (pooler without carry_pooler, NSP classifier when cfg.nsp is false) are
+    ignored. Full-rank FFN weights are SVD-factorised into a low-rank model (cfg.ffn_rank).
     """
     hf_dir = Path(hf_dir)
     if model.cfg.norm == "pre":
@@ -131,7 +158,12 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
         _factorise_ffn(state, model)
 
     ours = dict(model.named_parameters())  # de-duplicated: tied decoder names are not listed
-    unexpected = [k for k in state if k not in ours and k not in IGNORED_KEYS]
+    carried = {name: b for name, b in model.named_buffers() if name in POOLER_KEYS}  # cfg.carry_pooler
+    lacking = [k for k in carried if k not in state]
+    if lacking:
+        raise UserError(f"{hf_dir}: checkpoint lacks {lacking[0]}, which model.carry_pooler carries; "
+                        "set model.carry_pooler: false")
+    unexpected = [k for k in state if k not in ours and k not in carried and k not in IGNORED_KEYS]
     body_extra = [k for k in unexpected if k.startswith(("bert.embeddings.", "bert.encoder."))]
     if body_extra:
         raise UserError(f"{hf_dir}: checkpoint tensor {body_extra[0]} has no counterpart in the model "
@@ -146,12 +178,12 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
     if body_missing:
         raise UserError(f"{hf_dir}: checkpoint lacks {body_missing[0]} ({len(body_missing)} "
                         f"embedding/encoder tensors missing)")
-    for name, param in ours.items():
+    for name, param in {**ours, **carried}.items():
         if name in state and tuple(state[name].shape) != tuple(param.shape):
             raise UserError(f"{hf_dir}: tensor {name} has shape {tuple(state[name].shape)} in the "
                             f"checkpoint but {tuple(param.shape)} in the model")
     with torch.no_grad():
-        for name, param in ours.items():
+        for name, param in {**ours, **carried}.items():
             if name in state:
                 param.copy_(state[name])
     if missing:
@@ -186,7 +218,8 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
 
     Weights are written as float32 safetensors. The tied decoder tensors are left out (HF re-ties
     them). A model without NSP gets a freshly initialised pooler and NSP classifier (seeded, so
-    exports are reproducible) because HF's pre-training class always has them.
+    exports are reproducible) because HF's pre-training class always has them; a pooler it carries
+    (cfg.carry_pooler: imported with model.init_from_hf) is written as imported instead.
     """
     from safetensors.torch import save_file
     from transformers import BertConfig
@@ -207,6 +240,8 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
         tensors["bert.pooler.dense.bias"] = torch.zeros(hidden)
         tensors["cls.seq_relationship.weight"] = torch.randn(2, hidden, generator=gen) * std
         tensors["cls.seq_relationship.bias"] = torch.zeros(2)
+        tensors.update({name: b.detach().to("cpu", torch.float32).contiguous()  # carried: as imported
+                        for name, b in model.named_buffers() if name in POOLER_KEYS})
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
     hf_cfg = BertConfig(

@@ -15,12 +15,14 @@ Phase 2 (`hook: core_refine`) turns it into the original BERT in the running job
 * attention becomes softmax attention (whatever softmax backend the stage declares: sdpa, eager, fused).
   This changes the function: the refine phase retrains for far fewer steps.
 
-Optimizer state (`optimizer_state: carry`): every copied parameter keeps its Adam/LAMB moments. The
-moments of the factors say nothing about the moments of their product, so the new full FFN weights
-start with fresh state: the transform drops them from exp_avg_sq (moment=2), and
-`transfer.load_into_engine` installs state only for a parameter present in both exp_avg and exp_avg_sq
-(all or nothing per parameter). The moment=1 call cannot tell weights from exp_avg (the runner passes
-both with moment=1), so it multiplies the factors' exp_avg too; that product is never installed.
+Optimizer state (`optimizer_state: carry`): every copied parameter keeps its Adam/LAMB moments,
+unscaled. Moments follow the gradients (see growth.py), and there is no exact gradient rule here: the
+switch to softmax attention changes the function, so every gradient changes; copying is the documented
+option (with the attention unchanged, refining only the FFN, the copied tensors' gradients are exactly
+the old ones: tests/test_moments.py). The moments of the factors say nothing about the moments of their
+product (the factors' gradients are V^T G and G U^T of the product's G, which cannot be inverted), so
+the new full FFN weights start with fresh state: the moment transforms (moment 1 and 2) drop them, and
+`transfer.load_into_engine` installs state only for a parameter present in both exp_avg and exp_avg_sq.
 
 `python -m training.stages.core --config C` prints each stage's parameter count and training FLOPs
 per token (training.model.flops), relaxed vs full.
@@ -69,11 +71,11 @@ def _ffn_prefixes(cfg: ModelConfig) -> list[str]:
     return [f"bert.encoder.layer.{i}.{part}." for i in range(cfg.num_layers) for part in ("intermediate", "output")]
 
 
-def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
     """Low-rank FFN factors -> full FFN weights (W = V U, bias from dense_v); other tensors pass through.
 
-    moment 1 (weights; also exp_avg, see the module doc): the product. moment 2 (exp_avg_sq): the FFN
-    entries are dropped, so the new full weights start with fresh optimizer state.
+    moment 0 (weights): the product. moment 1 or 2 (exp_avg, exp_avg_sq): the FFN entries are dropped, so
+    the new full weights start with fresh optimizer state; the other moments pass through (x 1).
     """
     if old.ffn_rank is None:
         return dict(tensors)
@@ -81,7 +83,7 @@ def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int
     for prefix in _ffn_prefixes(old):
         u_key, v_key, vb_key = prefix + "dense_u.weight", prefix + "dense_v.weight", prefix + "dense_v.bias"
         u, v, vb = out.pop(u_key, None), out.pop(v_key, None), out.pop(vb_key, None)
-        if moment != 1:
+        if moment != 0:
             continue
         if u is not None and v is not None:
             # fp64 accumulation: the product of fp32 factors, rounded once.

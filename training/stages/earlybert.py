@@ -26,16 +26,19 @@ slimming (**our choice**: the pruned model is a plain per-layer-sized BERT, no p
 pruned rows/columns: smaller Linear layers, fewer heads (head_dim unchanged).
 
 `rewind: init` (default, as the authors' code reloading the step-0 checkpoint) replaces the weights by
-those saved at the search stage's first step (`OUT/earlybert/init.pt`, rank 0, written by the search
+those saved at the search stage's first step (`OUT/earlybert/init.pt`, written by rank 0's search
 watcher) before pruning; it needs `optimizer_state: reset` (moments of trained weights do not belong
 to rewound ones). `rewind: keep` continues from the searched weights; with `optimizer_state: carry`
-the moments are cut like their weights and scaled by c^power where a coefficient is folded (Adam's
-m/sqrt(v) is unchanged by that scaling, see growth.py for the convention); coefficients' own moments
-are dropped.
+the moments are cut like their weights and, where a coefficient c is folded into a column, scaled like
+that column's *gradient*, which folding multiplies by 1/c (exp_avg x 1/c, exp_avg_sq x 1/c**2; see
+fold_slimming, and growth.py for why moments follow gradients); coefficients' own moments are dropped.
 
-Files under OUT/earlybert/ (rank 0): `init.pt` (rewind: init), `search.json` (every mask drawn, so a
-resumed search continues exactly; entries after the resume step are ignored), `ticket.json` (the
-ticket: step, reason, kept head and neuron indices per layer).
+Files under OUT/earlybert/, written and read by rank 0 only: `init.pt` (rewind: init), `search.json`
+(every mask drawn, so a resumed search continues exactly; entries after the resume step are ignored),
+`ticket.json` (the ticket: step, reason, kept head and neuron indices per layer). Nodes need not share a
+file system: at the prune boundary rank 0 broadcasts the initial weights (one flat buffer), and a resumed
+search broadcasts the masks read from search.json, so every rank rewinds to the same weights and reaches
+the same early-bird decision whatever its own OUT holds (nothing, or a stale file of an earlier run).
 
 Runner integration: the prune hook is a `WatchingHook`; for the stage *before* a stage whose hook has a
 `watch` factory, the runner creates `watch(ctx, write_metrics, rank)`, calls `start(step, stage_step,
@@ -256,13 +259,82 @@ def save_init_weights(tensors: Tensors, out_dir: Path) -> Path:
     return path
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _from_rank0(obj):
+    """Rank 0's `obj` on every rank (a small picklable object; no-op on one rank)."""
+    import torch.distributed as dist
+    if _world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_init_weights(out_dir: Path, like: Tensors) -> Tensors:
+    """The search stage's initial weights (rewind: init), identical on every rank. Collective: all ranks call.
+
+    Why a broadcast rather than every rank reading the file: only rank 0 writes init.pt, and without a
+    shared file system the other nodes' OUT holds no copy or a stale one from an earlier run; having every
+    rank write its own copy instead would put world_size copies on a shared one. So rank 0 reads and checks
+    the file, all ranks agree on the outcome (one small broadcast, so a missing file is the same error
+    everywhere rather than a hang), then rank 0 sends the weights as one flat fp32 buffer. `like` (this
+    rank's current weights: the same names and shapes on every rank) gives the layout; tensors it shares
+    (the tied decoder weight) travel once.
+    """
+    path = earlybert_dir(out_dir) / "init.pt"
+    rank, world = _world()
+    init, error = None, None
+    if rank == 0:
+        if not path.is_file():
+            error = (f"rewind: init needs {path}, saved at the search stage's first step; it is missing "
+                     "(use rewind: keep, or rerun the search stage from its start)")
+        else:
+            init = torch.load(path, map_location="cpu", weights_only=True)
+            if set(init) != set(like) or any(init[k].shape != like[k].shape for k in like):
+                error = f"{path} does not match the search stage's model (a stale file from another run?)"
+    error = _from_rank0(error)
+    if error is not None:
+        raise UserError(error)
+    if world == 1:
+        return init
+    import torch.distributed as dist
+
+    names, alias, seen = [], {}, {}
+    for name in sorted(like):  # the same order on every rank
+        first = seen.setdefault(id(like[name]), name)
+        if first == name:
+            names.append(name)
+        else:
+            alias[name] = first
+    sizes = [like[n].numel() for n in names]
+    on_gpu = dist.get_backend() == "nccl"  # NCCL moves device tensors only, gloo host ones
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    if rank == 0:
+        flat = torch.cat([init[n].reshape(-1).float() for n in names]).to(device)
+    else:
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    dist.broadcast(flat, src=0)
+    parts = flat.cpu().split(sizes)
+    out = {n: t.view(like[n].shape) for n, t in zip(names, parts)}
+    out.update({n: out[first] for n, first in alias.items()})
+    return {n: out[n] for n in like}
+
+
 # ------------------------------------------------------------------------------------- early-bird search
 
 class EarlyBirdSearch:
     """Draws masks every `interval` steps; True from observe() once the last `window` masks agree.
 
     Also saves the search stage's initial weights for `rewind: init`. Every rank runs it on the same
-    (replicated) coefficients and reaches the same decision without communication; only rank 0 writes.
+    (replicated) coefficients and reaches the same decision without communication; only rank 0 writes
+    and reads the files (a resumed search gets rank 0's masks by broadcast, see the module doc).
     """
 
     def __init__(self, args: PruneArgs, out_dir: Path, write: Callable[[dict], None] = lambda r: None,
@@ -282,23 +354,35 @@ class EarlyBirdSearch:
     def start(self, step: int, stage_step: int, engine) -> bool:
         """At the search stage's (re)start. A fresh stage (stage_step 0) saves the initial weights (rewind:
         init) and forgets any earlier search; a resumed one reloads the masks drawn up to `step`. Returns
-        True when the ticket had already been drawn at `step` (a checkpoint taken at the draw)."""
+        True when the ticket had already been drawn at `step` (a checkpoint taken at the draw). Every rank
+        calls it (it holds collectives)."""
         self.history, self.records, self.drawn_step = [], [], None
+        init_path = earlybert_dir(self.out_dir) / "init.pt"
         if stage_step == 0:
-            if self.args.rewind == "init" and self.rank == 0:
+            if self.args.rewind == "init":
                 from training.stages import transfer
-                path = save_init_weights(transfer.fp32_weights(engine), self.out_dir)
-                log.info("EarlyBERT: saved the search stage's initial weights to %s (rewind: init)", path)
+                # Every rank: under ZeRO 1/2 assembling the fp32 masters is a collective.
+                weights = transfer.fp32_weights(engine)
+                if self.rank == 0:
+                    save_init_weights(weights, self.out_dir)
+                    log.info("EarlyBERT: saved the search stage's initial weights to %s (rewind: init)", init_path)
+                del weights
             if self.rank == 0 and self.path.exists():
                 self.path.unlink()
             return False
-        if self.args.rewind == "init" and not (earlybert_dir(self.out_dir) / "init.pt").is_file():
+        # Resumed mid-search: only rank 0's files count (it alone wrote them, and the prune boundary reads
+        # init.pt there), so only rank 0 checks and reads; the masks reach the other ranks by broadcast.
+        if self.rank == 0 and self.args.rewind == "init" and not init_path.is_file():
             log.warning("EarlyBERT: %s is missing; the prune stage's rewind: init will fail (use rewind: keep)",
-                        earlybert_dir(self.out_dir) / "init.pt")
-        if self.path.is_file():
+                        init_path)
+        saved = None
+        if self.rank == 0 and self.path.is_file():
+            saved = json.loads(self.path.read_text()).get("masks", [])
+        saved = _from_rank0(saved)
+        if saved:
             heads, neurons = coefficients(engine)
             head_sizes, ffn_sizes = [c.numel() for c in heads], [c.numel() for c in neurons]
-            for rec in json.loads(self.path.read_text()).get("masks", []):
+            for rec in saved:
                 if rec["step"] > step:
                     continue
                 self.records.append(rec)
@@ -341,12 +425,29 @@ class EarlyBirdSearch:
 
 # ------------------------------------------------------------------------------------------ the weights
 
-def fold_slimming(tensors: Tensors, cfg: ModelConfig, coefs: Optional[tuple] = None, moment: int = 1) -> Tensors:
+def _column_scale(c: torch.Tensor, dtype: torch.dtype, moment: int) -> torch.Tensor:
+    """The factor a folded column gets: c for the weight (moment 0); (1/c)**moment for a moment, as its
+    gradient gets 1/c. Where c == 0 the search model's gradient of that column was identically 0, so
+    there is nothing to carry: 0 (a fresh moment)."""
+    c = c.to(dtype)
+    if moment == 0:
+        return c
+    dead = c == 0
+    inverse = torch.where(dead, torch.zeros_like(c), 1 / torch.where(dead, torch.ones_like(c), c))
+    return inverse ** moment
+
+
+def fold_slimming(tensors: Tensors, cfg: ModelConfig, coefs: Optional[tuple] = None, moment: int = 0) -> Tensors:
     """Multiply each coefficient into the Linear that consumes what it scales, and drop the coefficients.
 
     Head h of layer i: columns [h*D, (h+1)*D) of attention.output.dense.weight; neuron j: column j of
     output.dense.weight (output.dense_u.weight for a low-rank FFN). The function is unchanged.
-    `coefs`: the coefficient values when `tensors` are optimizer moments (scaled by c**moment).
+    moment 0 (weights): those columns x c. Moments follow the gradients (growth.py): the search model's
+    column reads c*a, the folded one reads a, so the folded column's gradient is the old one x 1/c, and
+    exp_avg (moment 1) gets 1/c, exp_avg_sq (moment 2) 1/c**2 (a column with c == 0: 0, see
+    _column_scale). Every other tensor's gradient is unchanged (x 1): the folded Linear passes the same
+    gradient back to its input as the coefficient did.
+    `coefs`: the coefficient values when `tensors` are optimizer moments (they hold no coefficients).
     """
     heads, neurons = coefficients(coefs if coefs is not None else tensors)
     out = dict(tensors)
@@ -354,13 +455,13 @@ def fold_slimming(tensors: Tensors, cfg: ModelConfig, coefs: Optional[tuple] = N
         p = _layer(i)
         out.pop(p + HEAD_COEF, None)
         out.pop(p + NEURON_COEF, None)
-        scale_h = heads[i].repeat_interleave(cfg.head_dim) ** moment
         key = p + "attention.output.dense.weight"
         if key in out:
-            out[key] = out[key] * scale_h.to(out[key].dtype)[None, :]
+            scale = _column_scale(heads[i].repeat_interleave(cfg.head_dim), out[key].dtype, moment)
+            out[key] = out[key] * scale[None, :]
         key = p + ("output.dense.weight" if cfg.ffn_rank is None else "output.dense_u.weight")
         if key in out:
-            out[key] = out[key] * (neurons[i] ** moment).to(out[key].dtype)[None, :]
+            out[key] = out[key] * _column_scale(neurons[i], out[key].dtype, moment)[None, :]
     return out
 
 
@@ -441,6 +542,8 @@ def _resolve(old: ModelConfig, declared: ModelConfig, tensors: Tensors, ctx: Hoo
 
 
 def _transform(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int, ctx: HookContext) -> Tensors:
+    """Fold, then cut (moment 0: the weights; 1, 2: optimizer moments, see fold_slimming). With rewind: init
+    the weights are first replaced by the search stage's initial ones: a collective, every rank calls."""
     args = parse_args(ctx.args)
     state = getattr(ctx, "earlybert", None)
     if state is None:  # called without resolve (tests): the tensors must be weights with coefficients
@@ -448,14 +551,10 @@ def _transform(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int
         state = {"ticket": draw_ticket(heads, neurons, args.ratio_heads, args.ratio_ffn), "coefs": (heads, neurons)}
     coefs = state["coefs"]
     if args.rewind == "init":
-        path = earlybert_dir(ctx.out_dir) / "init.pt"
-        if not path.is_file():
-            raise UserError(f"rewind: init needs {path}, saved at the search stage's first step; it is missing "
-                            "(use rewind: keep, or rerun the search stage from its start)")
-        init = torch.load(path, map_location="cpu", weights_only=True)
-        if set(init) != set(tensors) or any(init[k].shape != tensors[k].shape for k in tensors):
-            raise UserError(f"{path} does not match the search stage's model (a stale file from another run?)")
-        tensors, coefs = init, None  # the initial coefficients (1) are folded
+        if moment != 0:
+            raise ValueError("rewind: init restarts from the initial weights: their optimizer state is fresh, "
+                             "no moments carry over (optimizer_state: reset)")
+        tensors, coefs = load_init_weights(ctx.out_dir, tensors), None  # the initial coefficients (1) are folded
     return prune_tensors(fold_slimming(tensors, old, coefs, moment), old, state["ticket"])
 
 

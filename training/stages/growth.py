@@ -2,23 +2,48 @@
 
 Every operator is a pure function on a name -> tensor dict,
 
-    op(tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> dict[str, Tensor]
+    op(tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> dict[str, Tensor]
 
-so the runner applies the *same* operator to the model state dict, to the optimizer's `exp_avg`
-(moment=1) and to its `exp_avg_sq` (moment=2): where a weight is multiplied by s, its first moment is
-multiplied by s and its second by s**2. Inputs are never modified; tensors an operator does not
-change are passed through (same object), new copies are fresh tensors. Keys are Hugging Face
-BertForPreTraining names; any subset works (a state dict has the tied `cls.predictions.decoder.*`
-keys, `named_parameters()` does not) and the result has exactly the keys of the grown model.
+and the runner applies the *same* operator to the model state dict (moment=0), to the optimizer's
+`exp_avg` (moment=1) and to its `exp_avg_sq` (moment=2): the tensors are copied/tiled alike, but the
+scale differs. Inputs are never modified; tensors an operator does not change are passed through (same
+object), new copies are fresh tensors. Keys are Hugging Face BertForPreTraining names; any subset works
+(a state dict has the tied `cls.predictions.decoder.*` keys, `named_parameters()` does not) and the
+result has exactly the keys of the grown model.
+
+Optimizer moments follow the gradients, not the weights. Each operator knows, per tensor, the factor g
+its gradient gets on the grown model (measured with autograd in tests/test_moments.py); `exp_avg` is
+multiplied by g and `exp_avg_sq` by g**2, so the carried moments are what the grown model's own gradients
+would have accumulated. For the width operators the weight's factor and the gradient's differ:
+
+* a Linear whose *input* axis is tiled sums k copies of each input, so its weight is divided by k, but
+  each entry still sees the same input and the same output gradient: g = 1 (e.g. output.dense after
+  grow_ffn);
+* a tensor whose *output* axis is tiled feeds k copies of a unit, and the k copies share that unit's
+  gradient (their sum is what the next layer reads): g = 1/k (e.g. intermediate.dense after grow_ffn,
+  weight unchanged; in grow_hidden every LayerNorm, embedding table and hidden-output Linear);
+* grow_hidden's MLM-transform LayerNorm (gamma, beta divided by k for the tied decoder) scales its
+  output by 1/k, so its gradient gets k times more: g = k * 1/k = 1.
+
+Scaling the moments like the weights instead (m x s, v x s**2) leaves m/sqrt(v) right at the boundary,
+but the next gradients arrive at the g scale: Adam/LAMB steps on those tensors are off by k for about
+1/(1 - beta2) steps, until v has forgotten the carried value.
 
 Operators and what they preserve:
 
-* `stack`       depth L -> n*L: new layer i is a copy of old layer i % L. Not function-preserving.
-* `grow_ffn`    FFN inner size x k, Net2Net tiling: exactly function-preserving.
-* `grow_hidden` hidden size x k with heads x k (head_dim fixed): exactly function-preserving.
+* `stack`       depth L -> n*L: new layer i is a copy of old layer i % L. Not function-preserving, so no
+                gradient rule exists for the copies: their moments are copies of the source layer's,
+                unscaled (`optimizer_state: carry`; the stacking authors' unused copy option).
+* `grow_ffn`    FFN inner size x k, Net2Net tiling: exactly function-preserving; exact gradient rule.
+* `grow_hidden` hidden size x k with heads x k (head_dim fixed): exactly function-preserving; exact
+                gradient rule.
 * `grow_seq`    longer position table (rows copied cyclically); the function on positions below the
-                old max_position is unchanged.
-* `compose(kinds)` / `grow`: several at once, always in the order of KINDS.
+                old max_position is unchanged, and so are those rows' gradients (g = 1). The new rows
+                get no gradient until a longer batch reaches them, so no rule exists for them: their
+                moments are copied cyclically like the weights (trained statistics rather than zeros:
+                with zeros and a late step count Adam's first step there is (1 - beta1)/sqrt(1 - beta2),
+                about 3x the learning rate, in the gradient's sign).
+* `compose(kinds)` / `grow`: several at once, always in the order of KINDS; each step's rule applies.
 
 Widening convention: new unit j of a grown axis is a copy of old unit j % d ("tile", torch.repeat).
 Tiling, not interleaving, is what keeps attention heads whole: Q/K/V rows are laid out head by head,
@@ -28,6 +53,7 @@ so tiling the [H*head_dim] axis makes new head h an exact copy of old head h % H
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Callable, Iterable, Optional, Union
 
 import torch
@@ -162,38 +188,57 @@ def _roles(name: str) -> tuple[str, ...]:
 
 def _widen(tensors: Tensors, factors: dict[str, int], moment: int,
            extra_divisor: Callable[[str], int] = lambda name: 1) -> Tensors:
-    """Tile every axis whose role is in `factors` by its factor; divide by k per tiled input axis.
+    """Tile every axis whose role is in `factors` by its factor, then scale: the width rule, once.
 
-    Divides by an integer (t / k**moment) rather than multiplying by 1/k: bit-identical to the
-    textbook formula W / k, which the tests compare against exactly."""
+    Per tensor, with `fan_in` the product of k over its tiled input (lower-case) axes, `copies` that over
+    its tiled output (upper-case) axes and `extra = extra_divisor(name)` (a divisor that scales the
+    tensor's output, see grow_hidden):
+        weight (moment 0)          W / (fan_in * extra)
+        gradient                   g = extra / copies  (a copy gets 1/k of the unit's gradient; a tensor
+                                   whose output is scaled by 1/extra gets extra times the gradient)
+        moment m (1: exp_avg, 2: exp_avg_sq)   M * g**m
+    Divides by integers (t / k**m) rather than multiplying by 1/k: bit-identical to the textbook formula
+    W / k, which the tests compare against exactly."""
     out = {}
     for name, t in tensors.items():
         roles = _roles(name)
         if len(roles) != t.dim():
             raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {len(roles)} dims")
-        divisor = extra_divisor(name)
+        fan_in = copies = 1
         for axis, role in enumerate(roles):
             k = factors.get(role.upper(), 1)
             if k > 1:
                 t = t.repeat(*(k if a == axis else 1 for a in range(t.dim())))
                 if role.islower():
-                    divisor *= k
-        out[name] = t / divisor ** moment if divisor != 1 else t
+                    fan_in *= k
+                else:
+                    copies *= k
+        extra = extra_divisor(name)
+        if moment == 0:
+            num, den = 1, fan_in * extra
+        else:
+            g = Fraction(extra, copies) ** moment
+            num, den = g.numerator, g.denominator
+        if num != 1:
+            t = t * num
+        out[name] = t / den if den != 1 else t
     return out
 
 
-def grow_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+def grow_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
     """FFN inner size x k (Net2Net, as the CompoundGrow authors' code), exactly function-preserving.
 
     intermediate.dense [F, H] -> [kF, H]: rows tiled (W1'[i] = W1[i % F]), bias tiled, so the k
     copies of each inner neuron compute the same activation. output.dense [H, F] -> [H, kF]: columns
     tiled and divided by k (W2'[:, j] = W2[:, j % F] / k), so the k copies sum back to one. b2 as is.
+    Gradients (hence moments, see the module doc): W1 and b1 rows x 1/k (each copy gets 1/k of the
+    neuron's gradient), W2 columns x 1 (weight / k, same input, same output gradient), the rest x 1.
     """
     validate_growth("ffn", old, new)
     return _widen(tensors, {"F": new.ffn_size // old.ffn_size}, moment)
 
 
-def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
     """Hidden size x k, heads x k (head_dim fixed), exactly function-preserving.
 
     The hidden state h becomes tile(h, k) everywhere:
@@ -207,6 +252,11 @@ def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: in
     absorbed by the embedding LayerNorm only up to its eps. So the 1/k goes on the MLM transform's
     LayerNorm gamma and beta (the decoder's input): exact, at the cost of that LN's affine starting
     at gamma/k instead of gamma. Pooler and NSP head follow the Linear rule.
+    Gradients (hence moments, see the module doc): x 1/k for every tensor with a tiled output axis
+    (embeddings, LayerNorms, Q/K/V, dense outputs on H or A, biases on them; the tied word embedding /
+    decoder weight both as a table and as the vocab projection of the 1/k-scaled transform output),
+    x 1 for the MLM-transform LayerNorm (its output is scaled by 1/k), the vocab bias, the NSP head and
+    the low-rank factors whose output is not widened.
     """
     validate_growth("hidden", old, new)
     k = new.hidden_size // old.hidden_size
@@ -214,10 +264,12 @@ def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: in
                   extra_divisor=lambda name: k if _HEAD_LN.search(name) else 1)
 
 
-def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
     """Depth L -> n*L (progressive stacking): new layer i is a copy of old layer i % L, so the whole
-    stack is copied on top, in order. Everything else unchanged. Moments are copied like weights
-    (the `optimizer_state: copy` option); copies are fresh tensors, never views of their source."""
+    stack is copied on top, in order. Everything else unchanged. Not function-preserving, so the new
+    layers' gradients have no rule in terms of the old ones: moments are copied like weights, unscaled
+    (`optimizer_state: carry`; the authors' unused copy option), whatever `moment`; copies are fresh
+    tensors, never views of their source."""
     validate_growth("stack", old, new)
     out = {}
     for name, t in tensors.items():
@@ -233,12 +285,13 @@ def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1)
     return out
 
 
-def grow_seq(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+def grow_seq(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
     """Input-length growth. The position table is shared across stages, so a longer seq_len needs no
     weight change while it fits max_position (check with `check_seq_len`). A larger max_position
     extends the table with the old rows copied cyclically (row p = old row p % old_max): the learned
     rows keep their values and the new rows start from trained statistics rather than noise. Moments
-    are copied the same way (a copy has no scale, so `moment` is unused)."""
+    are copied the same way, unscaled, whatever `moment`: the old rows' gradients are unchanged
+    (g = 1), the new rows have no gradient rule (none reaches them until a longer batch does)."""
     validate_growth("seq", old, new)
     out = dict(tensors)
     if new.max_position > old.max_position:
@@ -281,7 +334,7 @@ def compose(kinds: Union[str, Iterable[str]]):
     skipped."""
     kinds = _kinds(kinds)
 
-    def op(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1) -> Tensors:
+    def op(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
         validate_growth(kinds, old, new)
         for kind, a, b in _steps(old, new, kinds):
             tensors = _OPS[kind](tensors, a, b, moment)

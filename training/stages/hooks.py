@@ -1,12 +1,17 @@
 """Stage hooks: what happens to the model when a stage is entered.
 
 A hook is a small record of functions, so that one transformation serves the weights and the optimizer
-moments alike (see growth.py: `moment` is the power a scale factor is raised to).
+moments alike. `moment` says which: 0 the weights (transfer.WEIGHTS), 1 `exp_avg`, 2 `exp_avg_sq`
+(transfer.MOMENT_POWER). Moments are copied/cut like their weights but scaled like their *gradients*:
+where the new model's gradient of a tensor is g times the old one, exp_avg gets g and exp_avg_sq g**2
+(growth.py explains the width rule; earlybert.fold_slimming and core.refine_ffn state theirs).
 
 - validate(old, new, stage): called when the config is loaded; raise ValueError for nonsense.
 - resolve(old, new, tensors, ctx): the new stage's model config; most hooks return `new` as declared,
   a pruning hook decides per-layer sizes from the weights at run time.
-- transform(tensors, old, new, moment, ctx): name -> tensor dict of the old model to the new one.
+- transform(tensors, old, new, moment, ctx): name -> tensor dict of the old model to the new one (the
+  weights for moment 0, an optimizer moment for 1 and 2; a moment may drop a tensor it has no rule for,
+  and that parameter then starts with fresh state).
 - prepare(model, stage): after the new module holds its weights (e.g. freeze parameters).
 """
 from __future__ import annotations

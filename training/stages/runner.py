@@ -188,7 +188,7 @@ class StageRunner:
         ctx = HookContext(step=self.state.step, out_dir=self.out_dir, args=stage.hook_args)
         if hook is not None:
             new_cfg = hook.resolve(old_cfg, declared, weights, ctx)
-            weights = hook.transform(weights, old_cfg, new_cfg, 1, ctx)
+            weights = hook.transform(weights, old_cfg, new_cfg, transfer.WEIGHTS, ctx)
             moments = {key: hook.transform(t, old_cfg, new_cfg, transfer.MOMENT_POWER[key], ctx) if t else t
                        for key, t in moments.items()}
         else:

@@ -2,7 +2,12 @@
 
 Weights are taken from the fp32 masters where DeepSpeed keeps them (bf16/fp16 runs), so a transition
 loses no precision; the new engine's masters are then overwritten with the transformed fp32 values.
-State is matched by name through the `names` list of each param group (training.engine.lamb
+At ZeRO 0 the masters are the client optimizer's params; at ZeRO 1/2 each rank holds a slice of every
+master in its flat partition, so each full master is assembled with DeepSpeed's public
+`deepspeed.utils.safe_get_full_fp32_param` (an all-reduce over the data-parallel group: every rank calls
+fp32_weights, in the same parameter order) and written back, slice by slice, with
+`safe_set_full_fp32_param` (local). Parameters the optimizer does not hold (frozen ones) come from the
+module. State is matched by name through the `names` list of each param group (training.engine.lamb
 .param_groups_for), never by index. ZeRO 0 only for carried state: ZeRO 1/2 keep state in flat
 partitions (the config refuses `optimizer_state: carry` there).
 """
@@ -13,7 +18,10 @@ from typing import Iterator
 import torch
 
 Tensors = dict[str, torch.Tensor]
-MOMENT_POWER = {"exp_avg": 1, "exp_avg_sq": 2}  # how a weight's scale factor acts on each moment
+# The `moment` a hook transform gets (training/stages/hooks.py): 0 for the weights themselves; for each
+# optimizer moment the power its gradient factor is raised to (moments follow the gradients, see growth.py).
+WEIGHTS = 0
+MOMENT_POWER = {"exp_avg": 1, "exp_avg_sq": 2}
 
 
 def _basic_optimizer(engine):
@@ -22,18 +30,46 @@ def _basic_optimizer(engine):
     return getattr(wrapper, "optimizer", wrapper)
 
 
+def _partitioned(engine) -> bool:
+    """ZeRO 1/2: the fp32 masters live in per-rank flat partitions, not in the client's param groups."""
+    return engine.zero_optimization_stage() in (1, 2)
+
+
 def _named_master_params(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, fp32 master) pairs at ZeRO 0; nothing under ZeRO 1/2 (see _partitioned_masters)."""
     basic = _basic_optimizer(engine)
-    if engine.zero_optimization_stage() > 0:
-        return iter(())  # masters live in flat partitions; the module weights are used instead
+    if _partitioned(engine):
+        return iter(())
     return ((name, p) for group in basic.param_groups for name, p in zip(group["names"], group["params"]))
 
 
+def _linked_params(engine) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """ZeRO 1/2: the module's parameters that DeepSpeed linked to a master slice (the ones the optimizer
+    holds), in named_parameters() order, which is the same on every rank."""
+    for name, p in engine.module.named_parameters():
+        if hasattr(p, "_hp_mapping"):  # set (maybe to None: no slice on this rank) on every held param
+            yield name, p
+
+
+def _partitioned_masters(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """ZeRO 1/2: every full fp32 master (a fresh tensor), assembled from all ranks' slices: one all-reduce
+    per parameter over the data-parallel group. Collective: all ranks call."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, p in _linked_params(engine):
+        yield name, safe_get_full_fp32_param(p).detach()
+
+
 def fp32_weights(engine) -> Tensors:
-    """The full state dict in fp32, masters preferred over the (maybe bf16) module weights."""
+    """The full state dict in fp32, masters preferred over the (maybe bf16) module weights. Under ZeRO 1/2
+    this is a collective (one all-reduce per parameter): every rank must call it."""
     weights = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    for name, master in _named_master_params(engine):
-        weights[name] = master.detach().float().clone()
+    if _partitioned(engine):
+        masters = _partitioned_masters(engine)
+    else:
+        masters = ((name, p.detach().float().clone()) for name, p in _named_master_params(engine))
+    for name, master in masters:
+        weights[name] = master
         decoder = "cls.predictions.decoder.weight"  # tied to the word embeddings in the state dict
         if name == "bert.embeddings.word_embeddings.weight" and decoder in weights:
             weights[decoder] = weights[name]
@@ -60,6 +96,16 @@ def load_into_engine(engine, weights: Tensors, moments: dict[str, Tensors] | Non
     parameters received carried state."""
     basic = _basic_optimizer(engine)
     carried = 0
+    if _partitioned(engine):  # each rank writes its own slice of each master (local, no collective)
+        if moments is not None:
+            raise RuntimeError("carried optimizer state under ZeRO 1/2 is not supported (the config refuses "
+                               "optimizer_state: carry there)")
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in _linked_params(engine):
+            if name in weights:
+                safe_set_full_fp32_param(p, weights[name].to(p.device, torch.float32))
+        return 0
     for name, p in _named_master_params(engine):
         if name in weights:
             p.data.copy_(weights[name].to(p.dtype))
