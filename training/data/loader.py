@@ -54,6 +54,22 @@ def truncate(ids: torch.Tensor, sep: torch.Tensor, seq_len: int, sep_id: int):
     return out, torch.where(keep, sep, torch.full_like(sep, mid))
 
 
+def fixed_mask_collator(tokenizer_dir: str) -> MLMCollator:
+    """The collator of the held-out yardstick: FIXED_MASK_PROBABILITY of the non-special positions, all [MASK]."""
+    return MLMCollator.from_tokenizer_dir(tokenizer_dir, mlm_probability=FIXED_MASK_PROBABILITY, mask_ratio=1.0,
+                                          random_ratio=0.0)
+
+
+def fixed_mask_batch(collator: MLMCollator, ids_np: np.ndarray, sep_np: np.ndarray, rows: torch.Tensor,
+                     seq_len: int) -> dict:
+    """Rows `rows` of packed (input_ids [N,S], sep_index [N]), cut to seq_len, under the fixed evaluation mask
+    (`collator` from fixed_mask_collator): positions drawn from FIXED_MASK_SEED and each row's index, so they do
+    not depend on the batch a row is in. The held-out evaluation and `python -m training.evaluate` use this."""
+    ids, sep = truncate(torch.from_numpy(ids_np[rows.numpy()].astype(np.int64)),
+                        torch.from_numpy(sep_np[rows.numpy()].astype(np.int64)), seq_len, collator.sep_id)
+    return collator(ids, sep, sample_keys=rows, seed=FIXED_MASK_SEED)
+
+
 class PretrainingData:
     def __init__(self, data_dir: str, *, mlm_probability: float = 0.15, whole_word: bool = False,
                  nsp: bool = False, mask_ratio: float = 0.8, random_ratio: float = 0.1):
@@ -74,8 +90,7 @@ class PretrainingData:
             self.tokenizer_dir, mlm_probability=mlm_probability, whole_word=whole_word, nsp=nsp,
             mask_ratio=mask_ratio, random_ratio=random_ratio)
         # No NSP swap either: segment B stays the row's own, so the positions do not depend on model.nsp.
-        self.fixed_mask_collator = MLMCollator.from_tokenizer_dir(
-            self.tokenizer_dir, mlm_probability=FIXED_MASK_PROBABILITY, mask_ratio=1.0, random_ratio=0.0)
+        self.fixed_mask_collator = fixed_mask_collator(self.tokenizer_dir)
         self._unigram: torch.Tensor | None = None
 
     # -- metadata --------------------------------------------------------------------------------
@@ -99,6 +114,11 @@ class PretrainingData:
     @property
     def num_heldout_rows(self) -> int:
         return len(self._held_sep)
+
+    @property
+    def heldout_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids [N,S], sep_index [N]) of the held-out split, as prepared (memory-mapped)."""
+        return self._held_ids, self._held_sep
 
     def unigram_log_probs(self) -> torch.Tensor:
         """log p(token) [vocab] of the unigram table: token frequencies of the train split, add-one smoothed
@@ -181,10 +201,7 @@ class PretrainingData:
         for b in range(count if max_batches is None else min(count, max_batches)):
             rows = torch.arange(b * batch_size, min(n, (b + 1) * batch_size))
             if fixed_mask:
-                ids, sep = truncate(torch.from_numpy(self._held_ids[rows.numpy()].astype(np.int64)),
-                                    torch.from_numpy(self._held_sep[rows.numpy()].astype(np.int64)), seq_len,
-                                    self.collator.sep_id)
-                batch = self.fixed_mask_collator(ids, sep, sample_keys=rows, seed=FIXED_MASK_SEED)
+                batch = fixed_mask_batch(self.fixed_mask_collator, self._held_ids, self._held_sep, rows, seq_len)
             else:
                 batch = self._collate(self._held_ids, self._held_sep, rows, rows,
                                       seed_for(seed, 0, HELDOUT_STREAM), seq_len)

@@ -90,6 +90,29 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
     return stats
 
 
+def pack_text(inputs: list[str], tokenizer: str, seq_len: int, seed: int = 0,
+              num_proc: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Raw text through `prepare` (read, tokenise with an existing tokenizer, pack `[CLS] A [SEP] B [SEP]` rows
+    of seq_len) with every document kept (no held-out split), built in a temporary dir and returned in memory:
+    (input_ids [N, seq_len], sep_index [N], stats). For scoring text with a trained model; never trains a
+    tokenizer."""
+    import tempfile
+
+    import datasets
+
+    from training.data.loader import _rows
+
+    if tokmod.parse_spec(tokenizer) is not None:
+        raise UserError(f"pack_text needs an existing tokenizer, not {tokenizer!r}")
+    with tempfile.TemporaryDirectory(prefix="pack-text-") as tmp:
+        out = os.path.join(tmp, "data")
+        stats = prepare(inputs, out, seq_len, tokenizer, heldout_fraction=0.0, num_proc=num_proc, seed=seed,
+                        quiet=True)
+        ids, sep = _rows(datasets.load_from_disk(os.path.join(out, "train")))
+        ids, sep = np.array(ids), np.array(sep)  # copies: the memory-mapped files go with the temp dir
+    return ids, sep, stats
+
+
 def summary_line(out: str, s: dict) -> str:
     def split(name):
         return (f"{name} {s['documents'][name]:,} docs / {s['tokens'][name]:,} tokens / "
