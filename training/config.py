@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -148,6 +149,21 @@ class LayerDropSection(_Strict):
     gamma: float = 0.001
 
 
+class LocalityBiasSection(_Strict):
+    """A training-time attention bias toward near tokens (training/model/bert.py locality_bias), its strength
+    falling linearly from `start` at the stage's first step to `end` after its last; 0 is plain attention."""
+    start: float = 1.0
+    end: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"locality_bias.{name} must be a finite number >= 0, got {value}")
+        return self
+
+
 class StageSection(_Strict):
     """One stage of the run: its length, its model, and the hook that enters it.
 
@@ -166,6 +182,7 @@ class StageSection(_Strict):
     # mapped by name through the hook's operator (training/stages/transfer.py).
     optimizer_state: Literal["reset", "carry"] = "reset"
     layer_drop: Optional[LayerDropSection] = None
+    locality_bias: Optional[LocalityBiasSection] = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -249,6 +266,9 @@ class RunConfig(_Strict):
                 if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
                     raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences "
                                      f"({prev_seq} -> {seq})")
+            if stage.locality_bias is not None and model.attention not in ("eager", "sdpa"):
+                raise ValueError(f"stage '{stage.name}': locality_bias needs model.attention eager or sdpa, "
+                                 f"not {model.attention}")
             if stage.layer_drop is not None and model.norm != "pre":
                 raise ValueError(f"stage '{stage.name}': layer_drop needs model.norm: pre")
             if stage.optimizer_state == "carry" and i > 0 and self.train.zero_stage > 0:

@@ -38,13 +38,35 @@ LINEAR_ATTENTION_EPS = 1e-6
 
 # --------------------------------------------------------------------------------------------------
 # Attention backends. All take q, k, v as [B, H, S, D] and key_padding [B, S] bool (True = real
-# token) or None, and return [B, H, S, D].
+# token) or None, and return [B, H, S, D]. eager and sdpa also take an additive float mask [B|1, H, S, S]
+# in its place (the locality bias, which folds the padding in as -inf).
 # --------------------------------------------------------------------------------------------------
+
+def locality_bias(key_padding: Optional[torch.Tensor], seq: int, num_heads: int, strength: float,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive attention bias -strength * 2**-h * |i - j| for head h (ALiBi's symmetric form, Press et al.
+    2022, with steeper slopes: head 0 loses a factor e per token of distance at strength 1, later heads see
+    further), padded keys at -inf. [B or 1, H, S, S].
+
+    A training aid, not part of the model: early in masked-LM training attention is near uniform and the
+    model sits at the unigram plateau, because learning to look at the neighbours needs value/output maps
+    that already use them and vice versa. The bias makes attention local from the first step, so the
+    neighbour statistics are learned at once; annealed to 0 over a stage (stage `locality_bias`), it leaves
+    a plain BERT whose position embeddings and Q/K projections have taken over the locality."""
+    pos = torch.arange(seq, device=device, dtype=torch.float32)
+    slopes = strength * torch.pow(2.0, -torch.arange(num_heads, device=device, dtype=torch.float32))
+    bias = -(slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()[None])[None]  # [1, H, S, S]
+    if key_padding is not None:
+        bias = bias.masked_fill(~key_padding[:, None, None, :], float("-inf"))
+    return bias.to(dtype)
+
 
 def eager_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
     """Reference: softmax(QK^T * scale + mask) V, dropout on the probabilities (as HF eager)."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if key_padding is not None:
+    if key_padding is not None and key_padding.is_floating_point():
+        scores = scores + key_padding.to(scores.dtype)  # an additive mask (locality_bias)
+    elif key_padding is not None:
         # Additive mask with the dtype's most negative value, exactly as HF builds it.
         bias = torch.zeros(key_padding.shape, dtype=scores.dtype, device=scores.device)
         bias.masked_fill_(~key_padding, torch.finfo(scores.dtype).min)
@@ -55,8 +77,11 @@ def eager_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> tor
 
 
 def sdpa_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
-    # Boolean mask: True = may attend. Broadcast over heads and query positions.
-    mask = key_padding[:, None, None, :] if key_padding is not None else None
+    # Boolean mask: True = may attend. Broadcast over heads and query positions. A float mask is additive.
+    if key_padding is not None and key_padding.is_floating_point():
+        mask = key_padding.to(q.dtype)
+    else:
+        mask = key_padding[:, None, None, :] if key_padding is not None else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -171,6 +196,10 @@ class SelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         dropout_p = self.dropout_p if self.training else 0.0
+        if key_padding is not None and key_padding.is_floating_point():
+            if self.backend not in ("eager", "sdpa"):
+                raise UserError(f"the locality bias needs model.attention eager or sdpa, not {self.backend}")
+            key_padding = key_padding[:, : self.num_heads]  # a pruned layer keeps its first heads' slopes
         scale = self.head_dim ** -0.5
         if self.backend == "eager":
             out = eager_attention(q, k, v, key_padding, dropout_p, scale)
@@ -280,6 +309,9 @@ class Encoder(nn.Module):
             # Pre-LN leaves the residual stream un-normalised; normalise once before the heads.
             self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
+    def max_heads(self) -> int:
+        return max(layer.attention.self.num_heads for layer in self.layer)
+
     def frozen_prefix(self) -> int:
         """How many leading layers have no trainable parameter (MSLT's frozen lower layers)."""
         for i, layer in enumerate(self.layer):
@@ -360,8 +392,11 @@ class Bert(nn.Module):
             self.pooler = CarriedPooler(cfg)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
-                layer_drop_generator=None):
+                layer_drop_generator=None, locality: float = 0.0):
         key_padding = attention_mask.bool() if attention_mask is not None else None
+        if locality > 0:  # one additive mask for every layer (see locality_bias)
+            key_padding = locality_bias(key_padding, input_ids.shape[1], self.encoder.max_heads(), locality,
+                                        self.embeddings.word_embeddings.weight.dtype, input_ids.device)
         # Frozen bottom (MSLT): when the embeddings and the leading layers train no parameter, they run
         # forward-only; the first trainable layer gets an input without grad history. Checked per call
         # from requires_grad (a few flag reads), so freezing/unfreezing needs no extra bookkeeping.
@@ -405,6 +440,19 @@ class MLMHead(nn.Module):
         return self.decoder(self.transform(hidden))
 
 
+def sinusoidal_positions(max_position: int, hidden: int, std: float) -> torch.Tensor:
+    """[max_position, hidden] table of Vaswani et al.'s sines and cosines, scaled to `std` per entry (the
+    word embeddings' init scale, so neither dominates the embedding sum). A start for the learned position
+    table (model.position_init: sinusoidal): offsets are linear maps of it, so one Q/K projection can learn
+    "attend to the neighbour" for every position at once, where N(0, std) rows need it learned per position."""
+    pos = torch.arange(max_position, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, hidden, 2, dtype=torch.float64) / hidden)
+    table = torch.zeros(max_position, hidden, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : hidden // 2]
+    return (table * (std / math.sqrt(0.5))).float()  # sin^2 and cos^2 average 1/2
+
+
 class BertForPreTraining(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -417,6 +465,10 @@ class BertForPreTraining(nn.Module):
         self.apply(self._init_weights)
         if cfg.ffn_rank is not None:
             self._init_low_rank_factors()
+        if cfg.position_init == "sinusoidal":
+            with torch.no_grad():
+                self.bert.embeddings.position_embeddings.weight.copy_(
+                    sinusoidal_positions(cfg.max_position, cfg.hidden_size, cfg.initializer_range))
 
     def _init_weights(self, module: nn.Module) -> None:
         """As HF: N(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero pad row."""
@@ -458,6 +510,7 @@ class BertForPreTraining(nn.Module):
         next_sentence_label: Optional[torch.Tensor] = None,
         layer_keep_prob: Optional[Union[Sequence[float], torch.Tensor]] = None,
         layer_drop_generator: Optional[torch.Generator] = None,
+        locality: float = 0.0,
     ) -> dict:
         """Returns a dict:
 
@@ -467,6 +520,9 @@ class BertForPreTraining(nn.Module):
         logits        [B, S, vocab] only when labels is None (parity tests / export)
         nsp_logits    [B, 2] when cfg.nsp
         slimming_penalty  cfg.slimming in training mode: slimming_l1 * sum|c|, already included in mlm_loss
+
+        locality: strength of the training-time locality bias on every attention layer (locality_bias);
+        0 (the default, and always at evaluation) is plain BERT attention.
         """
         if layer_keep_prob is not None:
             if self.cfg.norm != "pre":
@@ -477,7 +533,7 @@ class BertForPreTraining(nn.Module):
         if next_sentence_label is not None and not self.cfg.nsp:
             raise UserError("next_sentence_label given but model.nsp is false (no NSP head)")
 
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob, layer_drop_generator)
+        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob, layer_drop_generator, locality)
         out: dict = {}
         losses = []
         if labels is None:

@@ -21,6 +21,9 @@ class ModelConfig(BaseModel):
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    # The position table's initial values: "normal" N(0, initializer_range) as HF; "sinusoidal" the sine/cosine
+    # table scaled to the same std (still learned, still exports to HF). Only the init differs.
+    position_init: Literal["normal", "sinusoidal"] = "normal"
     # "post": LayerNorm after each residual add, as Hugging Face BERT. "pre": LayerNorm before each
     # sub-layer plus a final LayerNorm (needed by progressive layer dropping).
     norm: Literal["post", "pre"] = "post"

@@ -331,6 +331,16 @@ class StageRunner:
         checkpoint.save(self.engine, self.ckpt_dir, self.state, self.model_cfg, self.cfg.run.keep_last)
         self._saved_step = self.state.step
 
+    def _locality(self, stage, plan: StagePlan) -> dict:
+        """Forward kwargs for the stage's locality bias (training/model/bert.py locality_bias): its strength
+        falls linearly from `start` at the stage's first step to `end` after its last. Evaluations never get it:
+        they score the plain BERT the run delivers."""
+        bias = stage.locality_bias
+        if bias is None:
+            return {}
+        strength = bias.start + (bias.end - bias.start) * self.state.stage_step / max(plan.steps, 1)
+        return {"locality": strength} if strength > 0 else {}
+
     def _layer_drop(self, stage) -> dict:
         """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (a generator
         seeded by the step), so all ranks skip the same layers and reduce the same gradients."""
@@ -362,7 +372,8 @@ class StageRunner:
                 micro = [next(stream) for _ in range(cfg.train.grad_accum)]
                 lr = self._lr(self.state.step)
                 set_lr(self.engine, lr)
-                result = self.train_step(micro, **self._layer_drop(stage))
+                drop = self._layer_drop(stage)
+                result = self.train_step(micro, **drop, **self._locality(stage, plan))
                 self.state.step += 1
                 self.state.stage_step += 1
                 self.state.tokens += result.tokens
