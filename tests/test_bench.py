@@ -1,6 +1,7 @@
 """Benchmark tooling: time-to-target maths, report files, and small end-to-end compare / throughput runs."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import yaml
 
 from training.bench import report as R
 from training.bench.compare import run_names
+from training.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -350,3 +352,33 @@ def test_throughput_end_to_end(tmp_path, tiny_data):
     assert res["peak_source"] == "config run.peak_tflops"  # tiny.yaml sets it
     assert res["ratio_ours_over_hf"]["tokens_per_s"] > 0
     assert "ours/HF" in proc.stdout
+
+
+def test_plateau_report_finds_where_each_run_leaves_the_unigram_level(tmp_path):
+    from training.bench import plateau
+
+    assert plateau.crossing([(100, 1, -0.1), (200, 2, 0.1), (300, 3, 0.4)], 0.25) == pytest.approx((250, 2.5))
+    assert plateau.crossing([(100, 1, 0.6)], 0.5) == (100, 1)
+    assert plateau.crossing([(100, 1, 0.2), (200, 2, 0.1)], 0.25) is None
+    for name, gaps in (("flat", [-0.1, -0.05, 0.0]), ("leaves", [0.0, 0.3, 1.2])):
+        d = tmp_path / name
+        d.mkdir()
+        d.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"kind": "eval", "step": 10 * (i + 1), "tokens": 1000 * (i + 1), "wall_s": 5.0 * (i + 1),
+                        "heldout_loss": 7.0 - g, "heldout_acc": 0.1, "heldout_unigram_loss": 7.0,
+                        "heldout_below_unigram": g}) + "\n" for i, g in enumerate(gaps)))
+    args = argparse.Namespace(runs=[str(tmp_path / "flat"), str(tmp_path / "leaves")], out=str(tmp_path / "out"),
+                              names=None, note=["made by a test"])
+    paths = plateau.run(args)
+    rows = json.loads(paths["json"].read_text())["runs"]
+    assert rows[0]["tokens_to_0.25"] is None and rows[0]["final_below_unigram"] == 0.0
+    assert rows[1]["tokens_to_0.25"] == pytest.approx(1000 + 1000 * 0.25 / 0.3)
+    assert rows[1]["tokens_to_1"] == pytest.approx(2000 + 1000 * 0.7 / 0.9)
+    md = paths["md"].read_text()
+    assert "| leaves | 0.00 M |" in md and "made by a test" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "old"
+    empty.mkdir()
+    empty.joinpath("metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1, "heldout_loss": 7.0}) + "\n")
+    with pytest.raises(UserError, match="no eval record with heldout_below_unigram"):
+        plateau.run(argparse.Namespace(runs=[str(empty)], out=str(tmp_path / "o2"), names=None, note=[]))

@@ -4,6 +4,8 @@ throughput  tokens/s, samples/s, forward/backward/optimizer split, peak memory a
             Hugging Face BertForPreTraining, same engine, same batches, alternating blocks.
 compare     train BASELINE and METHOD configs as subprocesses; time/tokens/FLOPs to the baseline's
             final held-out loss, speedups, report.json / report.md / loss_vs_time.png.
+plateau     where runs leave the unigram plateau: tokens/seconds to 0.25, 0.5, 1.0 nats below the unigram
+            reference at the fixed-mask held-out evaluation, gap_vs_tokens.png (training/bench/plateau.py).
 mslt        each MSLT stage (frozen lower layers) vs the same shape fully trainable, 2 ranks: forward/backward/
             optimizer time, gradient all-reduce bytes, saved activations, peak memory (training/bench/mslt.py).
 See BENCHMARKS.md.
@@ -59,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     from training.bench.mslt import add_arguments as add_mslt_arguments
 
     add_mslt_arguments(m)
+    pl = sub.add_parser("plateau", help="tokens/seconds to leave the unigram plateau, per run; gap-vs-tokens plot")
+    from training.bench.plateau import add_arguments as add_plateau_arguments
+
+    add_plateau_arguments(pl)
     args = p.parse_args(argv)
     if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1):
         p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
@@ -80,6 +86,10 @@ def main(argv=None) -> int:
         from training.bench import mslt
 
         mslt.run(args)
+    elif args.command == "plateau":
+        from training.bench import plateau
+
+        plateau.run(args)
     else:
         from training.bench import compare
 
