@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("build-default", help="build the default corpus from gensim's Wikipedia sample")
     bd.add_argument("--out", required=True, metavar="DIR")
     bd.add_argument("--seq-len", type=int, default=128)
-    bd.add_argument("--vocab", type=int, default=8192)
+    bd.add_argument("--vocab", type=int, default=2048)
     bd.add_argument("--heldout-fraction", type=float, default=0.05)
     bd.add_argument("--num-proc", type=int, default=None)
     bd.add_argument("--seed", type=int, default=0)

@@ -69,7 +69,7 @@ def write_raw(path: str) -> int:
     return count
 
 
-def build_default(out: str, seq_len: int = 128, vocab: int = 8192, heldout_fraction: float = 0.05,
+def build_default(out: str, seq_len: int = 128, vocab: int = 2048, heldout_fraction: float = 0.05,
                   seed: int = 0, num_proc: int | None = None) -> dict:
     from training.data.prepare import prepare
 
