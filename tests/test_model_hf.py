@@ -28,12 +28,15 @@ def random_hf_model(seed: int) -> transformers.BertForPreTraining:
     return model.eval()
 
 
-def random_batch(gen: torch.Generator, vocab: int, batch: int = 3, seq: int = 12):
+def random_batch(gen: torch.Generator, vocab: int, batch: int = 3, seq: int = 12, pad: int = 0):
+    """End-padded (as our collator pads): row 0 full, rows 1 and 2 padded at the end with `pad`, which no real
+    token of the batch is."""
     input_ids = torch.randint(1, vocab, (batch, seq), generator=gen)
+    input_ids[input_ids == pad] = 0
     attention_mask = torch.ones(batch, seq, dtype=torch.long)
     attention_mask[1, seq - 4:] = 0  # padded rows in the batch
     attention_mask[2, seq - 7:] = 0
-    input_ids[attention_mask == 0] = 0
+    input_ids[attention_mask == 0] = pad
     token_type_ids = (torch.arange(seq) >= seq // 2).long().expand(batch, seq).clone()
     labels = torch.full((batch, seq), -100)
     chosen = (torch.rand(batch, seq, generator=gen) < 0.3) & (attention_mask == 1)
@@ -154,14 +157,14 @@ def test_config_from_hf_rejects_other_activations(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(norm="pre"), "cannot represent Pre-LN"),
     (dict(attention="linear"), "linear attention"),
     (dict(ffn_rank=8), "low-rank"),
     (dict(heads_per_layer=[4, 2]), "pruned heads"),
     (dict(ffn_per_layer=[64, 32]), "non-uniform"),
 ])
-def test_export_refuses_what_hf_cannot_represent(tmp_path, change, message):
-    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, **change)
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_export_refuses_what_hf_cannot_represent(tmp_path, change, message, norm):
+    cfg = ModelConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, norm=norm, **change)
     with pytest.raises(UserError, match=message):
         export_hf(BertForPreTraining(cfg), cfg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -172,6 +175,150 @@ def test_export_uniform_ffn_per_layer_is_fine(tmp_path):
                       ffn_per_layer=[48, 48], heads_per_layer=[4, 4])
     export_hf(BertForPreTraining(cfg), cfg, tmp_path / "out")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["intermediate_size"] == 48
+
+
+
+# ------------------------------------------------------------------ Pre-LN export: RobertaPreLayerNormForMaskedLM
+
+def _roberta_name(ours: str) -> str:
+    """Our Pre-LN parameter name -> transformers.RobertaPreLayerNormForMaskedLM's (spelled out independently of
+    training.model.hf, so the test checks the mapping rather than reusing it)."""
+    parts = ours.split(".")
+    if ours.startswith("bert.encoder.layer.") and parts[4:6] == ["attention", "output"] and parts[6] == "LayerNorm":
+        return ".".join(["roberta_prelayernorm", *parts[1:4], "attention", "LayerNorm", parts[-1]])
+    if ours.startswith("bert.encoder.layer.") and parts[4:6] == ["output", "LayerNorm"]:
+        return ".".join(["roberta_prelayernorm", *parts[1:4], "intermediate", "LayerNorm", parts[-1]])
+    if ours.startswith("bert.encoder.final_layer_norm."):
+        return "roberta_prelayernorm.LayerNorm." + parts[-1]
+    if ours.startswith("bert."):
+        return "roberta_prelayernorm." + ours[len("bert."):]
+    return {"cls.predictions.transform.dense.weight": "lm_head.dense.weight",
+            "cls.predictions.transform.dense.bias": "lm_head.dense.bias",
+            "cls.predictions.transform.LayerNorm.weight": "lm_head.layer_norm.weight",
+            "cls.predictions.transform.LayerNorm.bias": "lm_head.layer_norm.bias",
+            "cls.predictions.bias": "lm_head.bias"}[ours]
+
+
+def random_pre_ln_model(cfg: ModelConfig, seed: int) -> BertForPreTraining:
+    """Our Pre-LN model with every tensor (LayerNorms, biases, the final LayerNorm too) perturbed off its init."""
+    torch.manual_seed(seed)
+    model = BertForPreTraining(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def write_tokenizer(tok_dir: Path, vocab_size: int, pad: int) -> list[str]:
+    """A WordPiece vocab.txt of `vocab_size` entries with [PAD] at id `pad` (BERT's special tokens after it)."""
+    words = [f"w{i}" for i in range(vocab_size - 5)]
+    special = ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = words[:pad] + ["[PAD]"] + special + words[pad:]
+    tok_dir.mkdir()
+    (tok_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+PRE_LN_SIZES = {
+    "small": dict(vocab_size=101, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=40),
+    # pad id 3: their position rows start at 4; NSP head (dropped), 3 token types, other eps, uniform per-layer sizes
+    "pad3-nsp": dict(vocab_size=83, hidden_size=48, num_layers=3, num_heads=6, ffn_size=80, max_position=16,
+                     pad_token_id=3, nsp=True, type_vocab_size=3, layer_norm_eps=1e-6,
+                     heads_per_layer=[6, 6, 6], ffn_per_layer=[80, 80, 80]),
+}
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("size", sorted(PRE_LN_SIZES))
+def test_pre_ln_export_matches_roberta_prelayernorm_logits_and_gradients(tmp_path, size, attention):
+    cfg = ModelConfig(**PRE_LN_SIZES[size], norm="pre", attention=attention, dropout=0.0, attention_dropout=0.0)
+    ours = random_pre_ln_model(cfg, seed=11)
+    vocab = write_tokenizer(tmp_path / "tok", cfg.vocab_size, cfg.pad_token_id)
+    export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tmp_path / "tok")
+
+    conf = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert conf["model_type"] == "roberta-prelayernorm"
+    assert conf["architectures"] == ["RobertaPreLayerNormForMaskedLM"]
+    assert conf["max_position_embeddings"] == cfg.max_position + cfg.pad_token_id + 1
+    assert (conf["pad_token_id"], conf["bos_token_id"], conf["eos_token_id"]) == (
+        cfg.pad_token_id, vocab.index("[CLS]"), vocab.index("[SEP]"))
+    hf, info = transformers.RobertaPreLayerNormForMaskedLM.from_pretrained(
+        tmp_path / "out", output_loading_info=True, attn_implementation=attention)
+    assert not info["missing_keys"]
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    assert hf.lm_head.decoder.weight.data_ptr() == hf.roberta_prelayernorm.embeddings.word_embeddings.weight.data_ptr()
+
+    # Every one of our tensors sits at its mapped name, positions at row p + pad + 1 (rows 0..pad zero).
+    theirs = dict(hf.named_parameters())
+    offset = cfg.pad_token_id + 1
+    for name, p in ours.named_parameters():
+        if name.startswith(("bert.pooler.", "cls.seq_relationship.")):
+            continue  # the NSP head: RoBERTa's MLM class has none
+        got = theirs[_roberta_name(name)]
+        if name == "bert.embeddings.position_embeddings.weight":
+            assert not got[:offset].any()
+            got = got[offset:]
+        assert torch.equal(got, p), name
+
+    ids, mask, types, labels, _ = random_batch(torch.Generator().manual_seed(12), cfg.vocab_size,
+                                               seq=cfg.max_position, pad=cfg.pad_token_id)
+    types = types.clamp(max=cfg.type_vocab_size - 1)
+    types[0] = torch.arange(ids.shape[1]) % cfg.type_vocab_size  # every token type in use
+    real = mask.bool()
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+    got = ours(ids, attention_mask=mask, token_type_ids=types)["logits"]
+    # Pad positions are masked keys: RoBERTa gives them another position row, so their (unused) logits differ.
+    assert (got - ref)[real].abs().max() < 1e-4
+
+    ref_loss = hf(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+    loss = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels)["loss"]
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    ref_loss.backward()
+    loss.backward()
+    for name, p in ours.named_parameters():
+        if name.startswith(("bert.pooler.", "cls.seq_relationship.")):
+            assert p.grad is None  # an MLM loss reaches no NSP tensor
+            continue
+        grad = theirs[_roberta_name(name)].grad
+        if name == "bert.embeddings.position_embeddings.weight":
+            assert not grad[:offset].any()
+            grad = grad[offset:]
+        # Tolerance: fp32 with different op order (masked-only head, sdpa); 1e-5 abs + 1e-4 rel.
+        torch.testing.assert_close(p.grad, grad, atol=1e-5, rtol=1e-4, msg=name)
+
+    # The Auto classes find both the model and our WordPiece tokenizer (not RoBERTa's BPE) offline.
+    auto = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", attn_implementation=attention).eval()
+    assert type(auto) is transformers.RobertaPreLayerNormForMaskedLM
+    with torch.no_grad():
+        assert (auto(input_ids=ids, attention_mask=mask, token_type_ids=types).logits - ref)[real].abs().max() < 1e-5
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.pad_token_id == cfg.pad_token_id
+    enc = tok(["w1 w2 w3", "w4"], padding=True, return_tensors="pt")
+    assert enc["input_ids"][1, -1] == cfg.pad_token_id and enc["attention_mask"][1, -1] == 0  # pads at the end
+    assert enc["input_ids"][0, 0] == vocab.index("[CLS]") and enc["input_ids"][0, -1] == vocab.index("[SEP]")
+
+
+def test_pre_ln_export_folds_slimming_and_keeps_a_saved_tokenizer(tmp_path):
+    from training.data import tokenizer as wordpiece
+
+    cfg = ModelConfig(vocab_size=90, hidden_size=32, num_layers=2, num_heads=4, ffn_size=48, max_position=24,
+                      norm="pre", slimming=True, dropout=0.0, attention_dropout=0.0)
+    ours = random_pre_ln_model(cfg, seed=13)  # head / neuron coefficients perturbed off 1 too
+    vocab = write_tokenizer(tmp_path / "vocab", cfg.vocab_size, cfg.pad_token_id)
+    wordpiece.save(wordpiece.load(str(tmp_path / "vocab" / "vocab.txt")), str(tmp_path / "tok"))
+    export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tmp_path / "tok")
+
+    hf, info = transformers.RobertaPreLayerNormForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ids, mask, types, _, _ = random_batch(torch.Generator().manual_seed(14), cfg.vocab_size)
+    with torch.no_grad():
+        ref = hf.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        got = ours(ids, attention_mask=mask, token_type_ids=types)["logits"]
+    assert (got - ref)[mask.bool()].abs().max() < 1e-4
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.convert_tokens_to_ids("[MASK]") == vocab.index("[MASK]")
 
 
 # ------------------------------------------------------------------ the imported pooler of an MLM-only model

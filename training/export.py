@@ -2,7 +2,8 @@
 
 `python -m training.export --checkpoint DIR --out HF_DIR`, where DIR is a run directory, its
 `checkpoints/` directory, or one checkpoint tag directory. The result loads with
-`transformers.BertForPreTraining.from_pretrained(HF_DIR)`, tokenizer included.
+`transformers.BertForPreTraining.from_pretrained(HF_DIR)` (a Pre-LN model: `RobertaPreLayerNormForMaskedLM`),
+tokenizer included.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ and an exported post-LN model loads back into HF (see `training.model.hf`). Diff
   (`CarriedPooler`), never trained, and exported as imported.
 * `norm: pre` reuses the two per-layer LayerNorms (`attention.output.LayerNorm`, `output.LayerNorm`)
   as the LayerNorms *before* each sub-layer and adds `bert.encoder.final_layer_norm`. Same names,
-  different maths, so a Pre-LN model cannot be exported to HF.
+  different maths: a Pre-LN model exports to HF's RobertaPreLayerNormForMaskedLM, not BertForPreTraining.
 * The MLM head runs the transform and the vocab projection only at masked positions when labels are
   given: with 15% masking that skips ~85% of the [tokens, vocab] matmul and logits memory.
 * Attention backend, per-layer head/FFN sizes (structured pruning), low-rank FFN (CoRe) and
