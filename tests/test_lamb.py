@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.engine.lamb import (Lamb, build_lamb, check_zero_compat, param_groups_for, prepare_for_engine,
-                                  reference_lamb_step, state_by_name, undo_deepspeed_init_step)
+from training.engine.lamb import (Lamb, build_lamb, check_zero_compat, fused_param_groups, param_groups_for,
+                                  prepare_for_engine, reference_lamb_step, state_by_name, undo_deepspeed_init_step)
 from training.errors import UserError
 
 RTOL, ATOL = 1e-6, 1e-7
@@ -30,25 +30,34 @@ def _tensors(gen):
         "huge.weight": torch.randn(4, 4, generator=gen) * 1e3,   # ||w||/||u|| >> 10
         "tiny.weight": torch.randn(4, 4, generator=gen) * 1e-6,  # ||w||/||u|| << 0.01
         "double.weight": torch.randn(5, 3, generator=gen, dtype=torch.float64),  # second dtype bucket
+        "tiny.bias": torch.randn(6, generator=gen) * 1e-6,  # no-decay: clamped to 0.01 only when adapted
     }
 
 
+_NO_DECAY = {"dense.bias", "zero.weight", "tiny.bias"}
+
+
+# groups: "single" = one group, every tensor adapted; "split" = decay + no-decay groups, both adapted;
+# "split_exclude" = the no-decay group with 'adapt': False (the default of param_groups_for);
+# "single_no_adapt" = one group, layer adaptation off through the constructor default.
 @pytest.mark.parametrize("bias_correction", [True, False])
-@pytest.mark.parametrize("split_decay", [True, False])
-def test_foreach_lamb_matches_reference(bias_correction, split_decay):
+@pytest.mark.parametrize("groups_kind", ["single", "split", "split_exclude", "single_no_adapt"])
+def test_foreach_lamb_matches_reference(bias_correction, groups_kind):
     gen = torch.Generator().manual_seed(1)
     init = _tensors(gen)
     names = list(init)
     params = {n: torch.nn.Parameter(t.clone()) for n, t in init.items()}
     wd = 0.01
-    if split_decay:
-        no_decay = {"dense.bias", "zero.weight"}
-        groups = [{"params": [params[n] for n in names if n not in no_decay], "weight_decay": wd},
-                  {"params": [params[n] for n in names if n in no_decay], "weight_decay": 0.0}]
+    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, bias_correction=bias_correction)
+    if groups_kind.startswith("split"):
+        groups = [{"params": [params[n] for n in names if n not in _NO_DECAY], "weight_decay": wd},
+                  {"params": [params[n] for n in names if n in _NO_DECAY], "weight_decay": 0.0}]
+        if groups_kind == "split_exclude":
+            groups[1]["adapt"] = False
+        opt = Lamb(groups, **kw)
     else:
         groups = [{"params": list(params.values()), "weight_decay": 0.0}]
-    kw = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-6, bias_correction=bias_correction)
-    opt = Lamb(groups, **kw)
+        opt = Lamb(groups, **kw, adapt=groups_kind != "single_no_adapt")
 
     ref = {n: t.clone() for n, t in init.items()}
     ref_states = {n: {} for n in names}
@@ -62,7 +71,8 @@ def test_foreach_lamb_matches_reference(bias_correction, split_decay):
         for group in groups:
             gnames = [n for n in names if any(params[n] is p for p in group["params"])]
             used = reference_lamb_step([ref[n] for n in gnames], [grads[n] for n in gnames],
-                                       [ref_states[n] for n in gnames], weight_decay=group["weight_decay"], **kw)
+                                       [ref_states[n] for n in gnames], weight_decay=group["weight_decay"],
+                                       adapt=group["adapt"], **kw)
             trusts.update(zip(gnames, used))
         for n in names:
             torch.testing.assert_close(params[n].detach(), ref[n], rtol=RTOL, atol=ATOL, msg=n)
@@ -72,9 +82,34 @@ def test_foreach_lamb_matches_reference(bias_correction, split_decay):
             assert st["step"] == ref_states[n]["step"]
         # The edge cases really were exercised.
         assert trusts["zero.weight"] == 1.0
+        if groups_kind == "single_no_adapt":
+            assert set(trusts.values()) == {1.0}
+            continue
         assert trusts["huge.weight"] == 10.0
         assert trusts["tiny.weight"] == 0.01
         assert 0.01 < trusts["dense.weight"] < 10.0
+        if groups_kind == "split_exclude":
+            assert all(trusts[n] == 1.0 for n in _NO_DECAY)
+        else:
+            assert trusts["tiny.bias"] == 0.01
+
+
+def test_excluded_zero_bias_moves_at_lr():
+    """The issue's case: a zero-initialised bias. Adapted, after the first step (trust 1 at ||w|| = 0) its
+    trust ratio is ||w|| / ||u|| ~ lr, clamped to min_trust; excluded, it steps by lr * u throughout."""
+    lr, steps = 1e-3, 5
+    moved = {}
+    for adapt in (True, False):
+        bias = torch.nn.Parameter(torch.zeros(64))
+        opt = Lamb([{"params": [bias], "weight_decay": 0.0, "adapt": adapt}], lr=lr)
+        grad = torch.randn(64, generator=torch.Generator().manual_seed(0)).sign()
+        for _ in range(steps):
+            bias.grad = grad.clone()  # a constant gradient: u = m_hat / (sqrt(v_hat) + eps) = +-1 / (1 + eps)
+            opt.step()
+        moved[adapt] = bias.detach().abs().mean().item()
+    # Excluded: ~lr per element per step. Adapted: lr on step 1, then min_trust * lr per step.
+    assert moved[False] == pytest.approx(steps * lr, rel=0.01)
+    assert moved[True] == pytest.approx(lr + (steps - 1) * 0.01 * lr, rel=0.01)
 
 
 def test_param_without_grad_is_left_alone():
@@ -112,6 +147,10 @@ class _Tiny(torch.nn.Module):
 def test_param_groups_for_splits_decay():
     groups = param_groups_for(_Tiny(), 0.01)
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert [g["adapt"] for g in groups] == [True, False]  # default: no layer adaptation for bias/LayerNorm
+    assert [g["adapt"] for g in param_groups_for(_Tiny(), 0.01, "none")] == [True, True]
+    with pytest.raises(ValueError, match="exclude_from_adaptation"):
+        param_groups_for(_Tiny(), 0.01, "all")
     assert groups[0]["names"] == ["embed.weight", "dense.weight", "out.weight"]
     assert groups[1]["names"] == ["LayerNorm.weight", "LayerNorm.bias", "dense.bias", "norm.weight", "norm.bias"]
     model = _Tiny()
@@ -143,6 +182,30 @@ def test_build_lamb_falls_back_to_pure_on_cpu():
     opt, name = build_lamb(param_groups_for(_Tiny(), 0.01), lr=1e-3)
     assert name == "lamb" and isinstance(opt, Lamb)
     assert opt.param_groups[0]["weight_decay"] == 0.01 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["adapt"] is True and opt.param_groups[1]["adapt"] is False
+
+
+def test_fused_groups_clamp_trust_to_one_where_not_adapted():
+    """FusedLamb reads min_coeff/max_coeff per group and clamps its trust ratio into them: [1, 1] is trust 1."""
+    groups = param_groups_for(_Tiny(), 0.01)
+    fused = fused_param_groups(groups)
+    assert "min_coeff" not in fused[0] and "max_coeff" not in fused[0]  # the optimizer-wide clamp applies
+    assert fused[1]["min_coeff"] == fused[1]["max_coeff"] == 1.0
+    assert fused[1]["params"] is groups[1]["params"] and "min_coeff" not in groups[1]  # caller's dicts untouched
+    assert all("min_coeff" not in g for g in fused_param_groups(param_groups_for(_Tiny(), 0.01, "none")))
+
+
+@pytest.mark.parametrize("choice, adapts", [("no_decay", [True, False]), ("none", [True, True])])
+def test_config_exclude_from_adaptation_reaches_the_optimizer(choice, adapts):
+    from training.config import RunConfig
+    from training.engine.build import build_optimizer
+
+    cfg = RunConfig.model_validate({"train": {"max_steps": 1}, "optimizer": {"exclude_from_adaptation": choice}})
+    opt, name = build_optimizer(_Tiny(), cfg)
+    assert name == "lamb" and [g["adapt"] for g in opt.param_groups] == adapts
+    assert RunConfig.model_validate({"train": {"max_steps": 1}}).optimizer.exclude_from_adaptation == "no_decay"
+    with pytest.raises(Exception, match="exclude_from_adaptation"):
+        RunConfig.model_validate({"train": {"max_steps": 1}, "optimizer": {"exclude_from_adaptation": "all"}})
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -177,6 +240,10 @@ def single_rank_env():
     for k, v in env.items():
         os.environ.setdefault(k, v)
     yield
+    if torch.distributed.is_initialized():
+        # deepspeed.initialize made a process group from these; later tests in this process (conftest's
+        # dist_single) reuse that group, and DeepSpeed reads LOCAL_RANK again on every initialize.
+        return
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
@@ -230,7 +297,7 @@ def test_deepspeed_bf16_zero0_update_equals_reference(single_rank_env):
         grads = [[p.grad.float() for p in g] for g in wrapper.fp16_groups]
         engine.step()
         for group, m, g, st in zip(opt.param_groups, masters, grads, ref_states):
-            reference_lamb_step(m, g, st, weight_decay=group["weight_decay"], **kw)
+            reference_lamb_step(m, g, st, weight_decay=group["weight_decay"], adapt=group["adapt"], **kw)
             for got, want in zip(group["params"], m):
                 torch.testing.assert_close(got.detach(), want, rtol=RTOL, atol=ATOL)
     for n, st in state_by_name(engine.optimizer).items():
@@ -242,7 +309,8 @@ def test_deepspeed_bf16_zero0_update_equals_reference(single_rank_env):
 
 # ---------------------------------------------------------------------------------------------
 # ZeRO 1/2 with partition-aware trust ratios, two ranks: `deepspeed --num_gpus 2 tests/test_lamb.py OUT`
-# trains the same model under ZeRO 0, 1, 2 (and 1 without the fix) and rank 0 saves final weights.
+# trains the same model under ZeRO 0, 1, 2 (and 1 without the fix), with the no-decay group excluded from
+# layer adaptation (the default) and with every tensor adapted ("_all"); rank 0 saves final weights.
 # ---------------------------------------------------------------------------------------------
 
 def _zero_worker(out_path):
@@ -252,10 +320,12 @@ def _zero_worker(out_path):
     from training.engine.lamb import prepare_for_engine
 
     results, straddles = {}, False
-    for label, stage, fix in (("z0", 0, False), ("z1", 1, True), ("z2", 2, True), ("z1_naive", 1, False)):
+    runs = (("z0", 0, False, "no_decay"), ("z1", 1, True, "no_decay"), ("z2", 2, True, "no_decay"),
+            ("z1_naive", 1, False, "no_decay"), ("z0_all", 0, False, "none"), ("z2_all", 2, True, "none"))
+    for label, stage, fix, exclude in runs:
         torch.manual_seed(0)
         model = _Tiny()
-        opt = Lamb(param_groups_for(model, 0.01), lr=1e-2)
+        opt = Lamb(param_groups_for(model, 0.01, exclude), lr=1e-2)
         cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
                "zero_optimization": {"stage": stage}}
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
@@ -286,9 +356,11 @@ def test_zero12_partitioned_trust_matches_zero0(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = torch.load(out)
     assert res["straddles"], "no tensor straddles the partition boundary; the test would prove little"
-    for label in ("z1", "z2"):
-        for n, want in res["z0"].items():
+    for label, base in (("z1", "z0"), ("z2", "z0"), ("z2_all", "z0_all")):
+        for n, want in res[base].items():
             torch.testing.assert_close(res[label][n], want, rtol=1e-5, atol=1e-6, msg=f"{label} {n}")
+    # The exclusion changed the no-decay tensors (so the comparison above covered a real difference).
+    assert not torch.allclose(res["z0"]["dense.bias"], res["z0_all"]["dense.bias"], rtol=1e-4, atol=1e-5)
     # Without the fix, trust ratios over whole partitions give visibly different weights.
     assert any(not torch.allclose(res["z1_naive"][n], w, rtol=1e-4, atol=1e-5) for n, w in res["z0"].items())
 

@@ -86,6 +86,10 @@ class OptimizerSection(_Strict):
     # LAMB on CUDA: DeepSpeed's fused kernel (its bias correction is folded into the step size, so it is
     # not step-for-step equal to the pure-PyTorch LAMB used elsewhere and under ZeRO 1/2).
     fused: bool = False
+    # LAMB layer adaptation: "no_decay" gives the no-decay group (biases, LayerNorm) trust ratio 1, as NVIDIA's
+    # and TF's LAMB do (else a zero-initialised bias moves at ~min_trust * lr for hundreds of steps); "none"
+    # adapts every tensor. Fused and pure LAMB both honour it. Ignored by adamw.
+    exclude_from_adaptation: Literal["no_decay", "none"] = "no_decay"
 
     @model_validator(mode="after")
     def _check(self):

@@ -20,6 +20,9 @@ Definitions (also in BENCHMARKS.md):
   when no final-stage eval point gets to the target.
 * FLOPs: the integral of flops_per_token over tokens, segment by segment between train lines (each
   segment at the `flops_per_token` of the line that ends it, or the config's value when lines lack it).
+  The runner logs what each step computed (training/model/flops.py, FLOPS_COUNTING below): frozen
+  layers forward-only, dropped layers by their keep probability, the tied decoder's weight gradient
+  only while it trains.
 * speedup: baseline's time to target / the method's time to target (same for FLOPs and tokens).
 """
 from __future__ import annotations
@@ -31,6 +34,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 NOT_REACHED = "not reached"
+
+FLOPS_COUNTING = (
+    "FLOPs count what was computed (training/model/flops.py): matmuls only, 2 per multiply-add, and each "
+    "gradient a matmul really has (w.r.t. its input, w.r.t. its weight) at the cost of its forward, so a fully "
+    "trained layer costs 3x its forward. A frozen layer with nothing trainable below it (MSLT's frozen bottom, "
+    "run under no_grad) costs its forward only, 1/3 of a trained layer; a frozen layer that gradients pass "
+    "through costs its forward plus input gradients; the tied MLM decoder's weight gradient counts only while "
+    "the word embeddings train; under progressive layer dropping each layer counts by that step's keep "
+    "probability. Each train line's flops_per_token is its logging window's token-weighted mean, and FLOPs to "
+    "target integrate it over tokens. Embedding lookups, LayerNorm, softmax and GELU are not counted.")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -345,7 +358,8 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
             "Train time = the runs' `wall_s` (training loop only: no start-up or export; in-loop evals, "
             "checkpoints and stage transitions included); all to-target values use it. Process s = the whole "
             "subprocess (start-up, data loading, final checkpoint), for information. To-target values "
-            "interpolate linearly between eval points; speedup = baseline / method.", ""]
+            "interpolate linearly between eval points; speedup = baseline / method.", "",
+            FLOPS_COUNTING, ""]
     stage_lines = []
     for r in report["runs"]:
         if len(r["stages"]) > 1:

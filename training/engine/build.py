@@ -22,7 +22,7 @@ def check_precision_supported(precision: str) -> None:
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer, str]:
     o = cfg.optimizer
-    groups = param_groups_for(model, o.weight_decay)
+    groups = param_groups_for(model, o.weight_decay, o.exclude_from_adaptation)
     if o.name == "adamw":
         # foreach AdamW: elementwise, so it is also correct on ZeRO's flat partitions.
         return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,

@@ -9,6 +9,12 @@ Semantics (per parameter tensor w with gradient g, step t, group lr / weight_dec
     trust = clamp(||w|| / ||u||, min_trust, max_trust), or exactly 1 when ||w|| == 0 or ||u|| == 0
     w = w - lr * trust * u
 
+Layer adaptation can be switched off per param group ('adapt': False): trust is then exactly 1, i.e. the
+step is lr * u (Adam with decoupled decay). param_groups_for does that for the no-decay group (biases,
+LayerNorm) by default, as NVIDIA's and TensorFlow's LAMB exclude them from adaptation: with a trust
+ratio a zero-initialised bias (||w|| = 0 gives trust 1 once, then ||w|| is tiny) moves at about
+min_trust * lr for hundreds of steps. Config: optimizer.exclude_from_adaptation ("no_decay" | "none").
+
 Trust clamp defaults are [0.01, 10], the same as DeepSpeed's FusedLamb (min_coeff / max_coeff).
 The trust ratio is per TENSOR, which is why a flattened ZeRO partition breaks it (see
 check_zero_compat and enable_zero_partitioned_trust).
@@ -45,14 +51,15 @@ def _trust(w_norm: torch.Tensor, u_norm: torch.Tensor, min_trust: float, max_tru
 class Lamb(torch.optim.Optimizer):
     """LAMB (You et al., 2019) with per-tensor trust ratios; see the module docstring for the math.
 
-    Each param group may carry its own weight_decay (0 for LayerNorm/bias, see param_groups_for) and
-    any extra keys (e.g. 'names'). State per param: 'exp_avg', 'exp_avg_sq' (param's shape/dtype)
-    and 'step' (int). Math runs in the parameter dtype: give it fp32 params (DeepSpeed's bf16/fp16
-    wrappers hand it fp32 masters).
+    Each param group may carry its own weight_decay (0 for LayerNorm/bias, see param_groups_for), its own
+    'adapt' (False: trust ratio 1, no layer adaptation; default: the `adapt` argument) and any extra keys
+    (e.g. 'names'). State per param: 'exp_avg', 'exp_avg_sq' (param's shape/dtype) and 'step' (int).
+    Math runs in the parameter dtype: give it fp32 params (DeepSpeed's bf16/fp16 wrappers hand it fp32
+    masters).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 bias_correction=True, min_trust=DEFAULT_MIN_TRUST, max_trust=DEFAULT_MAX_TRUST):
+                 bias_correction=True, min_trust=DEFAULT_MIN_TRUST, max_trust=DEFAULT_MAX_TRUST, adapt=True):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr/eps/weight_decay: {lr}, {eps}, {weight_decay}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -60,7 +67,8 @@ class Lamb(torch.optim.Optimizer):
         if not 0 < min_trust <= max_trust:
             raise ValueError(f"need 0 < min_trust <= max_trust, got {min_trust}, {max_trust}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, min_trust=min_trust, max_trust=max_trust)
+                        bias_correction=bias_correction, min_trust=min_trust, max_trust=max_trust,
+                        adapt=bool(adapt))
         super().__init__(params, defaults)
         # id(flat ZeRO partition) -> layout; filled only by enable_zero_partitioned_trust.
         self._zero_layouts: dict[int, "_FlatLayout"] = {}
@@ -119,7 +127,9 @@ class Lamb(torch.optim.Optimizer):
 
         flat = [i for i, p in enumerate(params) if id(p) in self._zero_layouts]
         plain = [i for i in range(len(params)) if id(params[i]) not in self._zero_layouts]
-        if plain:
+        if plain and not _adapts(group):
+            torch._foreach_add_([params[i] for i in plain], [updates[i] for i in plain], alpha=-group["lr"])
+        elif plain:
             ps = [params[i] for i in plain]
             us = [updates[i] for i in plain]
             # Norms and ratios stay on device: no host sync per step.
@@ -132,9 +142,16 @@ class Lamb(torch.optim.Optimizer):
             self._zero_layouts[id(params[i])].apply(params[i], updates[i], group)
 
 
+def _adapts(group: dict) -> bool:
+    # .get: a group restored from a checkpoint written before 'adapt' existed adapts, as it did then.
+    return bool(group.get("adapt", True))
+
+
 def reference_lamb_step(params, grads, states, *, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0,
-                        bias_correction=True, min_trust=DEFAULT_MIN_TRUST, max_trust=DEFAULT_MAX_TRUST):
+                        bias_correction=True, min_trust=DEFAULT_MIN_TRUST, max_trust=DEFAULT_MAX_TRUST,
+                        adapt=True):
     """One LAMB step, one tensor at a time, written for reading not speed. Tests only.
+    adapt=False: no layer adaptation (trust exactly 1).
 
     params/grads: lists of tensors (params updated in place); states: list of dicts, same keys as
     Lamb's state ('step', 'exp_avg', 'exp_avg_sq'), empty dicts on the first step.
@@ -155,7 +172,7 @@ def reference_lamb_step(params, grads, states, *, lr, betas=(0.9, 0.999), eps=1e
             m_hat, v_hat = m, v
         update = m_hat / (v_hat.sqrt() + eps) + weight_decay * w
         w_norm, u_norm = w.norm().item(), update.norm().item()
-        if w_norm == 0 or u_norm == 0:
+        if not adapt or w_norm == 0 or u_norm == 0:
             trust = 1.0
         else:
             trust = min(max(w_norm / u_norm, min_trust), max_trust)
@@ -167,18 +184,28 @@ def reference_lamb_step(params, grads, states, *, lr, betas=(0.9, 0.999), eps=1e
 _NO_DECAY_NAME_PARTS = ("LayerNorm", "layer_norm")
 
 
-def param_groups_for(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+EXCLUDE_FROM_ADAPTATION = ("no_decay", "none")
+
+
+def param_groups_for(model: torch.nn.Module, weight_decay: float,
+                     exclude_from_adaptation: str = "no_decay") -> list[dict]:
     """Split trainable params into a decay group and a no-decay group (biases, LayerNorm weights).
+
+    exclude_from_adaptation: "no_decay" (default) sets 'adapt': False on the no-decay group (LAMB trust
+    ratio 1 there, see the module docstring); "none" adapts both groups. AdamW ignores the key.
 
     No decay when: the owning module is a torch.nn.LayerNorm, or the name contains 'LayerNorm' /
     'layer_norm' (HF-style names, custom norm modules), or it ends in '.bias'. Frozen params are
     skipped. Each group has 'names' parallel to 'params' so optimizer state can be mapped by name;
     empty groups are dropped (DeepSpeed drops them anyway).
     """
+    if exclude_from_adaptation not in EXCLUDE_FROM_ADAPTATION:
+        raise ValueError(f"exclude_from_adaptation must be one of {EXCLUDE_FROM_ADAPTATION}, "
+                         f"got {exclude_from_adaptation!r}")
     layer_norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)
                          for p in m.parameters(recurse=False)}
-    decay = {"params": [], "names": [], "weight_decay": weight_decay}
-    no_decay = {"params": [], "names": [], "weight_decay": 0.0}
+    decay = {"params": [], "names": [], "weight_decay": weight_decay, "adapt": True}
+    no_decay = {"params": [], "names": [], "weight_decay": 0.0, "adapt": exclude_from_adaptation != "no_decay"}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -232,7 +259,8 @@ def build_lamb(param_groups, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01
     FusedLamb: min_trust/max_trust -> min_coeff/max_coeff, eps outside the sqrt
     (eps_inside_sqrt=False), max_grad_norm=0 (DeepSpeed clips before the optimizer). Its bias
     correction differs (module docstring), so fused and unfused runs are not step-for-step equal.
-    Per-group weight_decay in param_groups overrides weight_decay.
+    Per-group weight_decay in param_groups overrides weight_decay; a group with 'adapt': False gets
+    trust ratio 1 in both (FusedLamb: that group's min_coeff = max_coeff = 1, see fused_param_groups).
     """
     groups = list(param_groups)
     on_cuda = all(p.is_cuda for g in groups for p in (g["params"] if isinstance(g, dict) else [g]))
@@ -240,8 +268,8 @@ def build_lamb(param_groups, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01
         try:
             from deepspeed.ops.lamb import FusedLamb
 
-            opt = FusedLamb(groups, lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
-                            eps_inside_sqrt=False, weight_decay=weight_decay, max_grad_norm=0.0,
+            opt = FusedLamb(fused_param_groups(groups), lr=lr, bias_correction=bias_correction, betas=betas,
+                            eps=eps, eps_inside_sqrt=False, weight_decay=weight_decay, max_grad_norm=0.0,
                             max_coeff=max_trust, min_coeff=min_trust)
             log.info("optimizer: DeepSpeed FusedLamb (CUDA kernel; bias correction folded into step size)")
             return opt, "fused_lamb"
@@ -251,6 +279,17 @@ def build_lamb(param_groups, lr, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01
                bias_correction=bias_correction, min_trust=min_trust, max_trust=max_trust)
     log.info("optimizer: pure-PyTorch foreach Lamb")
     return opt, "lamb"
+
+
+def fused_param_groups(groups: list) -> list:
+    """Groups for DeepSpeed's FusedLamb: it reads min_coeff/max_coeff per group and its kernel clamps the
+    trust ratio into [min_coeff, max_coeff] (1 when a norm is 0), so clamping to [1, 1] is 'adapt': False."""
+    out = []
+    for g in groups:
+        if isinstance(g, dict) and not _adapts(g):
+            g = {**g, "min_coeff": 1.0, "max_coeff": 1.0}
+        out.append(g)
+    return out
 
 
 def check_zero_compat(optimizer_name: str, zero_stage: int) -> None:
@@ -313,6 +352,9 @@ class _FlatLayout:
     def apply(self, flat_param, update, group):
         import deepspeed.comm as dist
 
+        if not _adapts(group):  # trust 1: no norms, no all-reduce (the flag is the same group on every rank)
+            flat_param.add_(update, alpha=-group["lr"])
+            return
         sums = torch.zeros(2, self.n_params + 1, dtype=torch.float32, device=flat_param.device)
         sums[0].index_add_(0, self.labels, flat_param.float().square())
         sums[1].index_add_(0, self.labels, update.float().square())

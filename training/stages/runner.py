@@ -26,7 +26,7 @@ from training.engine.schedule import lr_at, staged_segments
 from training.metrics import MetricsWriter
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
-from training.model.flops import flops_per_token
+from training.model.flops import flops_per_token, trainable_parts
 from training.stages import transfer
 from training.stages.hooks import HookContext, get_hook
 from training.stages.layerdrop import layer_keep_probs
@@ -362,12 +362,14 @@ class StageRunner:
             plan = self.plan[self.state.stage_index]
             stage = cfg.stages[plan.index]
             bar.set_description(f"stage {plan.index + 1}/{len(self.plan)} {plan.name}")
-            stage_flops = flops_per_token(self.model_cfg, plan.seq_len)
+            # FLOPs as computed: frozen parts (MSLT) from requires_grad, dropped layers by this step's keep probs.
+            trainable = trainable_parts(self.model)
+            stage_flops = flops_per_token(self.model_cfg, plan.seq_len, cfg.data.mlm_probability, trainable)
             stream = self._micro_batches()
             watch = self._stage_watch(plan.index)  # True from start/observe: end this stage now
             if watch is not None and watch.start(self.state.step, self.state.stage_step, self.engine):
                 self._move_boundary(plan.index + 1, self.state.step)
-            window_start, window_tokens = time.perf_counter(), 0
+            window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
             while self.state.stage_step < plan.steps:
                 micro = [next(stream) for _ in range(cfg.train.grad_accum)]
                 lr = self._lr(self.state.step)
@@ -379,6 +381,8 @@ class StageRunner:
                 self.state.tokens += result.tokens
                 self.state.samples += result.samples
                 window_tokens += result.tokens
+                window_flops += result.tokens * (stage_flops if not drop else flops_per_token(
+                    self.model_cfg, plan.seq_len, cfg.data.mlm_probability, trainable, drop["layer_keep_prob"]))
                 bar.update(1)
                 try:
                     self._check_faults(result)
@@ -392,15 +396,16 @@ class StageRunner:
                     loss = _all_reduce_sum([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
-                    mfu = stage_flops * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
+                    fpt = window_flops / max(window_tokens, 1)  # the window's token-weighted mean
+                    mfu = fpt * tokens_per_s / (self.peak_tflops * 1e12 * self.world_size)
                     self.state.wall_s = time.perf_counter() - start_wall
                     self.metrics.write({"kind": "train", "step": self.state.step, "stage": plan.name,
                                         "loss": loss, "lr": lr, "tokens": self.state.tokens,
                                         "tokens_per_s": tokens_per_s, "wall_s": self.state.wall_s, "mfu": mfu,
-                                        "flops_per_token": stage_flops, "seq_len": plan.seq_len})
+                                        "flops_per_token": fpt, "seq_len": plan.seq_len})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                                     **({"eval": f"{self.last_eval['heldout_loss']:.3f}"} if self.last_eval else {}))
-                    window_start, window_tokens = time.perf_counter(), 0
+                    window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
                 done = self.state.step == self.total_steps
                 if self.state.step % run.eval_every == 0 or done or (stage_done and run.eval_at_stage_end):
                     self.last_eval = self.evaluate()
