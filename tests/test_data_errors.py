@@ -52,8 +52,13 @@ def test_existing_out_dir_needs_overwrite(corpus, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     expect_error("--overwrite", [corpus], out, seq_len=16, tokenizer="train:100")
-    stats = quiet_prepare([corpus], out, seq_len=16, tokenizer="train:100", overwrite=True)
-    assert json.load(open(out / "stats.json")) == stats and not (out / "keep.txt").exists()
+    # --overwrite replaces only what prepare made (its .bert-data marker): someone's directory is kept.
+    expect_error("no .bert-data marker", [corpus], out, seq_len=16, tokenizer="train:100", overwrite=True)
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    quiet_prepare([corpus], out, seq_len=16, tokenizer="train:100")
+    stats = quiet_prepare([corpus], out, seq_len=16, tokenizer="train:100", overwrite=True, seed=1)
+    assert json.load(open(out / "stats.json")) == stats and stats["seed"] == 1
 
 
 def test_bad_tokenizer(corpus, tmp_path):

@@ -24,7 +24,7 @@ def resolve_tag_dir(path: Path, flag: str = "--checkpoint") -> Path:
     if not path.exists():
         raise UserError(f"{flag} {path}: no such directory")
     for ckpt_dir in (path / "checkpoints", path):
-        tag = checkpoint.latest_tag(ckpt_dir)
+        tag = checkpoint.latest_good_tag(ckpt_dir)  # verified; a corrupt newest one: the newest good (warning)
         if tag is not None:
             return ckpt_dir / tag
     if (path / "meta.json").is_file():

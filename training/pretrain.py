@@ -15,13 +15,17 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from training import outdir  # noqa: E402
 from training.config import RunConfig, deepspeed_json, load_config  # noqa: E402
 from training.engine import checkpoint  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
@@ -38,27 +42,158 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
     p.add_argument("--out", help="output directory (same as --set run.out_dir=DIR)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing output directory first")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run in the output directory (moved aside, deleted after this run's "
+                        "first step; only a directory holding this trainer's .bert-run marker)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DS launcher
     return p.parse_args(argv)
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: bool = True) -> None:
-    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite.
-
-    With claim=False only checks; main() claims (deletes with --overwrite, creates) only once the config,
-    data and checkpoint have been accepted, so bad input never costs the previous run.
-    """
+def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
+    """The checks of prepare_out_dir; True when --overwrite is to replace a previous run."""
     if out.exists() and not out.is_dir():
         raise UserError(f"run.out_dir {out} exists and is not a directory")
-    has_run = out.is_dir() and any(out.iterdir())
+    has_run = bool(outdir.entries(out))
     if has_run and not (resume or overwrite):
         raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
                         "to start over")
-    if rank == 0 and claim:
-        if overwrite and has_run and not resume:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+    replacing = has_run and overwrite and not resume
+    if replacing:
+        outdir.check_holds_no_input(out, inputs, "run.out_dir")
+        if outdir.read_marker(out, outdir.RUN_MARKER) is None:
+            raise UserError(f"run.out_dir {out} has no {outdir.RUN_MARKER} marker, so it is not recognisably a run of "
+                            "training.pretrain (runs written before the marker existed have none either) and "
+                            "--overwrite will not delete it: delete it by hand, or pick another run.out_dir")
+    elif has_run and resume and outdir.read_marker(out, outdir.RUN_MARKER) is None and not (
+            (out / "checkpoints").is_dir() or (out / "config.resolved.json").is_file()):
+        raise UserError(f"run.out_dir {out} holds files but no run of training.pretrain (no {outdir.RUN_MARKER}, no "
+                        "checkpoints/); --resume will not write into it: pick another run.out_dir")
+    return replacing
+
+
+class OutClaim:
+    """Rank 0's hold on the output directory for this process: the lock on OUT/.lock and, with --overwrite,
+    the previous run moved aside to OUT.replaced-<time>-<pid>. The previous run is deleted once this run has
+    trained (`trained()`: its first optimizer step); a failure before that puts it back (`failed()`); a killed
+    process leaves it there, named in OUT/.bert-run, and the next run on OUT says so (and deletes it after
+    its first step, as this one would have)."""
+
+    def __init__(self, out: Path, lock: outdir.DirLock, pending: list[Path], old_lock=None, moved=None):
+        self.out, self.lock, self.pending, self.old_lock, self.moved = out, lock, pending, old_lock, moved
+        self.done = False
+
+    def trained(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for old in self.pending:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+                log.info("deleted the previous run %s (moved aside by --overwrite; this run has trained)", old)
+        if self.pending:
+            info = outdir.read_marker(self.out, outdir.RUN_MARKER) or {}
+            with contextlib.suppress(OSError):
+                outdir.write_marker(self.out, outdir.RUN_MARKER, **{**info, "replaces": []})
+        self.pending = []
+
+    def failed(self) -> None:
+        """Before training: put the previous run back where it was (if this process moved it)."""
+        if self.done:
+            return
+        self.done = True
+        if self.moved is None or not self.moved.is_dir():
+            return
+        failed = self.out.with_name(f"{self.out.name}.failed-{os.getpid()}")
+        try:
+            os.rename(self.out, failed)
+            os.rename(self.moved, self.out)
+        except OSError as err:
+            print(f"warning: this run failed before training; the previous run is kept at {self.moved} "
+                  f"(could not move it back to {self.out}: {err.strerror})", file=sys.stderr, flush=True)
+            return
+        if self.old_lock is not None:
+            self.old_lock.moved_to(self.out)
+        shutil.rmtree(failed, ignore_errors=True)
+        print(f"warning: this run failed before its first step; the previous run is back in {self.out}",
+              file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        self.lock.release()
+        if self.old_lock is not None:
+            self.old_lock.release()
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: bool = True,
+                    inputs=()) -> Optional[OutClaim]:
+    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite.
+
+    With claim=False only checks (main() has checked before that no live process holds OUT/.lock); main()
+    claims (locks OUT, creates it, moves a previous run aside with --overwrite) only once the config, data and
+    checkpoint have been accepted, so bad input never costs the previous run. `inputs` ((what, path) pairs)
+    may not lie in an OUT that --overwrite replaces. Returns rank 0's OutClaim (None otherwise).
+    """
+    if claim and rank != 0:
+        return None  # checked with claim=False; rank 0 claims (its marker would read as "holds a run" here)
+    _check_out_dir(out, resume, overwrite, inputs)
+    if not claim:
+        return None
+    lock = outdir.DirLock(out, "run.out_dir").acquire()
+    try:
+        replacing = _check_out_dir(out, resume, overwrite, inputs)  # again, under the lock
+        info = outdir.read_marker(out, outdir.RUN_MARKER) or {}
+        pending = [Path(p) for p in info.get("replaces", []) if _is_replaced_of(Path(p), out) and Path(p).is_dir()]
+        me = {"written_by": "training.pretrain", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "host": socket.gethostname(), "pid": os.getpid()}
+        if not replacing:
+            if not info:
+                outdir.write_marker(out, outdir.RUN_MARKER, **me, replaces=[])
+            for old in pending:
+                log.warning("%s: a previous run of %s, moved aside by --overwrite; deleted after this run's first "
+                            "step (move it back by hand to keep it)", old, out)
+            return OutClaim(out, lock, pending)
+        staging = out.with_name(f"{out.name}.new-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        new_lock = outdir.DirLock(staging, "run.out_dir").acquire()
+        aside = outdir.replaced_name(out.absolute())
+        outdir.write_marker(staging, outdir.RUN_MARKER, **me, replaces=[str(aside)] + [str(p) for p in pending])
+        os.rename(out, aside)
+        lock.moved_to(aside)
+        try:
+            os.rename(staging, out)
+        except OSError as err:
+            new_lock.release()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"run.out_dir {out}: taken by another process while replacing it ({err.strerror}); the "
+                            f"previous run is at {aside}") from None
+        new_lock.moved_to(out)
+        log.info("--overwrite: moved the previous run to %s; it is deleted after this run's first step (and put "
+                 "back if this run fails before)", aside)
+        return OutClaim(out, new_lock, [aside] + pending, old_lock=lock, moved=aside)
+    except OSError as err:
+        lock.release()
+        raise UserError(outdir.oserror_line(f"run.out_dir {out}", err)) from None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _is_replaced_of(path: Path, out: Path) -> bool:
+    """Only ever delete a sibling named OUT.replaced-* (a marker is a file anyone can edit)."""
+    return path.is_absolute() and path.parent.resolve() == out.absolute().parent.resolve() and \
+        path.name.startswith(f"{out.name}.replaced-")
+
+
+def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
+    """What this run reads (an --overwrite of run.out_dir may not delete it)."""
+    items = [("--config", str(config_path)), ("data.dir", cfg.data.dir),
+             ("data.dir tokenizer", str(Path(cfg.data.dir) / "tokenizer"))]
+    if cfg.deepspeed.template:
+        items.append(("deepspeed.template", cfg.deepspeed.template))
+    for i in range(len(cfg.stages)):
+        with contextlib.suppress(Exception):
+            if cfg.stage_model(i).init_from_hf:
+                items.append(("model.init_from_hf", cfg.stage_model(i).init_from_hf))
+    return items
 
 
 def check_seq_len(cfg: RunConfig, data_seq_len: int, data_dir: str) -> None:
@@ -168,12 +303,18 @@ def main(argv=None) -> int:
     overrides = args.set + ([f"run.out_dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides)
     out = Path(cfg.run.out_dir)
+    from training.engine.ops import prepare_deepspeed_ops
+
+    prepare_deepspeed_ops()  # JIT-built C++ ops: a lock left by a killed build is cleared, never waited on
     env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
     _setup_logging(env.rank)
     split_cpu_threads(env.local_world_size)
     preemption().install()  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75 (see training/signals.py)
+    # Busy with another run? Every rank asks before the collective below, so none can see its own rank 0's lock.
+    outdir.check_unlocked(out, "run.out_dir")
     check_consistent(cfg.digest(), env.world_size)
-    prepare_out_dir(out, args.resume, args.overwrite, env.rank, claim=False)
+    inputs = run_inputs(cfg, args.config)
+    prepare_out_dir(out, args.resume, args.overwrite, env.rank, claim=False, inputs=inputs)
     check_precision_supported(cfg.train.precision)
 
     data = load_data(cfg)
@@ -183,31 +324,68 @@ def main(argv=None) -> int:
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
     ds_json = deepspeed_json(cfg, env.world_size, out)
-    tag = checkpoint.latest_tag(out / "checkpoints") if args.resume else None
-    if tag is not None:
-        checkpoint.read_meta(out / "checkpoints", tag)  # complete? (before anything is touched)
-    prepare_out_dir(out, args.resume, args.overwrite, env.rank)  # inputs accepted: now delete/create
+    # The checkpoint to resume from, verified (sizes and checksums) before anything is touched; a corrupt
+    # newest one is passed over for the newest that verifies, with a warning naming the bad file.
+    tag, bad_tags = checkpoint.resume_tag(out / "checkpoints") if args.resume else (None, [])
+    claimed = prepare_out_dir(out, args.resume, args.overwrite, env.rank, inputs=inputs)  # accepted: now claim
+    try:
+        return _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, start_watchdog)
+    except BaseException:
+        if claimed is not None:
+            claimed.failed()  # before its first step: the previous run goes back (after it: already deleted)
+        raise
+    finally:
+        if claimed is not None:
+            claimed.release()
+
+
+def _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, start_watchdog) -> int:
     torch.distributed.barrier()
     if args.resume and tag is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
     if tag is not None:
         runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
         if env.rank == 0:
+            if bad_tags:
+                checkpoint.quarantine(out / "checkpoints", bad_tags, tag)
             truncate_metrics(out / "metrics.jsonl", runner.state.step)
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         runner.set_model(build_initial_model(cfg), cfg.stage_model(0))
         torch.manual_seed(cfg.run.seed + 1000 + env.rank)  # dropout differs per rank
     if env.rank == 0:  # written only once the inputs (config, data, checkpoint) have been accepted
-        (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-        shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
-        (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
+        try:
+            (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+            shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
+            (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
+        except OSError as err:
+            raise UserError(outdir.oserror_line(f"run.out_dir {out}", err)) from None
+    if claimed is not None and claimed.pending:
+        _after_first_step(runner, claimed.trained)
     # A rank that dies or freezes makes the others exit within dist.heartbeat_timeout_s, naming it
     # (training/dist.py); without the watchdog only the process-group timeout, dist.timeout_s, would.
     use_watchdog = env.world_size > 1 and cfg.dist.heartbeat_timeout_s is not None
     watchdog = start_watchdog(env, cfg.dist.heartbeat_timeout_s) if use_watchdog else contextlib.nullcontext()
     with watchdog:
-        return train(runner, cfg, data, out, env.rank)
+        code = train(runner, cfg, data, out, env.rank)
+    if claimed is not None and not claimed.done and checkpoint.latest_tag(out / "checkpoints", check=False):
+        claimed.trained()  # e.g. pre-empted before its first step, but checkpointed: this run goes on
+    elif claimed is not None and not claimed.done:
+        claimed.failed()  # ended before training anything: the previous run goes back
+    return code
+
+
+def _after_first_step(runner, callback) -> None:
+    """Call `callback` once, after the runner's first optimizer step (instance attribute over the method)."""
+    step = runner.train_step
+
+    def first_step(*args, **kwargs):
+        result = step(*args, **kwargs)
+        del runner.train_step
+        callback()
+        return result
+
+    runner.train_step = first_step
 
 
 def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:

@@ -11,11 +11,13 @@ import math
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from training import outdir
 from training.data import packing, sources, tokenizer as tokmod
 from training.errors import UserError
 
@@ -34,15 +36,36 @@ def ids_dtype(vocab_size: int):
     return np.int16 if vocab_size <= np.iinfo(np.int16).max + 1 else np.int32
 
 
-def check_out_dir(out: str, overwrite: bool) -> None:
+def check_out_dir(out: str, overwrite: bool, inputs=(), locked: bool = False) -> None:
+    """An existing non-empty OUT needs --overwrite, and --overwrite replaces only a data dir this command made
+    (its .bert-data marker; or build-default's stats.json, from before the marker) that holds no input
+    (`inputs`: (what, path) pairs) and that no live process holds (OUT/.lock)."""
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise UserError(f"--out {out}: exists and is not a directory")
-        if os.listdir(out) and not overwrite:
-            raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
+        if not locked:
+            outdir.check_unlocked(Path(out), "--out")
+        if outdir.entries(Path(out)):
+            if not overwrite:
+                raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
+            outdir.check_holds_no_input(Path(out), inputs, "--out")
+            if not _ours(out):
+                raise UserError(f"--out {out}: has no {outdir.DATA_MARKER} marker, so it is not recognisably a data "
+                                "dir of `training.data prepare` (those prepared before the marker existed have none "
+                                "either) and --overwrite will not delete it: delete it by hand, or pick another --out")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: parent directory {parent} is missing or not writable")
+
+
+def _ours(out: str) -> bool:
+    if outdir.read_marker(Path(out), outdir.DATA_MARKER) is not None:
+        return True
+    try:  # build-default's outputs from before the marker: it always recognised its own
+        with open(os.path.join(out, "stats.json")) as f:
+            return json.load(f).get("builder") == "build-default"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
@@ -62,13 +85,18 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
     files = sources.resolve_inputs(inputs)
     vocab_target = tokmod.parse_spec(tokenizer)
     tok = None if vocab_target else tokmod.load(tokenizer)  # fail fast, before reading the corpus
-    check_out_dir(out, overwrite)
+    inputs = [("--input", f) for f in files] + [("--tokenizer", tokenizer)] * (not vocab_target) + \
+        [("moved-in input", src) for src in (move_in or {}).values()]
+    check_out_dir(out, overwrite, inputs)
 
     out = os.path.abspath(out)
+    created = not os.path.exists(out)
+    lock = outdir.DirLock(Path(out), "--out").acquire()  # a second prepare of OUT exits 2 naming us
     staging = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
     try:
+        check_out_dir(out, overwrite, inputs, locked=True)  # again, under the lock
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
         stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
                        num_proc or default_num_proc(), max_docs, seed, quiet)
         stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
@@ -82,9 +110,16 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         stats["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(staging, "stats.json"), "w") as f:
             json.dump(stats, f, indent=2)
+        outdir.write_marker(Path(staging), outdir.DATA_MARKER, written_by="training.data prepare",
+                            format_version=FORMAT_VERSION)
         _commit(staging, out)
+    except OSError as err:  # disk full, read-only, ...: one line, nothing left behind
+        raise UserError(outdir.oserror_line(f"--out {out}", err)) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        lock.release()
+        if created and os.path.isdir(out) and not os.listdir(out):
+            os.rmdir(out)  # made only to hold the lock of a build that failed
     if not quiet:
         print(summary_line(out, stats), flush=True)
     return stats

@@ -14,18 +14,31 @@ Retention: after publishing, all but the newest `keep_last` checkpoints are dele
 newer than the one just published (left from an abandoned timeline, e.g. written after the checkpoint a
 run was resumed from, but never named by `latest`).
 
-Loading checks the manifest (every file present, at its recorded size) before DeepSpeed opens anything,
-so a truncated or foreign checkpoint is a one-line UserError, not a traceback from inside torch.load.
+Integrity: the manifest in meta.json records every file's size and SHA-256 (hashed once, by rank 0, right
+after the files were written, while they are still in the page cache). Loading checks every file against
+it before DeepSpeed opens anything (the verdict is cached per file by size, mtime and inode, so one resume
+hashes each file once), so a truncated, corrupted-in-place or foreign checkpoint is a one-line UserError,
+not a traceback from inside torch.load or a silently wrong model. `resume_tag` passes over a corrupt
+newest checkpoint for the newest one that verifies, with a warning naming the bad file; `quarantine` then
+renames the bad one to `<tag>.corrupt` (never deleted) and points `latest` at the good one.
+
+File-system faults while saving (disk full, read-only) end in one UserError line; the checkpoint's
+temporary directory is removed and `latest` still names the previous complete checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -42,6 +55,12 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 TAG_RE = re.compile(r"step\d{8}")
 TMP_SUFFIX = ".tmp"
+CORRUPT_SUFFIX = ".corrupt"
+HASH = "sha256"
+
+
+class CorruptCheckpoint(UserError):
+    """A checkpoint of this trainer whose files do not match its manifest (missing, truncated, altered)."""
 
 # Fields of the model config that decide tensor shapes: a checkpoint is only loadable if these agree.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position",
@@ -108,17 +127,58 @@ def _fsync_dir(path: Path) -> None:
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     _fsync_dir(path.parent)
+
+
+_digests: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime_ns, ino, ctime_ns), hex digest)
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, streamed; cached while the file's size, mtime, ctime and inode stay the same."""
+    st = path.stat()
+    key = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    hit = _digests.get(str(path))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, HASH).hexdigest()
+    _digests[str(path)] = (key, digest)
+    return digest
+
+
+def _digest_all(paths: list[Path]) -> list[str]:
+    if len(paths) <= 1:
+        return [file_digest(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, len(paths))) as pool:  # hashlib releases the GIL
+        return list(pool.map(file_digest, paths))
 
 
 def _manifest(tag_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
             if p.is_file() and p.name != "meta.json"}
+
+
+def _checksums(tag_dir: Path, names) -> dict[str, str]:
+    names = list(names)
+    return dict(zip(names, _digest_all([tag_dir / n for n in names])))
+
+
+def _is_fs_error(err: BaseException) -> bool:
+    """An OSError, or torch's RuntimeError for a failed write (torch.save reports ENOSPC that way)."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("write" in text or "no space" in text or "read-only" in text)
 
 
 # ------------------------------------------------------------------------------------------------ save
@@ -135,31 +195,50 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
         raise faults.NumericalFault(f"parameters are not finite at step {state.step}; not writing a checkpoint "
                                     f"(latest good one: {latest_tag(ckpt_dir, check=False)})")
     rank = _rank()
-    if rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"train_state": asdict(state)},
-                           save_latest=False)
-    faults.injector(rank).in_save(state.step)  # debug hook: die half-way through a save
-    _barrier()  # every rank's files are on disk
-    if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "tag": tag, "train_state": asdict(state),
-                "model": model_cfg.model_dump(mode="json"), "files": _manifest(tmp)}
-        _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
-        if final.exists():
-            # Left from an abandoned timeline (never named by `latest`), or a second save of the same step.
-            stale = ckpt_dir / f"{tag}.old-{os.getpid()}"
-            os.rename(final, stale)
-            os.rename(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
+    published = False
+    try:
+        if rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"train_state": asdict(state)},
+                               save_latest=False)
+        faults.injector(rank).in_save(state.step)  # debug hook: die (or fail) half-way through a save
+        _barrier()  # every rank's files are on disk
+        if rank == 0:
+            files = _manifest(tmp)
+            meta = {"format_version": FORMAT_VERSION, "tag": tag, "train_state": asdict(state),
+                    "model": model_cfg.model_dump(mode="json"), "files": files,
+                    "checksums": {"algorithm": HASH, "files": _checksums(tmp, files)}}
+            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():
+                # Left from an abandoned timeline (never named by `latest`), or a second save of the same step.
+                stale = ckpt_dir / f"{tag}.old-{os.getpid()}"
+                os.rename(final, stale)
+                os.rename(tmp, final)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            published = True
+            _fsync_dir(ckpt_dir)
+            _write_atomic(ckpt_dir / "latest", tag)
+            _prune(ckpt_dir, keep_last, tag)
+    except Exception as err:
+        if rank == 0 and not published:
+            shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
+        if not _is_fs_error(err):
+            raise
+        previous = latest_tag(ckpt_dir, check=False)
+        if isinstance(err, OSError):
+            reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+            reason += f" ({err.filename})" if err.filename else ""
         else:
-            os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _write_atomic(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep_last, tag)
+            reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"checkpoint {final} of step {state.step} could not be written: {reason}; "
+                        + (f"{ckpt_dir / 'latest'} still names {previous}, complete (resume from it with --resume)"
+                           if previous else "no earlier checkpoint")) from None
     _barrier()
     return final
 
@@ -180,7 +259,18 @@ def latest_tag(ckpt_dir: Path, check: bool = True) -> Optional[str]:
     """The tag `latest` names, or None when there is no checkpoint yet. With `check`, a `latest` that names
     a missing directory is an error (never silently replaced by an older checkpoint)."""
     latest = ckpt_dir / "latest"
-    tag = latest.read_text().strip() if latest.is_file() else ""
+    try:
+        raw = latest.read_bytes() if latest.is_file() else b""
+    except OSError as err:
+        raise UserError(f"{latest}: cannot be read ({err.strerror})") from None
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if tag is None or (tag and (len(tag) > 200 or not tag.isprintable())):
+        if not check:
+            return None
+        raise UserError(f"{latest}: garbage ({len(raw)} bytes, not a checkpoint tag){_older_hint(ckpt_dir, '')}")
     if not tag:
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name)) \
             if ckpt_dir.is_dir() else []
@@ -190,7 +280,7 @@ def latest_tag(ckpt_dir: Path, check: bool = True) -> Optional[str]:
         return None
     if check:
         if "/" in tag or tag in (".", ".."):
-            raise UserError(f"{latest}: names {tag!r}, which is not a checkpoint tag")
+            raise UserError(f"{latest}: names {tag!r}, which is not a checkpoint tag{_older_hint(ckpt_dir, '')}")
         if not (ckpt_dir / tag).is_dir():
             raise UserError(f"{latest} names {tag}, but {ckpt_dir / tag} does not exist{_older_hint(ckpt_dir, tag)}")
     return tag
@@ -215,18 +305,95 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"{tag_dir}: not a checkpoint of this trainer (no meta.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: truncated or corrupt (not valid JSON){_older_hint(ckpt_dir, tag)}") from None
+        raise CorruptCheckpoint(f"{path}: truncated or corrupt (not valid JSON){_older_hint(ckpt_dir, tag)}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict) or \
             not isinstance(meta.get("train_state"), dict):
         raise UserError(f"{path}: not a checkpoint of this trainer (no model/train_state)")
-    for name, size in (meta.get("files") or {}).items():
+    files = meta.get("files") or {}
+    for name, size in files.items():
         f = tag_dir / name
         if not f.is_file():
-            raise UserError(f"{tag_dir}: incomplete checkpoint, {name} is missing{_older_hint(ckpt_dir, tag)}")
+            raise CorruptCheckpoint(f"{tag_dir}: incomplete checkpoint, {name} is missing{_older_hint(ckpt_dir, tag)}")
         if f.stat().st_size != size:
-            raise UserError(f"{f}: truncated or corrupt ({f.stat().st_size} bytes, expected {size})"
-                            f"{_older_hint(ckpt_dir, tag)}")
+            raise CorruptCheckpoint(f"{f}: truncated or corrupt ({f.stat().st_size} bytes, expected {size})"
+                                    f"{_older_hint(ckpt_dir, tag)}")
+    sums = meta.get("checksums") or {}  # absent in checkpoints written before checksums were recorded
+    if sums and sums.get("algorithm") != HASH:
+        raise UserError(f"{path}: checksums in {sums.get('algorithm')!r}, this trainer checks {HASH}")
+    expected = sums.get("files") or {}
+    names = [n for n in files if n in expected]
+    for name, digest in zip(names, _digest_all([tag_dir / n for n in names])):
+        if digest != expected[name]:
+            raise CorruptCheckpoint(f"{tag_dir / name}: corrupt ({HASH} differs from the one recorded at save; same "
+                                    f"size){_older_hint(ckpt_dir, tag)}")
     return meta
+
+
+def _tags(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and TAG_RE.fullmatch(p.name)) \
+        if ckpt_dir.is_dir() else []
+
+
+def _warn(text: str) -> None:
+    if _rank() == 0:
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def resume_tag(ckpt_dir: Path) -> tuple[Optional[str], list[str]]:
+    """(tag to resume from, newer tags passed over as corrupt). The tag `latest` names, verified; if its files
+    do not match the manifest, the newest older checkpoint that verifies, with a warning naming the bad file.
+    No checkpoint: (None, []). Nothing verifies: a UserError naming the bad file."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None, []
+    try:
+        read_meta(ckpt_dir, tag)
+        return tag, []
+    except CorruptCheckpoint as err:
+        first = str(err).split("; the newest other checkpoint")[0]
+    bad = [tag]
+    for older in reversed([t for t in _tags(ckpt_dir) if t < tag]):
+        try:
+            read_meta(ckpt_dir, older)
+        except CorruptCheckpoint:
+            bad.append(older)
+            continue
+        _warn(f"{first}; resuming from {older}, the newest checkpoint that verifies ({', '.join(bad)} kept as "
+              f"<tag>{CORRUPT_SUFFIX})")
+        return older, bad
+    raise UserError(f"{first}; no older checkpoint in {ckpt_dir} verifies either")
+
+
+def latest_good_tag(ckpt_dir: Path) -> Optional[str]:
+    """For readers (export, evaluate): the tag `latest` names, or the newest older one that verifies (warning)."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    try:
+        read_meta(ckpt_dir, tag)
+        return tag
+    except CorruptCheckpoint as err:
+        first = str(err).split("; the newest other checkpoint")[0]
+    for older in reversed([t for t in _tags(ckpt_dir) if t < tag]):
+        try:
+            read_meta(ckpt_dir, older)
+        except CorruptCheckpoint:
+            continue
+        _warn(f"{first}; using {older}, the newest checkpoint that verifies")
+        return older
+    raise UserError(f"{first}; no older checkpoint in {ckpt_dir} verifies either")
+
+
+def quarantine(ckpt_dir: Path, bad: list[str], good: str) -> None:
+    """Rank 0, after resuming from `good`: keep the corrupt checkpoints as `<tag>.corrupt` (never pruned) and
+    point `latest` at `good`."""
+    for tag in bad:
+        target = ckpt_dir / f"{tag}{CORRUPT_SUFFIX}"
+        if target.exists():
+            target = ckpt_dir / f"{tag}{CORRUPT_SUFFIX}-{os.getpid()}"
+        os.rename(ckpt_dir / tag, target)
+        log.warning("kept the corrupt checkpoint %s as %s", ckpt_dir / tag, target)
+    _write_atomic(ckpt_dir / "latest", good)
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, where: Path) -> None:
@@ -241,7 +408,7 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, where: Path) -> None:
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
-    read_meta(ckpt_dir, tag)  # complete? (cheap: sizes only)
+    read_meta(ckpt_dir, tag)  # complete and intact? (checksums cached from the first check)
     rng_file = ckpt_dir / tag / f"rng_rank{_rank()}.pt"
     try:
         load_path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)

@@ -22,10 +22,12 @@ Debug hooks (environment variables, read once per process; for tests and fire dr
 * DSBERT_FAULT_KILL_IN_SAVE="STEP": SIGKILL this process in the middle of writing the checkpoint of STEP
   (after DeepSpeed wrote its files, before the checkpoint is published).
 * DSBERT_FAULT_SLEEP_IN_SAVE="SECONDS": sleep that long at the same point (to signal/kill from outside).
+* DSBERT_FAULT_ENOSPC_IN_SAVE="STEP": raise OSError(ENOSPC) at the same point (a disk that filled up).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -149,6 +151,7 @@ class FaultInjector:
         self.nan_steps, self.nan_rank = _parse_nan_spec(e.get("DSBERT_FAULT_NAN_AT", ""))
         self.kill_in_save = int(e["DSBERT_FAULT_KILL_IN_SAVE"]) if e.get("DSBERT_FAULT_KILL_IN_SAVE") else None
         self.sleep_in_save = float(e.get("DSBERT_FAULT_SLEEP_IN_SAVE") or 0)
+        self.enospc_in_save = int(e["DSBERT_FAULT_ENOSPC_IN_SAVE"]) if e.get("DSBERT_FAULT_ENOSPC_IN_SAVE") else None
         self._fired: set[int] = set()
 
     def loss_factor(self, step: int) -> Optional[float]:
@@ -165,6 +168,8 @@ class FaultInjector:
             time.sleep(self.sleep_in_save)
         if self.kill_in_save == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.enospc_in_save == step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(DSBERT_FAULT_ENOSPC_IN_SAVE)")
 
 
 _injector: Optional[FaultInjector] = None
