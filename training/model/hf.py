@@ -357,26 +357,20 @@ def _add_post_ln_heads(tensors: dict[str, torch.Tensor], model: BertForPreTraini
                     for name, b in model.named_buffers() if name in POOLER_KEYS})
 
 
+def _shape_kwargs(cfg: ModelConfig) -> dict:
+    """The config fields BERT and RoBERTa-PreLN share, from ours (positions: see _pre_ln_config)."""
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads, intermediate_size=cfg.layer_ffn(0),  # uniform (checked above)
+                hidden_act="gelu", hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attention_dropout,
+                type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range,
+                layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, tie_word_embeddings=True)
+
+
 def _post_ln_config(cfg: ModelConfig):
     from transformers import BertConfig
 
-    return BertConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.layer_ffn(0),  # uniform (checked above)
-        hidden_act="gelu",
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
-        max_position_embeddings=cfg.max_position,
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id,
-        tie_word_embeddings=True,
-        architectures=["BertForPreTraining"],
-    )
+    return BertConfig(**_shape_kwargs(cfg), max_position_embeddings=cfg.max_position,
+                      architectures=["BertForPreTraining"])
 
 
 def _pre_ln_config(cfg: ModelConfig, tokenizer_dir: Path | None):
@@ -391,21 +385,8 @@ def _pre_ln_config(cfg: ModelConfig, tokenizer_dir: Path | None):
                         "pad_token_id, so inputs padded with [PAD] number their pads as real tokens",
                         tokenizer_dir, pad, cfg.pad_token_id)
     return RobertaPreLayerNormConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.layer_ffn(0),  # uniform (checked above)
-        hidden_act="gelu",
-        hidden_dropout_prob=cfg.dropout,
-        attention_probs_dropout_prob=cfg.attention_dropout,
+        **_shape_kwargs(cfg),
         max_position_embeddings=cfg.max_position + cfg.pad_token_id + 1,  # real positions start at pad + 1
-        type_vocab_size=cfg.type_vocab_size,
-        initializer_range=cfg.initializer_range,
-        layer_norm_eps=cfg.layer_norm_eps,
-        pad_token_id=cfg.pad_token_id,
-        bos_token_id=special.get("bos_token_id"),
-        eos_token_id=special.get("eos_token_id"),
-        tie_word_embeddings=True,
+        bos_token_id=special.get("bos_token_id"), eos_token_id=special.get("eos_token_id"),
         architectures=["RobertaPreLayerNormForMaskedLM"],
     )
