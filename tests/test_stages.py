@@ -154,3 +154,33 @@ def test_layer_drop_decisions_agree_across_ranks(tmp_path, tiny_data, dist_singl
     runner.state.step = 0
     runner.run()
     assert [m["step"] for m in _metrics(tmp_path / "out") if m["kind"] == "train"] == [1, 2, 3]
+
+
+def test_tokens_per_s_leaves_eval_and_checkpoint_time_out_of_the_window(tmp_path, tiny_data, dist_single, monkeypatch):
+    """A window that spans an eval (or a save) counts its tokens over its training time only, not over the time
+    after the eval."""
+    import time
+
+    from training.stages import runner as runner_mod
+
+    cfg = tiny_config(tmp_path, tiny_data, ["train.max_steps=8", "run.log_every=4", "run.eval_every=2",
+                                            "run.save_every=3"])
+    runner = make_runner(cfg)
+    runner._build()
+
+    def step(micro, **kwargs):
+        time.sleep(0.05)  # every step trains 0.05 s
+        return runner_mod.StepResult(loss=1.0, tokens=1000, samples=4)
+
+    def slow_eval():
+        time.sleep(0.3)  # longer than the steps between evals
+        return {"heldout_loss": 1.0, "heldout_acc": 0.0, "heldout_unigram_loss": 1.0, "heldout_below_unigram": 0.0}
+
+    monkeypatch.setattr(runner, "train_step", step)
+    monkeypatch.setattr(runner, "evaluate", slow_eval)
+    runner.run()
+    rates = [r["tokens_per_s"] for r in map(json.loads, (runner.out_dir / "metrics.jsonl").read_text().splitlines())
+             if r.get("kind") == "train"]
+    assert len(rates) == 2
+    for rate in rates:  # 1000 tokens per 0.05 s step: 20,000/s; the eval time inside the window is not counted
+        assert 12_000 < rate < 21_000, rates

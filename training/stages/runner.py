@@ -408,17 +408,19 @@ class StageRunner:
                     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
                 done = self.state.step == self.total_steps
                 if self.state.step % run.eval_every == 0 or done or (stage_done and run.eval_at_stage_end):
+                    paused = time.perf_counter()
                     self.last_eval = self.evaluate()
                     self.metrics.write({"kind": "eval", "step": self.state.step, "stage": plan.name,
                                         "tokens": self.state.tokens, **self.last_eval,
                                         "wall_s": time.perf_counter() - start_wall})
-                    window_start = time.perf_counter()  # eval time is not training throughput
+                    window_start += time.perf_counter() - paused  # eval time is not training throughput
                 pause = self.state.step == run.stop_at_step or result.preempt
                 periodic = run.save_every and self.state.step % run.save_every == 0 and not self._bad_streak
                 if periodic or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
+                    paused = time.perf_counter()
                     self._save()
-                    window_start = time.perf_counter()
+                    window_start += time.perf_counter() - paused  # nor is checkpoint time
                 if result.preempt:
                     self.preempted = preemption().name() if preemption().requested else "a peer's signal"
                     log.warning("pre-emption (%s): checkpointed at step %d; exiting for a requeue",
