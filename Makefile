@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE := 1
 # The venv's launchers (deepspeed, torchrun, mpirun from the mpich wheel) must be on PATH for the tests.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
+# DeepSpeed's JIT-built ops (deepspeed_shm_comm) live with the venv they were built for: two clones (or venvs)
+# sharing ~/.cache/torch_extensions rebuild each other's op whenever their paths differ (training/engine/ops.py).
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 .PHONY: train test test-fast test-slow data venv clean
 
