@@ -107,3 +107,126 @@ def test_configs_and_docs_name_no_path_of_a_particular_machine():
     offenders = [f"{p.relative_to(repo)}:{i}" for p in shipped
                  for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if machine_path.search(line)]
     assert not offenders, offenders
+
+
+# -- every field has its domain in the schema: one line naming the field, nothing later crashes on it
+
+_TEN = "train: {max_steps: 10}\n"
+_THREE_STAGES = "stages: [{name: a, steps: 4}, {name: b, steps: 4}, {name: c, steps: 4}]\n"
+
+
+@pytest.mark.parametrize("text,overrides,needle", [
+    # non-finite numbers (NaN gradient clipping would silently clip nothing)
+    (_TEN, ["optimizer.lr=.nan"], "optimizer.lr must be positive and finite, got nan"),
+    (_TEN, ["train.grad_clip=.nan"], "train.grad_clip must be a finite number >= 0, got nan"),
+    (_TEN, ["train.grad_clip=.inf"], "train.grad_clip must be a finite number >= 0, got inf"),
+    (_TEN, ["optimizer.weight_decay=-.inf"], "optimizer.weight_decay must be a finite number >= 0"),
+    (_TEN, ["model.initializer_range=.nan"], "model.initializer_range must be positive and finite"),
+    (_TEN, ["dist.heartbeat_timeout_s=.inf"], "dist.heartbeat_timeout_s must be positive and finite, got inf"),
+    ("stages: [{name: a, steps: 4, locality_bias: {end: .nan}}]\n", [],
+     "stages.0.locality_bias.end must be a finite number >= 0, got nan"),
+    # epsilons: > 0 (both are divided by when their variance is 0)
+    (_TEN, ["optimizer.eps=-1.0e-8"], "optimizer.eps must be positive and finite, got -1e-08"),
+    (_TEN, ["optimizer.eps=0"], "optimizer.eps must be positive and finite, got 0"),
+    (_TEN, ["model.layer_norm_eps=-1.0e-12"], "model.layer_norm_eps must be positive and finite"),
+    # token ids
+    (_TEN, ["model.pad_token_id=8192"], "model.pad_token_id must be in [0, model.vocab_size=8192), got 8192"),
+    (_TEN, ["model.vocab_size=100", "model.pad_token_id=100"],
+     "model.pad_token_id must be in [0, model.vocab_size=100)"),
+    (_TEN, ["model.pad_token_id=-1"], "model.pad_token_id must be >= 0, got -1"),
+    # probabilities and rates
+    (_TEN, ["data.mlm_probability=1.5"], "data.mlm_probability must be in (0, 1), got 1.5"),
+    (_TEN, ["data.mlm_probability=0"], "data.mlm_probability must be in (0, 1), got 0"),
+    (_TEN, ["model.dropout=1"], "model.dropout must be in [0, 1), got 1"),
+    (_TEN, ["optimizer.betas=[0.9, 1.0]"], "optimizer.betas.1 must be in [0, 1), got 1.0"),
+    ("model: {norm: pre}\nstages: [{name: a, steps: 4, layer_drop: {theta_bar: 1.5}}]\n", [],
+     "stages.0.layer_drop.theta_bar must be in (0, 1], got 1.5"),
+    ("model: {norm: pre}\nstages: [{name: a, steps: 4, layer_drop: {theta_bar: 0}}]\n", [],
+     "stages.0.layer_drop.theta_bar must be in (0, 1], got 0"),
+    ("stages: [{name: a, steps: 4, locality_bias: {start: -1}}]\n", [],
+     "stages.0.locality_bias.start must be a finite number >= 0, got -1"),
+    ("stages: [{name: a, steps: 4, model: {attention_dropout: 1.5}}]\n", [],
+     "stage 'a': model.attention_dropout must be in [0, 1), got 1.5"),
+    # timeouts
+    (_TEN, ["dist.timeout_s=0"], "dist.timeout_s must be positive, got 0"),
+    (_TEN, ["dist.heartbeat_timeout_s=0"], "dist.heartbeat_timeout_s must be positive and finite, got 0"),
+    (_TEN, ["dist.heartbeat_timeout_s=-5"], "dist.heartbeat_timeout_s must be positive and finite, got -5"),
+    # other numbers
+    (_TEN, ["optimizer.decay_power=0"], "optimizer.decay_power must be positive and finite, got 0"),
+    (_TEN, ["train.max_steps=true"], "train.max_steps must be an integer, got True"),
+    (_TEN, ["train.max_steps=2.5"], "train.max_steps must be an integer, got 2.5"),
+    (_TEN, ["run.seed=-1"], "run.seed must be in [0, 4294967296), got -1"),
+    (_TEN, ["model.heads_per_layer=[4, 0, 4, 4]"], "model.heads_per_layer.1 must be positive, got 0"),
+    ("stages: [{name: a, steps: 4, seq_len: 4}]\n", [], "stages.0.seq_len must be >= 8, got 4"),
+    # deepspeed.extra: JSON values, and the documented type of a few keys
+    (_TEN, ["deepspeed.extra=[1, 2]"], "deepspeed.extra must be a valid dictionary"),
+    (_TEN, ["deepspeed.extra={x: .nan}"], "deepspeed.extra.x must be a finite number, got nan"),
+    (_TEN, ["deepspeed.extra={x: [1, 2020-01-01]}"], "deepspeed.extra.x.1 must be a JSON value"),
+    (_TEN, ["deepspeed.extra={x: !!binary aGk=}"], "deepspeed.extra.x must be a JSON value"),
+    (_TEN, ["deepspeed.extra={fp16: true}"], "deepspeed.extra.fp16 must be a mapping, got True"),
+    (_TEN, ["deepspeed.extra={prescale_gradients: 1}"], "deepspeed.extra.prescale_gradients must be true or false"),
+    (_TEN, ["deepspeed.extra={zero_optimization: {overlap_comm: sure}}"],
+     "deepspeed.extra.zero_optimization.overlap_comm must be true or false, got 'sure'"),
+    (_TEN, ["deepspeed.extra={zero_optimization: {reduce_bucket_size: 5e8}}"],
+     "deepspeed.extra.zero_optimization.reduce_bucket_size must be an integer >= 0, got '5e8' (a string to YAML"),
+    # --set paths and values
+    (_THREE_STAGES, ["stages.7.steps=1"], "--set stages.7.steps: stages has 3 entries (indices 0-2), no index 7"),
+    (_THREE_STAGES, ["stages.first.steps=1"],
+     "--set stages.first.steps: stages is a list, so 'first' must be an index"),
+    (_TEN, ["stages.0.steps=1"], "--set stages.0.steps: stages is not set, so it has no index 0"),
+    (_TEN, ["stages=[]", "stages.0=x"], "--set stages.0: stages has no entries, no index 0"),
+    (_TEN, ["train.max_steps.x=1"], "--set train.max_steps.x: train.max_steps is 10, not a section or list"),
+    (_TEN, ["train..max_steps=1"], "--set 'train..max_steps': expected a dotted key"),
+    (_TEN, ["train.max_steps=["], "--set train.max_steps=[: not a valid YAML value (line 1, column 2"),
+    (_TEN, ["deepspeed.extra={a: 1, a: 2}"], "--set deepspeed.extra={a: 1, a: 2}: not a valid YAML value"),
+    # YAML: errors name the line; a key given twice is an error
+    ("train:\n  max_steps: 10\n  grad_clip: 1.0\n  max_steps: 20\n", [],
+     "c.yaml: line 4: duplicate key 'max_steps' (first at line 2)"),
+    ("train: {max_steps: 10}\noptimizer: {lr: 1.0e-3}\noptimizer: {eps: 1.0e-6}\n", [],
+     "c.yaml: line 3: duplicate key 'optimizer' (first at line 2)"),
+    ("train:\n  max_steps: 10\n\tgrad_accum: 2\n", [], "c.yaml: not valid YAML (line 3, column 1:"),
+    ("run:\n  name: x\ntrain: {max_steps: [\n", [], "c.yaml: not valid YAML (line 4,"),
+    ("run: {name: \"a\x00\"}\n", [], "c.yaml: not valid YAML (line 1: unacceptable character"),
+    # the first stage's LR warmup must fit in it (training/engine/schedule.py refuses it later otherwise)
+    (_TEN, ["optimizer.warmup_steps=11"], "optimizer.warmup_steps=11 exceeds train.max_steps=10"),
+    (_THREE_STAGES, ["optimizer.warmup_steps=5"], "optimizer.warmup_steps=5 exceeds stages.0.steps=4 (stage 'a')"),
+    ("stages: [{name: a, steps: 2}, {name: b, steps: 100}]\n", [],
+     "optimizer.warmup_fraction=0.06 of the run's 102 steps is 6 warmup steps, more than stages.0.steps=2"),
+    (_THREE_STAGES, ["stages.2.warmup_steps=5"], "stages.2.warmup_steps=5 exceeds stages.2.steps=4 (stage 'c')"),
+])
+def test_out_of_domain_values_give_one_line_naming_the_field(tmp_path, text, overrides, needle):
+    with pytest.raises(UserError) as err:
+        load_config(_write(tmp_path, text), overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize("text,overrides", [
+    (_TEN, ["optimizer.warmup_steps=10"]),  # a warmup as long as the run is allowed
+    (_TEN, ["model.pad_token_id=8191", "train.grad_clip=0", "optimizer.weight_decay=0"]),
+    (_TEN, ["dist.heartbeat_timeout_s=null", "model.dropout=0", "optimizer.betas=[0, 0.5]"]),
+    ("train:\n", ["train.max_steps=3"]),  # an empty section in the file is a section --set can fill
+    (_TEN, ["deepspeed.extra={zero_optimization: {reduce_bucket_size: 5.0e+8, overlap_comm: true}, x: [1, null]}"]),
+    ("stages:\n  - &first {name: a, steps: 4}\n  - {<<: *first, name: b}\n", []),  # a merge may override
+    ("stages: [{name: a, tokens: 100}, {name: b, steps: 2}]\n", ["optimizer.warmup_fraction=0.5"]),  # at run time
+])
+def test_values_at_the_edge_of_their_domain_load(tmp_path, text, overrides):
+    load_config(_write(tmp_path, text), overrides)
+
+
+def test_the_domains_are_in_the_json_schema():
+    schema = RunConfig.model_json_schema()
+    optimizer = schema["$defs"]["OptimizerSection"]["properties"]
+    assert optimizer["lr"]["exclusiveMinimum"] == 0 and optimizer["eps"]["exclusiveMinimum"] == 0
+    data = schema["$defs"]["DataSection"]["properties"]["mlm_probability"]
+    assert data["exclusiveMinimum"] == 0 and data["exclusiveMaximum"] == 1
+
+
+def test_every_shipped_config_loads_with_the_domains():
+    from pathlib import Path
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    paths = sorted([*configs.glob("*.yaml"), *configs.glob("bench/*/*.yaml"), *configs.glob("plateau/*.yaml")])
+    assert len(paths) > 20
+    for path in paths:
+        cfg = load_config(path)
+        assert all(cfg.stage_model(i) for i in range(len(cfg.stages))), path

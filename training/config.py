@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from training.errors import UserError
-from training.model.config import ModelConfig
+from training.model.config import (ModelConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, domain,
+                                   shown)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,59 +31,45 @@ class _Strict(BaseModel):
 class RunSection(_Strict):
     name: str = "run"
     out_dir: str = "runs/default"
-    seed: int = 1234
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 20
-    eval_batch_size: int = 64
-    save_every: int = 500  # steps between checkpoints; 0 = only at the end
-    keep_last: int = 3
+    seed: domain(int, ge=0, lt=2**32) = 1234  # the range every RNG we seed (torch, numpy, random) takes
+    log_every: PositiveInt = 10
+    eval_every: PositiveInt = 200
+    eval_batches: PositiveInt = 20
+    eval_batch_size: PositiveInt = 64
+    save_every: NonNegativeInt = 500  # steps between checkpoints; 0 = only at the end
+    keep_last: PositiveInt = 3
     export_hf: bool = True  # write OUT/hf at the end (when Hugging Face can represent the model)
-    peak_tflops: Optional[float] = None  # for MFU; None = measured bf16/fp32 matmul peak on this device
+    peak_tflops: Optional[PositiveFloat] = None  # for MFU; None = measured bf16/fp32 matmul peak on this device
     progress: bool = True
     eval_at_stage_end: bool = True  # a held-out point at every stage boundary (for time-to-loss curves)
     # Stop (after a checkpoint) once this global step is done, without changing the schedule: a planned
     # pause, and how tests interrupt a run to check that resume continues it exactly.
-    stop_at_step: Optional[int] = None
+    stop_at_step: Optional[PositiveInt] = None
     # Non-finite loss/gradient (see training/engine/faults.py): bf16/fp32 skip the step; after this many
     # consecutive bad steps, restore the last good checkpoint in-process or stop (exit code 3).
-    max_bad_steps: int = 5
+    max_bad_steps: PositiveInt = 5
     on_nan: Literal["restore", "stop"] = "restore"
-
-    @model_validator(mode="after")
-    def _check(self):
-        for name in ("log_every", "eval_every", "eval_batches", "eval_batch_size", "keep_last", "max_bad_steps"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"run.{name} must be positive, got {getattr(self, name)}")
-        if self.save_every < 0:
-            raise ValueError(f"run.save_every must be >= 0, got {self.save_every}")
-        return self
 
 
 class DataSection(_Strict):
     dir: str = "data/default"  # written by `python -m training.data prepare` / `build-default`
-    mlm_probability: float = 0.15
+    mlm_probability: domain(float, gt=0, lt=1) = 0.15  # 0 masks nothing (no loss), 1 leaves no context
     whole_word_mask: bool = False
-
-    @model_validator(mode="after")
-    def _check(self):
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ValueError(f"data.mlm_probability must be in (0, 1), got {self.mlm_probability}")
-        return self
 
 
 class OptimizerSection(_Strict):
     name: Literal["lamb", "adamw"] = "lamb"
-    lr: float = 2e-3
-    end_lr: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    warmup_steps: Optional[int] = None  # default: warmup_fraction of the total steps
-    warmup_fraction: float = 0.06
-    decay_power: float = 1.0  # polynomial decay after warmup (1.0 = linear)
-    min_trust: float = 0.01  # LAMB trust-ratio clamp
-    max_trust: float = 10.0
+    lr: PositiveFloat = 2e-3
+    end_lr: NonNegativeFloat = 0.0  # and <= lr (checked below)
+    betas: tuple[domain(float, ge=0, lt=1), domain(float, ge=0, lt=1)] = (0.9, 0.999)
+    # > 0: Adam/LAMB divide by sqrt(v) + eps, and v is exactly 0 for a parameter that has had no gradient yet.
+    eps: PositiveFloat = 1e-6
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: Optional[NonNegativeInt] = None  # default: warmup_fraction of the total steps
+    warmup_fraction: domain(float, ge=0, lt=1) = 0.06
+    decay_power: PositiveFloat = 1.0  # polynomial decay after warmup (1.0 = linear)
+    min_trust: PositiveFloat = 0.01  # LAMB trust-ratio clamp (min <= max, checked below)
+    max_trust: PositiveFloat = 10.0
     # LAMB on CUDA: DeepSpeed's fused kernel (its bias correction is folded into the step size, so it is
     # not step-for-step equal to the pure-PyTorch LAMB used elsewhere and under ZeRO 1/2).
     fused: bool = False
@@ -93,42 +80,22 @@ class OptimizerSection(_Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.lr <= 0:
-            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
-        if self.end_lr < 0 or self.end_lr > self.lr:
-            raise ValueError(f"optimizer.end_lr must be in [0, lr], got {self.end_lr}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optimizer.betas must be in [0, 1), got {list(self.betas)}")
-        if self.weight_decay < 0:
-            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise ValueError(f"optimizer.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0.0 <= self.warmup_fraction < 1.0:
-            raise ValueError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not 0 < self.min_trust <= self.max_trust:
-            raise ValueError("optimizer.min_trust must be positive and <= optimizer.max_trust")
+        # Single-field domains are in the types above; what is checked here relates fields.
+        if self.end_lr > self.lr:
+            raise ValueError(f"optimizer.end_lr must be in [0, optimizer.lr={self.lr:g}], got {self.end_lr:g}")
+        if self.min_trust > self.max_trust:
+            raise ValueError(f"optimizer.min_trust must be <= optimizer.max_trust={self.max_trust:g}, "
+                             f"got {self.min_trust:g}")
         return self
 
 
 class TrainSection(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    micro_batch_size: int = 32  # per rank
-    grad_accum: int = 1
-    grad_clip: float = 1.0  # 0 disables
+    micro_batch_size: PositiveInt = 32  # per rank
+    grad_accum: PositiveInt = 1
+    grad_clip: NonNegativeFloat = 1.0  # 0 disables (NaN would too, silently: hence finite)
     zero_stage: Literal[0, 1, 2] = 0
-    max_steps: Optional[int] = None  # the single stage's length when `stages` is not given
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.micro_batch_size <= 0:
-            raise ValueError(f"train.micro_batch_size must be positive, got {self.micro_batch_size}")
-        if self.grad_accum <= 0:
-            raise ValueError(f"train.grad_accum must be positive, got {self.grad_accum}")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip must be >= 0, got {self.grad_clip}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"train.max_steps must be positive, got {self.max_steps}")
-        return self
+    max_steps: Optional[PositiveInt] = None  # the single stage's length when `stages` is not given
 
 
 class DeepSpeedSection(_Strict):
@@ -138,34 +105,96 @@ class DeepSpeedSection(_Strict):
     tensorboard: bool = True
     wall_clock_breakdown: bool = False
 
+    @field_validator("extra")
+    @classmethod
+    def _check_extra(cls, extra: dict) -> dict:
+        problem = _json_problem(extra, "deepspeed.extra") or _extra_type_problem(extra)
+        if problem:
+            raise ValueError(problem)
+        return extra
+
+
+def _json_problem(value: Any, where: str) -> Optional[str]:
+    """Why `value` is not a JSON value (DeepSpeed reads the config as JSON), or None."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} must be a finite number, got {value}"
+    if isinstance(value, list):
+        return next((p for i, v in enumerate(value) if (p := _json_problem(v, f"{where}.{i}"))), None)
+    if isinstance(value, dict):
+        for key, v in value.items():
+            if not isinstance(key, str):
+                return f"{where}: keys must be strings, got {shown(key)}"
+            if problem := _json_problem(v, f"{where}.{key}"):
+                return problem
+        return None
+    return (f"{where} must be a JSON value (null, bool, number, string, list or mapping), "
+            f"got {type(value).__name__} {shown(value)}")
+
+
+# A few DeepSpeed keys whose type is documented and cheap to check (the rest DeepSpeed checks at start-up,
+# after the run directory exists): {key: (type name, test)} at the top level and in zero_optimization.
+def _is_int(v) -> bool:  # DeepSpeed's own examples write sizes as 5e8, which JSON reads as a float
+    return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+
+
+_BLOCK, _BOOL = ("a mapping", lambda v: isinstance(v, dict)), ("true or false", lambda v: isinstance(v, bool))
+_SIZE = ("an integer >= 0", lambda v: _is_int(v) and v >= 0)
+_EXTRA_TYPES = {
+    **dict.fromkeys(("zero_optimization", "fp16", "bf16", "activation_checkpointing", "flops_profiler",
+                     "comms_logger", "checkpoint", "aio", "data_types", "csv_monitor", "wandb", "autotuning",
+                     "elasticity", "compression_training", "data_efficiency"), _BLOCK),
+    **dict.fromkeys(("prescale_gradients", "sparse_gradients", "zero_allow_untested_optimizer",
+                     "zero_force_ds_cpu_optimizer", "memory_breakdown", "dump_state"), _BOOL),
+    "gradient_predivide_factor": ("a number > 0", lambda v: not isinstance(v, bool) and isinstance(v, (int, float))
+                                  and v > 0),
+}
+_ZERO_TYPES = {
+    **dict.fromkeys(("overlap_comm", "contiguous_gradients", "reduce_scatter", "allgather_partitions",
+                     "round_robin_gradients", "elastic_checkpoint"), _BOOL),
+    **dict.fromkeys(("reduce_bucket_size", "allgather_bucket_size"), _SIZE),
+}
+
+
+def _extra_type_problem(extra: dict) -> Optional[str]:
+    for table, mapping, where in ((_EXTRA_TYPES, extra, "deepspeed.extra"),
+                                  (_ZERO_TYPES, extra.get("zero_optimization", {}),
+                                   "deepspeed.extra.zero_optimization")):
+        for key, (kind, ok) in table.items():
+            if key in mapping and not ok(mapping[key]):
+                return f"{where}.{key} must be {kind}, got {shown(mapping[key])}{_yaml_number_hint(mapping[key])}"
+    return None
+
+
+def _yaml_number_hint(value: Any) -> str:
+    """YAML 1.1 (PyYAML) reads 5e8 and 1e-3 as strings; say so when a number was meant."""
+    try:
+        float(value) if isinstance(value, str) else None
+    except ValueError:
+        return ""
+    return " (a string to YAML: write 500000000 or 5.0e+8)" if isinstance(value, str) else ""
+
 
 class DistSection(_Strict):
-    timeout_s: int = 1800  # process-group timeout
+    timeout_s: PositiveInt = 1800  # process-group timeout
     # Watchdog (multi-rank runs): a rank whose heartbeat stops this long is declared dead or frozen and the
     # others exit naming it, instead of waiting timeout_s in a collective. null turns it off.
-    heartbeat_timeout_s: Optional[float] = 120.0
+    heartbeat_timeout_s: Optional[PositiveFloat] = 120.0
     backend: Optional[Literal["gloo", "nccl", "ccl"]] = None  # default: nccl on CUDA, gloo on CPU
 
 
 class LayerDropSection(_Strict):
     """Progressive layer dropping (Zhang & He 2020): theta(t) = (1-theta_bar) exp(-gamma t) + theta_bar."""
-    theta_bar: float = 0.5
-    gamma: float = 0.001
+    theta_bar: domain(float, gt=0, le=1) = 0.5  # the limit keep probability: 1 keeps every layer, 0 none
+    gamma: NonNegativeFloat = 0.001  # 0: theta stays 1 (no dropping), a valid if idle setting
 
 
 class LocalityBiasSection(_Strict):
     """A training-time attention bias toward near tokens (training/model/bert.py locality_bias), its strength
     falling linearly from `start` at the stage's first step to `end` after its last; 0 is plain attention."""
-    start: float = 1.0
-    end: float = 0.0
-
-    @model_validator(mode="after")
-    def _check(self):
-        for name in ("start", "end"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"locality_bias.{name} must be a finite number >= 0, got {value}")
-        return self
+    start: NonNegativeFloat = 1.0  # a strength, not a probability: any finite value >= 0
+    end: NonNegativeFloat = 0.0
 
 
 class StageSection(_Strict):
@@ -175,13 +204,13 @@ class StageSection(_Strict):
     first stage of a stacking run says `model: {num_layers: 3}`.
     """
     name: str
-    steps: Optional[int] = None
-    tokens: Optional[int] = None  # alternative to steps: converted with the global batch at run time
+    steps: Optional[PositiveInt] = None
+    tokens: Optional[PositiveInt] = None  # alternative to steps: converted with the global batch at run time
     model: dict[str, Any] = {}
-    seq_len: Optional[int] = None  # default: the prepared data's length
+    seq_len: Optional[domain(int, ge=8)] = None  # default: the prepared data's length
     hook: Optional[str] = None  # how this stage is entered from the previous one
     hook_args: dict[str, Any] = {}
-    warmup_steps: int = 0  # LR warmup restarted at this stage's start (the first stage uses optimizer.*)
+    warmup_steps: NonNegativeInt = 0  # LR warmup restarted at this stage's start (the first stage uses optimizer.*)
     # reset: a fresh optimizer at the boundary (what the stacking and CompoundGrow authors do); carry: moments
     # mapped by name through the hook's operator (training/stages/transfer.py).
     optimizer_state: Literal["reset", "carry"] = "reset"
@@ -192,14 +221,6 @@ class StageSection(_Strict):
     def _check(self):
         if (self.steps is None) == (self.tokens is None):
             raise ValueError(f"stage '{self.name}': give exactly one of steps or tokens")
-        for field in ("steps", "tokens"):
-            value = getattr(self, field)
-            if value is not None and value <= 0:
-                raise ValueError(f"stage '{self.name}': {field} must be positive, got {value}")
-        if self.seq_len is not None and self.seq_len < 8:
-            raise ValueError(f"stage '{self.name}': seq_len must be >= 8, got {self.seq_len}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"stage '{self.name}': warmup_steps must be >= 0")
         return self
 
     def num_steps(self, tokens_per_step: int) -> int:
@@ -229,6 +250,7 @@ class RunConfig(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
         self._check_stage_transitions()
+        self._check_warmups()
         if self.optimizer.name == "lamb" and self.optimizer.fused and self.train.zero_stage > 0:
             raise ValueError(
                 f"optimizer.fused=true with train.zero_stage={self.train.zero_stage}: the fused LAMB kernel cannot "
@@ -241,10 +263,7 @@ class RunConfig(_Strict):
         try:
             return ModelConfig.model_validate({**self.model.model_dump(), **stage.model})
         except ValidationError as err:
-            first = err.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            msg = first["msg"].removeprefix("Value error, ")
-            raise ValueError(f"stage '{stage.name}': model{'.' + where if where else ''}: {msg}") from None
+            raise ValueError(f"stage '{stage.name}': {_error_line(err.errors()[0], ('model',))}") from None
 
     def _check_stage_transitions(self) -> None:
         from training.stages.hooks import get_hook  # hooks import the model package, not this module
@@ -280,6 +299,28 @@ class RunConfig(_Strict):
                                  "(ZeRO 1/2 state lives in flat partitions); use reset")
             prev_model, prev_seq = model, seq if seq is not None else prev_seq
 
+    def _check_warmups(self) -> None:
+        """Each stage's LR warmup must fit in the stage (training/engine/schedule.py refuses it otherwise).
+        Checked where the steps are known now; a stage given in tokens gets its steps at run time."""
+        first = self.stages[0]
+        if first.steps is not None:
+            where = (f"train.max_steps={first.steps}" if self.train.max_steps is not None and len(self.stages) == 1
+                     and first.name == "main" else f"stages.0.steps={first.steps} (stage '{first.name}')")
+            if self.optimizer.warmup_steps is not None and self.optimizer.warmup_steps > first.steps:
+                raise ValueError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds {where}: the "
+                                 "first stage's LR warmup must fit in it")
+            if self.optimizer.warmup_steps is None and all(s.steps is not None for s in self.stages):
+                total = sum(s.steps for s in self.stages)
+                warmup = self.warmup_steps(total)
+                if warmup > first.steps:
+                    raise ValueError(f"optimizer.warmup_fraction={self.optimizer.warmup_fraction:g} of the run's "
+                                     f"{total} steps is {warmup} warmup steps, more than {where}; set "
+                                     "optimizer.warmup_steps")
+        for i, stage in enumerate(self.stages[1:], 1):
+            if stage.steps is not None and stage.warmup_steps > stage.steps:
+                raise ValueError(f"stages.{i}.warmup_steps={stage.warmup_steps} exceeds stages.{i}.steps="
+                                 f"{stage.steps} (stage '{stage.name}'): its LR warmup must fit in it")
+
     def warmup_steps(self, total_steps: int) -> int:
         if self.optimizer.warmup_steps is not None:
             return self.optimizer.warmup_steps
@@ -292,41 +333,116 @@ class RunConfig(_Strict):
 
 # ---------------------------------------------------------------------------------------------- loading
 
-def _parse_value(text: str) -> Any:
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+    Keys brought in by a `<<` merge may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKey(None, None, f"duplicate key {shown(key)} (first at line {first.line + 1})",
+                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """One line: what is wrong and where (line, column: 1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or ["unreadable"])[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(getattr(err, "position", None), int):  # a ReaderError (a control character) has no mark
+        return f"line {text.count(chr(10), 0, err.position) + 1}: {problem}"
+    return problem
+
+
+def _parse_value(text: str, key: str = "") -> Any:
     """`--set` values are YAML scalars/flow collections: 3, 1e-3, true, [1, 2], null, a string."""
-    return yaml.safe_load(text) if text != "" else ""
+    if text == "":
+        return ""
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as err:
+        given = text if text.isprintable() else shown(text)
+        raise UserError(f"--set {key}={given}: not a valid YAML value ({_yaml_problem(err, text)})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` items; a path goes through mappings (made if absent) and list indices
+    (`stages.1.steps`), which must exist."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            if part.isdigit() and isinstance(node, list):
-                node = node[int(part)]
-                continue
-            node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise UserError(f"--set {key}: '{part}' is not a section")
-        last = parts[-1]
-        if isinstance(node, list) and last.isdigit():
-            node[int(last)] = _parse_value(value)
-        else:
-            node[last] = _parse_value(value)
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"--set {key!r}: expected a dotted key such as train.max_steps or stages.0.steps")
+        value = _parse_value(text, key)
+        node: Any = raw
+        for i, part in enumerate(parts):
+            above = ".".join(parts[:i])
+            if isinstance(node, list):
+                count = f"{len(node)} entries (indices 0-{len(node) - 1})" if node else "no entries"
+                if not part.isdigit():
+                    raise UserError(f"--set {key}: {above} is a list, so '{part}' must be an index; it has {count}")
+                if int(part) >= len(node):
+                    raise UserError(f"--set {key}: {above} has {count}, no index {part}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if i < len(parts) - 1 and node.get(part) is None:  # absent, or an empty `section:` in the YAML
+                    if parts[i + 1].isdigit():
+                        raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])} is not set, so it has no index "
+                                        f"{parts[i + 1]}")
+                    node[part] = {}
+            else:
+                raise UserError(f"--set {key}: {above} is {shown(node)}, not a section or list")
+            if i == len(parts) - 1:
+                node[index] = value
+            else:
+                node = node[index]
     return raw
 
 
+def _error_line(error: dict, prefix: tuple = ()) -> str:
+    """One pydantic error as one line naming the dotted field: `train.max_steps must be positive, got 0`."""
+    where = ".".join(str(p) for p in (*prefix, *error["loc"]))
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"unknown config key '{where}'"
+    if kind == "missing":
+        return f"{where} is required"
+    if kind == "value_error":  # our validators' messages name their fields already
+        msg = msg.removeprefix("Value error, ")
+        return msg if not where or msg.startswith((where + ".", where + " ")) else f"{where}: {msg}"
+    if msg.startswith("must be "):  # a domain type (training/model/config.py `domain`)
+        return f"{where} {msg}"
+    if msg.startswith("Input should be "):  # pydantic's own: literals, bools, strings, mappings, lists
+        return f"{where} must be {msg.removeprefix('Input should be ')}, got {shown(error.get('input'))}"
+    return f"{where}: {msg}" if where else msg
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown config key '{where}'"
-    msg = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {where + ': ' if where else ''}{msg}"
+    return " ".join(f"{source}: {_error_line(err.errors()[0])}".split())
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -338,9 +454,12 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_text()
+            raw = _yaml_load(text) or {}
+        except _DuplicateKey as err:
+            raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
         except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({_yaml_problem(err, text)})") from None
         except UnicodeDecodeError:
             raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
         if not isinstance(raw, dict):

@@ -1,26 +1,89 @@
 """The model's shape and variant: a typed, validated config (unknown keys are errors)."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+# ------------------------------------------------------------------------------------------ domains
+# Every number in the run config (this model and training/config.py) has its domain in the schema: the
+# bounds are pydantic constraints (they show in the JSON schema), floats are finite (no NaN, no inf), and
+# a value outside gets ONE message naming the whole domain: `<dotted.field> must be <domain>, got <value>`.
+
+def _bound(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _describe(kind: type, gt=None, ge=None, lt=None, le=None) -> str:
+    low, high = (gt if gt is not None else ge), (lt if lt is not None else le)
+    if low is not None and high is not None:
+        return (f"in {'(' if gt is not None else '['}{_bound(low)}, {_bound(high)}"
+                f"{')' if lt is not None else ']'}")
+    if gt == 0:
+        return "positive" if kind is int else "positive and finite"
+    bounds = ((">", gt), (">=", ge), ("<", lt), ("<=", le))
+    text = " and ".join(f"{op} {_bound(v)}" for op, v in bounds if v is not None)
+    if kind is int:
+        return text or "an integer"
+    return f"a finite number {text}".strip()
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, on one line, cut to `limit` characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def domain(kind: type, *, gt=None, ge=None, lt=None, le=None):
+    """`kind` (int or float) restricted to the given bounds; floats also to finite values; bools refused.
+
+    Use as a field's type: `lr: domain(float, gt=0) = 2e-3`, or via the aliases below.
+    """
+    constraints = {k: v for k, v in dict(gt=gt, ge=ge, lt=lt, le=le).items() if v is not None}
+    if kind is float:
+        constraints["allow_inf_nan"] = False
+    text = _describe(kind, gt, ge, lt, le)
+    what = "an integer" if kind is int else "a number"
+
+    def check(value, handler):
+        if isinstance(value, bool):  # True is an int to Python, never a step count or a rate to us
+            raise PydanticCustomError("domain", "must be {domain}, got {got}", {"domain": what, "got": shown(value)})
+        try:
+            return handler(value)
+        except ValidationError as err:
+            parsing = any(e["type"].startswith(("int_", "float_")) for e in err.errors())
+            raise PydanticCustomError("domain", "must be {domain}, got {got}",
+                                      {"domain": what if parsing else text, "got": shown(value)}) from None
+
+    return Annotated[kind, Field(**constraints), WrapValidator(check)]
+
+
+PositiveFloat = domain(float, gt=0)
+NonNegativeFloat = domain(float, ge=0)
+PositiveInt = domain(int, gt=0)
+NonNegativeInt = domain(int, ge=0)
+DropoutRate = domain(float, ge=0, lt=1)  # 1 would drop everything (and divide by 1 - p = 0)
 
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    ffn_size: int = 1024
-    max_position: int = 512
-    type_vocab_size: int = 2
-    pad_token_id: int = 0
-    dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+    vocab_size: PositiveInt = 8192
+    hidden_size: PositiveInt = 256
+    num_layers: PositiveInt = 4
+    num_heads: PositiveInt = 4
+    ffn_size: PositiveInt = 1024
+    max_position: PositiveInt = 512
+    type_vocab_size: PositiveInt = 2
+    pad_token_id: NonNegativeInt = 0  # and < vocab_size (checked below)
+    dropout: DropoutRate = 0.1
+    attention_dropout: DropoutRate = 0.1
+    # > 0: LayerNorm divides by sqrt(var + eps), and a constant row (var 0) is not rare in fp16/bf16.
+    layer_norm_eps: PositiveFloat = 1e-12
+    # > 0: the std of the initial weights; 0 would start every weight equal (no symmetry breaking).
+    initializer_range: PositiveFloat = 0.02
     # The position table's initial values: "normal" N(0, initializer_range) as HF; "sinusoidal" the sine/cosine
     # table scaled to the same std (still learned, still exports to HF). Only the init differs.
     position_init: Literal["normal", "sinusoidal"] = "normal"
@@ -36,14 +99,14 @@ class ModelConfig(BaseModel):
     fused_ops: list[Literal["bias_gelu", "residual_layernorm", "mlm_loss"]] = []
     nsp: bool = False
     # Per-layer head counts / FFN sizes after structured pruning (EarlyBERT); None means uniform.
-    heads_per_layer: Optional[list[int]] = None
-    ffn_per_layer: Optional[list[int]] = None
+    heads_per_layer: Optional[list[PositiveInt]] = None
+    ffn_per_layer: Optional[list[PositiveInt]] = None
     # CoRe relaxed FFN: W = U V with this rank; None means a full-rank FFN.
-    ffn_rank: Optional[int] = None
+    ffn_rank: Optional[PositiveInt] = None
     # EarlyBERT network slimming: a coefficient (init 1) per attention head (attention.self.head_coef)
     # and per FFN neuron (intermediate.neuron_coef); training adds slimming_l1 * sum|c| to the loss.
     slimming: bool = False
-    slimming_l1: float = 1e-4
+    slimming_l1: NonNegativeFloat = 1e-4  # 0: the coefficients train without the L1 pull
     # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
     init_from_hf: Optional[str] = None
 
@@ -59,23 +122,19 @@ class ModelConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
+        # Single-field domains are in the types above; what is checked here relates fields.
+        if self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"model.pad_token_id must be in [0, model.vocab_size={self.vocab_size}), "
+                             f"got {self.pad_token_id}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
-        for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("heads_per_layer", "ffn_per_layer"):
             per_layer = getattr(self, name)
             if per_layer is not None and len(per_layer) != self.num_layers:
                 raise ValueError(f"model.{name} has {len(per_layer)} entries for {self.num_layers} layers")
         if self.heads_per_layer is not None and any(h < 1 or h > self.num_heads for h in self.heads_per_layer):
             raise ValueError(f"model.heads_per_layer entries must be in [1, num_heads={self.num_heads}]")
-        if self.slimming_l1 < 0:
-            raise ValueError(f"model.slimming_l1 must be >= 0, got {self.slimming_l1}")
         if "residual_layernorm" in self.fused_ops and self.norm != "post":
             raise ValueError("model.fused_ops: residual_layernorm fuses the post-LN residual; it needs model.norm: post")
         if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
