@@ -393,3 +393,16 @@ def test_carry_pooler_needs_an_mlm_only_model_and_a_checkpoint_with_a_pooler(tmp
     cfg = model_config_from_hf(tmp_path / "hf", carry_pooler=True, init_from_hf=str(tmp_path / "hf"))
     with pytest.raises(UserError, match="lacks bert.pooler.dense.weight, which model.carry_pooler carries"):
         load_hf_weights(BertForPreTraining(cfg), tmp_path / "hf")
+
+
+def test_an_hf_config_our_model_cannot_take_is_one_line_naming_the_field(tmp_path):
+    from training.errors import UserError
+    from training.model.hf import model_config_from_hf
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 100, "hidden_size": 30,
+                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                      "intermediate_size": 64}))
+    with pytest.raises(UserError) as err:
+        model_config_from_hf(tmp_path)
+    assert "invalid model config" in str(err.value) and "divisible" in str(err.value)
+    assert "\n" not in str(err.value)

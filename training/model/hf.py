@@ -110,7 +110,10 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
     try:
         return ModelConfig(**fields)
     except ValidationError as err:
-        raise UserError(f"{path}: invalid model config: {err}") from None
+        first = err.errors()[0]  # one line: the first field pydantic refused
+        where = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{path}: invalid model config: {where + ': ' if where else ''}"
+                        f"{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _checkpoint_names(hf_dir: Path) -> list[str]:
