@@ -123,6 +123,31 @@ ROWS = [
      ["deepspeed.template: file not found: nope.json"], "inproc"),
     ("deepspeed-extra-owned-key", lambda c: c.cfg().pretrain(*_set("deepspeed.extra={train_batch_size: 8}")),
      ["deepspeed.extra sets ['train_batch_size']"], "inproc"),
+    # -- values outside their field's domain (issue 15, item 4): caught by the schema, before anything runs
+    ("nan-lr", lambda c: c.cfg().pretrain(*_set("optimizer.lr=.nan")),
+     ["config.yaml: optimizer.lr must be positive and finite, got nan"], "inproc"),
+    ("nan-grad-clip", lambda c: c.cfg().pretrain(*_set("train.grad_clip=.nan")),
+     ["train.grad_clip must be a finite number >= 0, got nan"], "subprocess"),
+    ("negative-eps", lambda c: c.cfg().pretrain(*_set("optimizer.eps=-1.0e-8")),
+     ["optimizer.eps must be positive and finite"], "inproc"),
+    ("pad-id-outside-vocab", lambda c: c.cfg().pretrain(*_set("model.pad_token_id=256")),
+     ["model.pad_token_id must be in [0, model.vocab_size=256), got 256"], "inproc"),
+    ("mlm-probability-over-one", lambda c: c.cfg().pretrain(*_set("data.mlm_probability=1.5")),
+     ["data.mlm_probability must be in (0, 1), got 1.5"], "inproc"),
+    ("zero-timeout", lambda c: c.cfg().pretrain(*_set("dist.timeout_s=0")),
+     ["dist.timeout_s must be positive, got 0"], "inproc"),
+    ("deepspeed-extra-wrong-type", lambda c: c.cfg().pretrain(
+        *_set("deepspeed.extra={zero_optimization: {overlap_comm: sure}}")),
+     ["deepspeed.extra.zero_optimization.overlap_comm must be true or false"], "inproc"),
+    ("set-stage-out-of-range", lambda c: c.cfg(stages=[{"name": n, "steps": 4} for n in "abc"]).pretrain(
+        *_set("stages.7.steps=1")), ["--set stages.7.steps: stages has 3 entries (indices 0-2)"], "inproc"),
+    ("set-unparsable-value", lambda c: c.cfg().pretrain(*_set("train.max_steps=[")),
+     ["--set train.max_steps=[: not a valid YAML value"], "subprocess"),
+    ("duplicate-config-key", lambda c: (c.cfg(), c.config.write_text(c.config.read_text() + "train: {max_steps: 3}\n"),
+                                        c.pretrain())[2],
+     ["config.yaml: line", "duplicate key 'train' (first at line"], "inproc"),
+    ("warmup-longer-than-the-run", lambda c: c.cfg().pretrain(*_set("optimizer.warmup_steps=100")),
+     ["optimizer.warmup_steps=100 exceeds train.max_steps=12"], "inproc"),
     # -- data
     ("data-dir-missing", lambda c: c.cfg().pretrain(*_set(f"data.dir={c.tmp / 'no-data'}")),
      ["data.dir=", "no-data holds no prepared data"], "inproc"),
@@ -232,7 +257,107 @@ ROWS = [
     ("prepare-on-a-locked-out-dir", lambda c: (shutil.copytree(c.data, c.out), _lock(c.out), _prepare(
         c, _write(c.tmp / "c.txt", b"some text\n" * 50)) + ["--overwrite"])[2],
      ["--out", "in use by pid 4242@elsewhere"], "inproc"),
+    # -- a data dir verified when a run opens it (issue 15, item 5); prepare never makes an empty split
+    ("data-truncated-arrow", lambda c: _bad_data(c, lambda d: truncate(d / "train" / "data-00000-of-00001.arrow",
+                                                                       50000)),
+     ["train/data-00000-of-00001.arrow: cannot be read, truncated or corrupt"], "subprocess"),
+    ("data-truncated-heldout-state", lambda c: _bad_data(c, lambda d: truncate(d / "heldout" / "state.json", 20)),
+     ["heldout/state.json: cannot be read"], "inproc"),
+    ("data-corrupt-stats", lambda c: _bad_data(c, lambda d: truncate(d / "stats.json", 40)),
+     ["stats.json: truncated or corrupt"], "inproc"),
+    ("data-stats-without-seq-len", lambda c: _bad_data(c, lambda d: _edit_stats(d, seq_len=None)),
+     ["stats.json: seq_len is missing"], "inproc"),
+    ("data-tokenizer-missing", lambda c: _bad_data(c, lambda d: shutil.rmtree(d / "tokenizer")),
+     ["tokenizer/ is missing"], "inproc"),
+    ("data-vocab-differs-from-stats", lambda c: _bad_data(c, lambda d: _append(d / "tokenizer" / "vocab.txt",
+                                                                              "[EXTRA]\n")),
+     ["tokenizer/vocab.txt: 257 tokens", "vocab_size 256"], "inproc"),
+    ("data-heldout-missing", lambda c: _bad_data(c, lambda d: shutil.rmtree(d / "heldout")),
+     ["heldout/ is missing"], "inproc"),
+    ("data-rows-differ-from-stats", lambda c: _bad_data(c, lambda d: _edit_stats(d, rows={"train": 99, "heldout": 9})),
+     ["train:", "rows, but", "stats.json says 99"], "inproc"),
+    ("data-empty-heldout-split", lambda c: (_prepare_run_data(c, "0"), c.cfg().pretrain(
+        *_set(f"data.dir={c.tmp / 'data'}")))[1], ["held-out split has no rows", "--heldout-fraction"], "inproc"),
+    ("evaluate-on-an-empty-heldout-split", lambda c: (_prepare_run_data(c, "0"), [
+        "evaluate", "--model", str(c.good_run), "--data", str(c.tmp / "data"), "--out", str(c.out)])[1],
+     ["held-out split has no rows"], "inproc"),
+    ("prepare-no-train-rows", lambda c: _prepare(c, _write(c.tmp / "c.txt", b"hello world\n"),
+                                                 tokenizer=str(c.data / "tokenizer")),
+     ["--input", "c.txt", "the train split has no rows of --seq-len 16"], "subprocess"),
+    ("prepare-no-heldout-rows", lambda c: _prepare(c, _write(c.tmp / "c.txt", " ".join(["words"] * 400).encode()),
+                                                   tokenizer=str(c.data / "tokenizer")) + ["--heldout-fraction", "0.1"],
+     ["the heldout split has no rows", "--heldout-fraction"], "inproc"),
+    # -- resume checks what it resumes into (item 6)
+    ("resume-other-precision", lambda c: (c.copy_run(), c.cfg().pretrain("--resume", *_set("train.precision=bf16")))[1],
+     ["trained with train.precision=fp32", "the config says train.precision=bf16"], "subprocess"),
+    ("resume-other-data", lambda c: (c.copy_run(), _prepare_run_data(c, "0.05", lines=120), c.cfg().pretrain(
+        "--resume", *_set(f"data.dir={c.tmp / 'data'}")))[2], ["trained on other data", "rows.heldout: checkpoint"],
+     "inproc"),
+    ("resume-other-seq-len", lambda c: (c.copy_run(), c.cfg(stages=[{"name": "main", "steps": 12, "seq_len": 16}])
+                                        .pretrain("--resume"))[1],
+     ["trained with seq_len 32 (stage 'main')", "now give seq_len 16"], "inproc"),
+    # -- export never overwrites or half-writes (item 7): --out is this row's out dir
+    ("export-out-not-empty", lambda c: (c.out.mkdir(), (c.out / "notes.txt").write_text("mine"),
+                                        ["export", "--checkpoint", str(c.good_run), "--out", str(c.out)])[2],
+     ["--out", "not empty", "--overwrite"], "subprocess"),
+    ("export-overwrite-someones-dir", lambda c: (c.out.mkdir(), (c.out / "notes.txt").write_text("mine"),
+                                                 ["export", "--checkpoint", str(c.good_run), "--out", str(c.out),
+                                                  "--overwrite"])[2],
+     ["not a Hugging Face model dir", "delete it by hand"], "inproc"),
+    ("export-overwrite-a-dir-holding-the-checkpoint", lambda c: (
+        shutil.copytree(c.good_run, c.out / "run"), (c.out / "config.json").write_text("{}"),
+        ["export", "--checkpoint", str(c.out / "run"), "--out", str(c.out), "--overwrite"])[2],
+     ["contains --checkpoint=", "an input"], "inproc"),
+    ("export-out-is-a-file", lambda c: (c.out.write_text("x"),
+                                        ["export", "--checkpoint", str(c.good_run), "--out", str(c.out)])[1],
+     ["--out", "exists and is not a directory"], "inproc"),
+    ("export-out-inside-the-run", lambda c: (c.copy_run(), ["export", "--checkpoint", str(c.out), "--out",
+                                                            str(c.out / "hf2")])[1],
+     ["hf2: inside", "the run being exported"], "inproc"),
+    ("export-out-inside-its-checkpoints", lambda c: (t := c.copy_run(), ["export", "--checkpoint", str(t), "--out",
+                                                                         str(c.out / "checkpoints" / "hf")])[1],
+     ["checkpoints/hf: inside", "the run being exported"], "inproc"),
+    ("export-overwrite-the-run-itself", lambda c: (c.copy_run(), ["export", "--checkpoint", str(c.out), "--out",
+                                                                  str(c.out), "--overwrite"])[1],
+     ["inside", "the run being exported"], "inproc"),
 ]
+
+
+def _bad_data(c: "Case", damage) -> list[str]:
+    """A copy of the prepared data at tmp/data, damaged, and a run on it."""
+    data = c.tmp / "data"
+    shutil.copytree(c.data, data)
+    damage(data)
+    return c.cfg().pretrain(*_set(f"data.dir={data}"))
+
+
+def _edit_stats(data: Path, **changes) -> None:
+    import json
+
+    stats = json.loads((data / "stats.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            stats.pop(key, None)
+        else:
+            stats[key] = value
+    (data / "stats.json").write_text(json.dumps(stats))
+
+
+def _append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def _prepare_run_data(c: "Case", heldout_fraction: str, lines: int = 250) -> Path:
+    """A real data dir at tmp/data (the tiny data's tokenizer, seq_len 32) of the first `lines` corpus lines."""
+    from tests.test_reliability_support import corpus_lines
+    from training.data.__main__ import main as data_main
+
+    text = _write(c.tmp / "corpus.txt", ("\n".join(corpus_lines()[:lines]) + "\n").encode())
+    assert data_main(["prepare", "--input", str(text), "--out", str(c.tmp / "data"), "--seq-len", "32",
+                      "--tokenizer", str(c.data / "tokenizer"), "--num-proc", "1",
+                      "--heldout-fraction", heldout_fraction]) == 0
+    return c.tmp / "data"
 
 _held_locks: list[int] = []
 
@@ -287,6 +412,9 @@ def _main_for(argv: list[str]):
     if kind == "export":
         from training.export import main
         return main, argv, ["-m", "training.export"]
+    if kind == "evaluate":
+        from training.evaluate import main
+        return main, argv, ["-m", "training.evaluate"]
     from training.data.__main__ import main
     return main, argv, ["-m", "training.data"]
 

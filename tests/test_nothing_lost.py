@@ -347,3 +347,46 @@ def test_op_preparation_waits_for_our_own_builder_then_loads(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], results
     assert all("ops ready: deepspeed_shm_comm" in o for o, _ in results)
     assert not (ext / "deepspeed_shm_comm" / "lock").exists()
+
+
+# ------------------------------------------------------------------ 7. export never overwrites or half-writes
+
+def _export(*args: str) -> int:
+    from training.export import main
+
+    try:
+        return main(list(args))
+    except SystemExit as exc:
+        return exc.code
+
+
+def test_export_needs_overwrite_and_replaces_an_earlier_export_whole(tmp_path, good_run, capsys):
+    hf = tmp_path / "exports" / "hf"
+    assert _export("--checkpoint", str(good_run / "checkpoints" / "step00000010"), "--out", str(hf)) == 0
+    first = tree_digest(hf)
+    assert _export("--checkpoint", str(good_run), "--out", str(hf)) == 2
+    assert "not empty (pass --overwrite" in capsys.readouterr().err and tree_digest(hf) == first
+    assert _export("--checkpoint", str(good_run), "--out", str(hf), "--overwrite") == 0
+    assert tree_digest(hf) != first and (hf / "model.safetensors").is_file() and (hf / "vocab.txt").is_file()
+    assert sorted(p.name for p in hf.parent.iterdir()) == ["hf"]  # no .hf.tmp-*, no .hf.old-*
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_export_leaves_no_partial_out(tmp_path, good_run, monkeypatch, existing):
+    import training.model.hf as hf_mod
+
+    hf = tmp_path / "hf"
+    if existing:
+        assert _export("--checkpoint", str(good_run), "--out", str(hf)) == 0
+    before = tree_digest(hf)
+    real = hf_mod.export_hf
+
+    def half_then_crash(model, cfg, out_dir, tokenizer_dir=None):
+        real(model, cfg, out_dir, tokenizer_dir=tokenizer_dir)
+        (Path(out_dir) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_mod, "export_hf", half_then_crash)
+    assert _export("--checkpoint", str(good_run), "--out", str(hf), *(["--overwrite"] if existing else [])) == 2
+    assert tree_digest(hf) == before  # absent, or the earlier export byte-identical
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["hf"] if existing else [])

@@ -1,18 +1,97 @@
 """Export a training checkpoint as a Hugging Face model directory.
 
-`python -m training.export --checkpoint DIR --out HF_DIR`, where DIR is a run directory, its
+`python -m training.export --checkpoint DIR --out HF_DIR [--overwrite]`, where DIR is a run directory, its
 `checkpoints/` directory, or one checkpoint tag directory. The result loads with
 `transformers.BertForPreTraining.from_pretrained(HF_DIR)` (a Pre-LN model: `RobertaPreLayerNormForMaskedLM`),
 tokenizer included.
+
+Never overwrites or half-writes: an existing non-empty HF_DIR needs --overwrite (and is replaced only if it is a
+Hugging Face model dir that holds no input of the export); the model is written into a sibling
+`.<name>.tmp-<pid>` and renamed into place when complete (an old HF_DIR is moved aside first and deleted only
+after the rename), so a failed export leaves HF_DIR as it was. HF_DIR may not lie inside the run (or the
+checkpoints dir) being exported: a run owns its folders (the run itself writes OUT/hf at its end).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
-from training.errors import exit_on_user_error
+from training import outdir
+from training.errors import UserError, exit_on_user_error
 from training.model_io import find_tokenizer, load_checkpoint_model, resolve_tag_dir
+
+
+def run_root(tag_dir: Path) -> Path:
+    """The folder a checkpoint belongs to: its run dir (OUT of OUT/checkpoints/<tag>, a run of training.pretrain),
+    else its checkpoints dir (one named checkpoints/ or holding a `latest`), else the tag dir itself."""
+    ckpt_dir = tag_dir.parent
+    run = ckpt_dir.parent
+    if ckpt_dir.name == "checkpoints" and ((run / outdir.RUN_MARKER).is_file() or
+                                           (run / "config.resolved.json").is_file()):
+        return run
+    if ckpt_dir.name == "checkpoints" or (ckpt_dir / "latest").is_file():
+        return ckpt_dir
+    return tag_dir
+
+
+def check_export_out(out: Path, overwrite: bool, tag_dir: Path, tokenizer: Path | None) -> None:
+    """Refuse an --out inside the run being exported, a non-directory, and an existing non-empty dir without
+    --overwrite; with it, only a Hugging Face model dir that holds no input."""
+    from training.model_io import is_hf_dir
+
+    real = Path(os.path.realpath(out))
+    root = Path(os.path.realpath(run_root(tag_dir)))
+    if real == root or root in real.parents:
+        raise UserError(f"--out {out}: inside {root}, the run being exported (its folders are the run's own); "
+                        "pick an --out outside it")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UserError(f"--out {out}: exists and is not a directory")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
+            outdir.check_holds_no_input(out, [("--checkpoint", str(tag_dir)),
+                                              ("--tokenizer", str(tokenizer) if tokenizer else "")], "--out")
+            if not is_hf_dir(out):
+                raise UserError(f"--out {out}: not a Hugging Face model dir (no config.json), so --overwrite will not "
+                                "delete it: delete it by hand, or pick another --out")
+
+
+def write_atomically(out: Path, write) -> None:
+    """`write(tmp_dir)` fills a sibling temporary dir, renamed to `out` only when complete; an existing `out` is
+    moved aside first and deleted after the rename (put back if the rename fails). Nothing partial is left."""
+    out = Path(os.path.abspath(out))
+    parent = out.parent
+    made = [p for p in [parent, *parent.parents] if not p.exists()]
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    old = parent / f".{out.name}.old-{os.getpid()}"
+    moved = False
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        if out.exists():
+            os.rename(out, old)
+            moved = True
+        os.rename(tmp, out)
+    except OSError as err:
+        raise UserError(outdir.oserror_line(f"--out {out}", err)) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not out.exists():
+            os.rename(old, out)  # the new one never arrived: the old one goes back
+            moved = False
+        for p in made:  # parents this export created, now empty after a failure
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @exit_on_user_error
@@ -23,12 +102,14 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's tokenizer/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a Hugging Face model dir)")
     args = p.parse_args(argv)
 
     tag_dir = resolve_tag_dir(args.checkpoint)
-    model, cfg, _meta = load_checkpoint_model(tag_dir)
     tokenizer = args.tokenizer or find_tokenizer(tag_dir)
-    export_hf(model, cfg, args.out, tokenizer_dir=tokenizer)
+    check_export_out(args.out, args.overwrite, tag_dir, args.tokenizer)
+    model, cfg, _meta = load_checkpoint_model(tag_dir)
+    write_atomically(args.out, lambda tmp: export_hf(model, cfg, tmp, tokenizer_dir=tokenizer))
     print(f"exported {tag_dir} -> {args.out}" + ("" if tokenizer else " (no tokenizer found)"))
     return 0
 

@@ -245,8 +245,12 @@ def load_data(cfg: RunConfig):
     if not (data_dir / "stats.json").is_file():
         raise UserError(f"data.dir={data_dir} holds no prepared data; run `python -m training.data prepare "
                         f"--out {data_dir} ...` (or `make data`) first")
-    return PretrainingData(data_dir, mlm_probability=cfg.data.mlm_probability,
+    data = PretrainingData(data_dir, mlm_probability=cfg.data.mlm_probability,
                            whole_word=cfg.data.whole_word_mask, nsp=cfg.model.nsp)
+    if data.num_heldout_rows == 0:  # every run evaluates (at least at its end): refuse now, not after training
+        raise UserError(f"data.dir={data_dir}: the held-out split has no rows, so the run's held-out evaluation has "
+                        "nothing to score; prepare the data with --heldout-fraction > 0 (and enough documents)")
+    return data
 
 
 def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
@@ -277,7 +281,8 @@ def _setup_logging(rank: int) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done."""
+    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done. step -1 (a
+    --resume that starts from scratch) drops every record."""
     if not path.is_file():
         return
     kept = []
@@ -327,6 +332,8 @@ def main(argv=None) -> int:
     # The checkpoint to resume from, verified (sizes and checksums) before anything is touched; a corrupt
     # newest one is passed over for the newest that verifies, with a warning naming the bad file.
     tag, bad_tags = checkpoint.resume_tag(out / "checkpoints") if args.resume else (None, [])
+    if tag is not None:
+        runner.check_resume(tag)  # the same model, precision, seq_len and data as it was trained with
     claimed = prepare_out_dir(out, args.resume, args.overwrite, env.rank, inputs=inputs)  # accepted: now claim
     try:
         return _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, start_watchdog)
@@ -343,6 +350,8 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, s
     torch.distributed.barrier()
     if args.resume and tag is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
+        if env.rank == 0:  # records of an earlier attempt that never checkpointed: not this run's
+            truncate_metrics(out / "metrics.jsonl", -1)
     if tag is not None:
         runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
         if env.rank == 0:

@@ -70,20 +70,101 @@ def fixed_mask_batch(collator: MLMCollator, ids_np: np.ndarray, sep_np: np.ndarr
     return collator(ids, sep, sample_keys=rows, seed=FIXED_MASK_SEED)
 
 
+_PREPARE_AGAIN = "prepare the data dir again (`python -m training.data prepare`)"
+
+
+def read_stats(data_dir: str) -> dict:
+    """stats.json of a prepared data dir, checked for the fields a run reads (one UserError line naming it)."""
+    stats_path = os.path.join(data_dir, "stats.json")
+    if not os.path.isfile(stats_path):
+        raise UserError(f"data dir {data_dir}: no stats.json (run `python -m training.data prepare` first)")
+    try:
+        with open(stats_path, "rb") as f:
+            stats = json.loads(f.read().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{stats_path}: truncated or corrupt (not valid JSON); {_PREPARE_AGAIN}") from None
+    except OSError as err:
+        raise UserError(f"{stats_path}: cannot be read ({err.strerror})") from None
+    if not isinstance(stats, dict):
+        raise UserError(f"{stats_path}: corrupt (not a JSON object); {_PREPARE_AGAIN}")
+    for key in ("seq_len", "vocab_size"):
+        value = stats.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{stats_path}: {key} is {'missing' if value is None else repr(value)}, not a positive "
+                            f"integer; {_PREPARE_AGAIN}")
+    rows = stats.get("rows")
+    if rows is not None and not (isinstance(rows, dict) and all(
+            isinstance(rows.get(s), int) and not isinstance(rows.get(s), bool) for s in ("train", "heldout"))):
+        raise UserError(f"{stats_path}: rows is {rows!r}, not {{train: N, heldout: N}}; {_PREPARE_AGAIN}")
+    return stats
+
+
+def _load_split(data_dir: str, split: str, stats: dict):
+    """(input_ids, sep_index) of one split, every failure one line naming the file (a truncated .arrow file
+    fails deep inside pyarrow without naming it)."""
+    import datasets
+    import pyarrow as pa
+
+    path = os.path.join(data_dir, split)
+    if not os.path.isdir(path):
+        raise UserError(f"data dir {data_dir}: {split}/ is missing; {_PREPARE_AGAIN}")
+    try:
+        ids, sep = _rows(datasets.load_from_disk(path))
+    except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds for a damaged split
+        culprit = path
+        for name in sorted(os.listdir(path), key=lambda n: not n.endswith(".json")):
+            try:
+                if name.endswith(".json"):  # state.json, dataset_info.json
+                    with open(os.path.join(path, name), "rb") as f:
+                        json.loads(f.read().decode("utf-8"))
+                elif name.endswith(".arrow"):
+                    with pa.memory_map(os.path.join(path, name)) as source:
+                        pa.ipc.open_stream(source).read_all()
+            except Exception:  # noqa: BLE001
+                culprit = os.path.join(path, name)
+                break
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UserError(f"{culprit}: cannot be read, truncated or corrupt ({first}); {_PREPARE_AGAIN}") from None
+    want = (stats.get("rows") or {}).get(split)
+    if want is not None and len(sep) != want:
+        raise UserError(f"{path}: {len(sep)} rows, but {os.path.join(data_dir, 'stats.json')} says {want} "
+                        f"(truncated or from another build); {_PREPARE_AGAIN}")
+    if len(sep) and ids.shape[1] != stats["seq_len"]:
+        raise UserError(f"{path}: rows of {ids.shape[1]} tokens, but {os.path.join(data_dir, 'stats.json')} says "
+                        f"seq_len {stats['seq_len']}; {_PREPARE_AGAIN}")
+    return ids, sep
+
+
+def check_tokenizer_dir(data_dir: str, stats: dict) -> str:
+    """data_dir/tokenizer with a vocab.txt of stats' vocab_size tokens; returns its path."""
+    tokenizer_dir = os.path.join(data_dir, "tokenizer")
+    vocab = os.path.join(tokenizer_dir, "vocab.txt")
+    if not os.path.isdir(tokenizer_dir):
+        raise UserError(f"data dir {data_dir}: tokenizer/ is missing; {_PREPARE_AGAIN}")
+    try:
+        with open(vocab, encoding="utf-8") as f:
+            size = sum(1 for _ in f)
+    except FileNotFoundError:
+        raise UserError(f"{vocab}: missing; {_PREPARE_AGAIN}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{vocab}: cannot be read ({getattr(err, 'strerror', None) or 'not UTF-8'}); "
+                        f"{_PREPARE_AGAIN}") from None
+    if size != stats["vocab_size"]:
+        raise UserError(f"{vocab}: {size} tokens, but {os.path.join(data_dir, 'stats.json')} says vocab_size "
+                        f"{stats['vocab_size']}; {_PREPARE_AGAIN}")
+    return tokenizer_dir
+
+
 class PretrainingData:
     def __init__(self, data_dir: str, *, mlm_probability: float = 0.15, whole_word: bool = False,
                  nsp: bool = False, mask_ratio: float = 0.8, random_ratio: float = 0.1):
-        import datasets
-
-        stats_path = os.path.join(data_dir, "stats.json")
-        if not os.path.isfile(stats_path):
-            raise UserError(f"data dir {data_dir}: no stats.json (run `python -m training.data prepare` first)")
-        with open(stats_path) as f:
-            self.stats = json.load(f)
+        # Verified as it is opened: stats.json, tokenizer/ and both splits (row counts against stats.json).
+        data_dir = str(data_dir)
+        self.stats = read_stats(data_dir)
         self.data_dir = data_dir
-        self.tokenizer_dir = os.path.join(data_dir, "tokenizer")
-        self._train_ids, self._train_sep = _rows(datasets.load_from_disk(os.path.join(data_dir, "train")))
-        self._held_ids, self._held_sep = _rows(datasets.load_from_disk(os.path.join(data_dir, "heldout")))
+        self.tokenizer_dir = check_tokenizer_dir(data_dir, self.stats)
+        self._train_ids, self._train_sep = _load_split(data_dir, "train", self.stats)
+        self._held_ids, self._held_sep = _load_split(data_dir, "heldout", self.stats)
         if len(self._train_sep) == 0:
             raise UserError(f"data dir {data_dir}: the train split has no rows (corpus too small for seq_len)")
         self.collator = MLMCollator.from_tokenizer_dir(
@@ -106,6 +187,19 @@ class PretrainingData:
     def special_ids(self) -> dict[str, int]:
         c = self.collator
         return {"pad": c.pad_id, "unk": c.unk_id, "cls": c.cls_id, "sep": c.sep_id, "mask": c.mask_id}
+
+    def identity(self) -> dict:
+        """What makes this data dir the data a run trains on (recorded in each checkpoint, compared on resume):
+        row length, vocabulary (its vocab.txt's SHA-256), rows and tokens per split. The path is kept for the
+        message only: the same data moved elsewhere is the same data."""
+        import hashlib
+
+        with open(os.path.join(self.tokenizer_dir, "vocab.txt"), "rb") as f:
+            vocab_sha = hashlib.sha256(f.read()).hexdigest()
+        tokens = self.stats.get("tokens") if isinstance(self.stats.get("tokens"), dict) else {}
+        return {"path": os.path.abspath(self.data_dir), "seq_len": self.seq_len, "vocab_size": self.vocab_size,
+                "vocab_sha256": vocab_sha, "rows": {"train": self.num_train_rows, "heldout": self.num_heldout_rows},
+                "tokens": {k: tokens.get(k) for k in ("train", "heldout")}}
 
     @property
     def num_train_rows(self) -> int:

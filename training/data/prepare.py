@@ -71,8 +71,10 @@ def _ours(out: str) -> bool:
 def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
             num_proc: int | None = None, max_docs: int | None = None, overwrite: bool = False,
             seed: int = 0, move_in: dict[str, str] | None = None, extra_stats: dict | None = None,
-            quiet: bool = False) -> dict:
-    """Build OUT; returns the stats dict. `move_in` maps names to paths moved into OUT (build-default's raw/)."""
+            quiet: bool = False, require_rows: bool = True) -> dict:
+    """Build OUT; returns the stats dict. `move_in` maps names to paths moved into OUT (build-default's raw/).
+    A split without rows (the train split; the held-out one when heldout_fraction > 0) is a UserError, before
+    anything reaches OUT, unless `require_rows` is False (pack_text, whose caller says so itself)."""
     start = time.time()
     if seq_len < 8:
         raise UserError(f"--seq-len {seq_len}: must be at least 8")
@@ -99,6 +101,8 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         os.makedirs(staging)
         stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
                        num_proc or default_num_proc(), max_docs, seed, quiet)
+        if require_rows:
+            _check_rows(stats, files, heldout_fraction)
         stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
                      heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs,
                      input_files=files, format_version=FORMAT_VERSION)
@@ -125,6 +129,18 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
     return stats
 
 
+def _check_rows(stats: dict, files: list[str], heldout_fraction: float) -> None:
+    """A data dir with an empty train split trains nothing, and an empty held-out split would evaluate to 0."""
+    for split in ("train",) + (("heldout",) if heldout_fraction > 0 else ()):
+        if stats["rows"][split] == 0:
+            hint = ("give more text or a shorter --seq-len" if split == "train" else
+                    "give more documents (the held-out split takes whole documents), a larger --heldout-fraction, "
+                    "or --heldout-fraction 0")
+            raise UserError(f"--input {' '.join(files)}: the {split} split has no rows of --seq-len "
+                            f"{stats['seq_len']} ({stats['documents'][split]:,} documents, "
+                            f"{stats['tokens'][split]:,} tokens); {hint}")
+
+
 def pack_text(inputs: list[str], tokenizer: str, seq_len: int, seed: int = 0,
               num_proc: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Raw text through `prepare` (read, tokenise with an existing tokenizer, pack `[CLS] A [SEP] B [SEP]` rows
@@ -142,7 +158,7 @@ def pack_text(inputs: list[str], tokenizer: str, seq_len: int, seed: int = 0,
     with tempfile.TemporaryDirectory(prefix="pack-text-") as tmp:
         out = os.path.join(tmp, "data")
         stats = prepare(inputs, out, seq_len, tokenizer, heldout_fraction=0.0, num_proc=num_proc, seed=seed,
-                        quiet=True)
+                        quiet=True, require_rows=False)
         ids, sep = _rows(datasets.load_from_disk(os.path.join(out, "train")))
         ids, sep = np.array(ids), np.array(sep)  # copies: the memory-mapped files go with the temp dir
     return ids, sep, stats

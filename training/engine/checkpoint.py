@@ -183,8 +183,10 @@ def _is_fs_error(err: BaseException) -> bool:
 
 # ------------------------------------------------------------------------------------------------ save
 
-def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep_last: int) -> Path:
-    """Write the checkpoint of `state` atomically (see the module doc). Collective: call on every rank."""
+def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep_last: int,
+         run_info: Optional[dict] = None) -> Path:
+    """Write the checkpoint of `state` atomically (see the module doc). Collective: call on every rank.
+    `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`."""
     from training.engine import faults
 
     tag = tag_for(state)
@@ -212,6 +214,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
             meta = {"format_version": FORMAT_VERSION, "tag": tag, "train_state": asdict(state),
                     "model": model_cfg.model_dump(mode="json"), "files": files,
                     "checksums": {"algorithm": HASH, "files": _checksums(tmp, files)}}
+            if run_info is not None:
+                meta["run"] = run_info
             _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
             if final.exists():
                 # Left from an abandoned timeline (never named by `latest`), or a second save of the same step.
@@ -405,6 +409,40 @@ def check_compatible(meta: dict, model_cfg: ModelConfig, where: Path) -> None:
              and not (k in RESOLVED_AT_RUN_TIME and current.get(k) is None)]
     if diffs:
         raise UserError(f"{where} holds a different model ({'; '.join(diffs[:3])})")
+
+
+def check_resumable(meta: dict, run_info: dict, where: Path) -> None:
+    """Resume only into what the checkpoint was trained with: the same train.precision (another one fails deep
+    inside DeepSpeed's optimizer load), the same sequence length in the checkpoint's stage, and the same data
+    (data.dir's identity: row length, vocabulary, rows and tokens per split; its path may differ). `run_info`
+    as the runner records it at save. Checkpoints written before `run` was recorded are not checked."""
+    saved = meta.get("run")
+    if not isinstance(saved, dict):
+        return
+    if saved.get("precision") is not None and saved.get("precision") != run_info.get("precision"):
+        raise UserError(f"{where} was trained with train.precision={saved['precision']}, the config says "
+                        f"train.precision={run_info.get('precision')}; resume with train.precision="
+                        f"{saved['precision']} (export it and start a new run to change precision)")
+    if saved.get("seq_len") is not None and saved.get("seq_len") != run_info.get("seq_len"):
+        raise UserError(f"{where} was trained with seq_len {saved['seq_len']} (stage "
+                        f"'{saved.get('stage', '?')}'), the config and data.dir now give seq_len "
+                        f"{run_info.get('seq_len')}; resume with the stage's seq_len and data it was trained on")
+    old, new = saved.get("data"), run_info.get("data") or {}
+    if not isinstance(old, dict):
+        return
+    diffs = []
+    for key in ("seq_len", "vocab_size", "vocab_sha256", "rows", "tokens"):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k}: checkpoint {a.get(k)!r}, data.dir {b.get(k)!r}" for k in sorted(a)
+                      if a.get(k) is not None and a.get(k) != b.get(k)]
+        elif a is not None and a != b:
+            if key == "vocab_sha256":
+                a, b = f"{a[:12]}...", f"{str(b)[:12]}..."
+            diffs.append(f"{key}: checkpoint {a!r}, data.dir {b!r}")
+    if diffs:
+        raise UserError(f"{where} was trained on other data (data dir {old.get('path')}) than data.dir="
+                        f"{new.get('path')} ({'; '.join(diffs[:3])}); resume with the data it was trained on")
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> TrainState:

@@ -155,15 +155,30 @@ class StageRunner:
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
                                          getattr(self.engine, "monitor", None))
 
-    def resume(self, tag: str) -> None:
-        """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition."""
+    def run_info(self, stage_index: int) -> dict:
+        """What a checkpoint records of how it was trained (checkpoint.check_resumable compares it on resume)."""
+        plan = self.plan[stage_index]
+        if not hasattr(self, "_data_identity"):
+            identity = getattr(self.data, "identity", None)
+            self._data_identity = identity() if callable(identity) else None
+        return {"precision": self.cfg.train.precision, "stage": plan.name, "seq_len": plan.seq_len,
+                "data": self._data_identity}
+
+    def check_resume(self, tag: str) -> dict:
+        """The checkpoint's meta.json, once it is known to fit this config and data (UserError otherwise)."""
         meta = checkpoint.read_meta(self.ckpt_dir, tag)
         stage_index = meta["train_state"]["stage_index"]
         if stage_index >= len(self.plan):
             raise UserError(f"{self.ckpt_dir / tag} is at stage {stage_index}, but the config has only "
                             f"{len(self.plan)} stages")
-        declared = self.plan[stage_index].model
-        checkpoint.check_compatible(meta, declared, self.ckpt_dir / tag)
+        checkpoint.check_compatible(meta, self.plan[stage_index].model, self.ckpt_dir / tag)
+        checkpoint.check_resumable(meta, self.run_info(stage_index), self.ckpt_dir / tag)
+        return meta
+
+    def resume(self, tag: str) -> None:
+        """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition."""
+        meta = self.check_resume(tag)
+        stage_index = meta["train_state"]["stage_index"]
         # The saved model config is the truth: a hook may have resolved per-layer sizes at run time.
         model_cfg = ModelConfig.model_validate(meta["model"])
         self.state.stage_index = stage_index
@@ -328,7 +343,8 @@ class StageRunner:
     def _save(self) -> None:
         if getattr(self, "_saved_step", None) == self.state.step:
             return  # e.g. a pre-emption signal at a step that was just saved
-        checkpoint.save(self.engine, self.ckpt_dir, self.state, self.model_cfg, self.cfg.run.keep_last)
+        checkpoint.save(self.engine, self.ckpt_dir, self.state, self.model_cfg, self.cfg.run.keep_last,
+                        run_info=self.run_info(self.state.stage_index))
         self._saved_step = self.state.step
 
     def _locality(self, stage, plan: StagePlan) -> dict:
