@@ -95,9 +95,11 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for r in rows:
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: the default cycle repeats after 10 runs
+    for i, r in enumerate(rows):
         ax.plot([c["tokens"] / 1e6 for c in r["curve"]], [c["below_unigram"] for c in r["curve"]], marker=".",
-                markersize=4, linewidth=1.5, label=r["name"])
+                markersize=4, linewidth=1.5, label=r["name"], color=colours[(2 * i) % 20 + (2 * i) // 20 % 2],
+                linestyle="-" if i < 20 else "--")
     ax.axhline(0.0, color="black", linestyle=":", linewidth=1.2, label="unigram table (no context)")
     for th in THRESHOLDS[1:]:
         ax.axhline(th, color="grey", linestyle="--", linewidth=0.8)
