@@ -238,6 +238,10 @@ ROWS = [
      ["blob.txt"], "inproc"),
     ("corpus-unsupported-type", lambda c: _prepare(c, _write(c.tmp / "c.docx", b"PK\3\4")),
      ["c.docx: unsupported file type"], "inproc"),
+    ("corpus-hf-not-found-offline", lambda c: _prepare(c, "hf:no-such-owner/no-such-dataset-zq7/"),
+     ["--input hf:no-such-owner/no-such-dataset-zq7/:", "not found locally and the hub is offline"], "subprocess"),
+    ("corpus-hf-missing-text-column", lambda c: _prepare(c, f"hf:{_parquet(c.tmp / 'p.parquet', body=['a b c'] * 9)}"),
+     ["p.parquet: no column 'text' (the dataset has 'body')", "--text-column"], "inproc"),
     ("tokenizer-missing", lambda c: _prepare(c, _write(c.tmp / "c.txt", b"some text\n" * 50),
                                              tokenizer=str(c.tmp / "no-tokenizer")), ["no-tokenizer"], "inproc"),
     # -- data prepare --overwrite: only a data dir it made, never one holding its input
@@ -392,6 +396,14 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def _parquet(path: Path, **columns) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 def _foreign(c: Case) -> None:
     ckpt = c.out / "checkpoints"
     (ckpt / "someones_model").mkdir(parents=True)
@@ -399,7 +411,7 @@ def _foreign(c: Case) -> None:
     (ckpt / "latest").write_text("someones_model")
 
 
-def _prepare(c: Case, corpus: Path, tokenizer: str = "train:128") -> list[str]:
+def _prepare(c: Case, corpus: Path | str, tokenizer: str = "train:128") -> list[str]:
     return ["prepare", "prepare", "--input", str(corpus), "--out", str(c.out), "--seq-len", "16",
             "--tokenizer", tokenizer, "--num-proc", "1"]
 

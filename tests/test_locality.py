@@ -89,6 +89,47 @@ def test_the_strength_falls_linearly_over_its_stage_and_evaluation_never_gets_it
     assert {s for training, s in seen if not training} == {0.0}  # every eval scores the plain model
 
 
+def _train_strengths(runner) -> list[float]:
+    seen, forward = [], BertForPreTraining.forward
+
+    def spy(module, *args, locality=0.0, **kwargs):
+        seen.append((module.training, locality))
+        return forward(module, *args, locality=locality, **kwargs)
+
+    BertForPreTraining.forward = spy
+    try:
+        runner.run()
+    finally:
+        BertForPreTraining.forward = forward
+    assert {s for training, s in seen if not training} == {0.0}
+    return [s for training, s in seen if training]
+
+
+def test_the_runs_schedule_falls_by_global_step_across_a_stack_growth(tmp_path, tiny_data, dist_single):
+    text = ("train: {locality_bias: {start: 2.0, end: 0.0, steps: 4}}\n"
+            "stages:\n  - {name: one, steps: 3, model: {num_layers: 1}}\n"
+            "  - {name: two, steps: 3, hook: stack}\n")
+    runner = make_runner(tiny_config(tmp_path, tiny_data, ["run.eval_every=2", "model.num_layers=2"], yaml_text=text))
+    assert _train_strengths(runner) == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]  # step 3 is the grown model's first
+    assert runner.model_cfg.num_layers == 2
+
+
+def test_the_runs_schedule_refuses_a_linear_attention_stage_it_covers_and_a_stage_schedule_beside_it(
+        tmp_path, tiny_data, dist_single):
+    from training.errors import UserError
+
+    core = ("train: {{locality_bias: {{start: 1.0, steps: {n}}}}}\n"
+            "stages:\n  - {{name: relaxed, steps: 3, model: {{attention: linear}}}}\n"
+            "  - {{name: refined, steps: 2, hook: core_refine}}\n")
+    with pytest.raises(UserError, match="train.locality_bias covers stage 'relaxed' .*linear"):
+        make_runner(tiny_config(tmp_path, tiny_data, yaml_text=core.format(n=2)))
+    with pytest.raises(UserError, match="give either train.locality_bias .* or stages\\[\\].locality_bias"):
+        tiny_config(tmp_path, tiny_data, yaml_text="train: {locality_bias: {steps: 2}}\n"
+                    "stages:\n  - {name: a, steps: 2, locality_bias: {start: 1.0}}\n")
+    with pytest.raises(UserError, match="train.locality_bias.steps"):
+        tiny_config(tmp_path, tiny_data, yaml_text="train: {locality_bias: {steps: 0}}\n")
+
+
 def test_sinusoidal_position_init_is_the_scaled_sine_cosine_table():
     import math
 

@@ -89,6 +89,16 @@ class OptimizerSection(_Strict):
         return self
 
 
+class LocalityScheduleSection(_Strict):
+    """The locality bias over the run's first `steps` optimizer steps, whatever the stages (training/model/bert.py
+    locality_bias): its strength falls linearly from `start` at step 0 to `end` at step `steps`, then stops. Use
+    this when stage boundaries (a growth, a freeze, a pruning) fall inside the anneal: every method of a
+    comparison then gets the same aid at the same steps. Each stage it covers needs eager or sdpa attention."""
+    start: NonNegativeFloat = 1.0
+    end: NonNegativeFloat = 0.0
+    steps: PositiveInt
+
+
 class TrainSection(_Strict):
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     micro_batch_size: PositiveInt = 32  # per rank
@@ -96,6 +106,7 @@ class TrainSection(_Strict):
     grad_clip: NonNegativeFloat = 1.0  # 0 disables (NaN would too, silently: hence finite)
     zero_stage: Literal[0, 1, 2] = 0
     max_steps: Optional[PositiveInt] = None  # the single stage's length when `stages` is not given
+    locality_bias: Optional[LocalityScheduleSection] = None  # by global step, across stages (stages[].locality_bias: one stage)
 
 
 class DeepSpeedSection(_Strict):
@@ -289,6 +300,9 @@ class RunConfig(_Strict):
                 if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
                     raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences "
                                      f"({prev_seq} -> {seq})")
+            if stage.locality_bias is not None and self.train.locality_bias is not None:
+                raise ValueError(f"stage '{stage.name}': give either train.locality_bias (the run's schedule) or "
+                                 "stages[].locality_bias, not both")
             if stage.locality_bias is not None and model.attention not in ("eager", "sdpa"):
                 raise ValueError(f"stage '{stage.name}': locality_bias needs model.attention eager or sdpa, "
                                  f"not {model.attention}")

@@ -13,9 +13,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare", help="tokenise, split and pack raw text into DIR")
-    prep.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB",
+    prep.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB|hf:DATASET",
                       help=".txt (line or blank-line documents), .jsonl (field text), .parquet (column "
-                           "text); optionally .xz/.bz2/.gz")
+                           "text); optionally .xz/.bz2/.gz; or a `datasets` dataset streamed with load_dataset: "
+                           "hf:NAME[/CONFIG][:SPLIT], hf:OWNER/NAME/[CONFIG][:SPLIT] (the trailing slash is the "
+                           "default config), hf:LOCAL_DIR_OR_FILE[:SPLIT]; SPLIT defaults to train")
+    prep.add_argument("--text-column", default="text", metavar="NAME",
+                      help="the column holding the text in hf: inputs (default: text)")
     prep.add_argument("--out", required=True, metavar="DIR")
     prep.add_argument("--seq-len", type=int, required=True, metavar="N")
     prep.add_argument("--tokenizer", required=True, metavar="PATH|train:VOCAB_SIZE")
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from training.data.prepare import prepare
 
         prepare(args.input, args.out, args.seq_len, args.tokenizer, heldout_fraction=args.heldout_fraction,
-                num_proc=args.num_proc, max_docs=args.max_docs, overwrite=args.overwrite, seed=args.seed)
+                num_proc=args.num_proc, max_docs=args.max_docs, overwrite=args.overwrite, seed=args.seed,
+                text_column=args.text_column)
     else:
         from training.data.wiki import build_default
 

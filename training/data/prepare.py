@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training import outdir
-from training.data import packing, sources, tokenizer as tokmod
+from training.data import hf_input, packing, sources, tokenizer as tokmod
 from training.errors import UserError
 
 FORMAT_VERSION = 1
@@ -71,8 +71,9 @@ def _ours(out: str) -> bool:
 def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
             num_proc: int | None = None, max_docs: int | None = None, overwrite: bool = False,
             seed: int = 0, move_in: dict[str, str] | None = None, extra_stats: dict | None = None,
-            quiet: bool = False, require_rows: bool = True) -> dict:
-    """Build OUT; returns the stats dict. `move_in` maps names to paths moved into OUT (build-default's raw/).
+            quiet: bool = False, require_rows: bool = True, text_column: str = "text") -> dict:
+    """Build OUT; returns the stats dict. `inputs`: files, globs and `hf:` datasets (training/data/hf_input.py,
+    whose `text_column` holds the text). `move_in` maps names to paths moved into OUT (build-default's raw/).
     A split without rows (the train split; the held-out one when heldout_fraction > 0) is a UserError, before
     anything reaches OUT, unless `require_rows` is False (pack_text, whose caller says so itself)."""
     start = time.time()
@@ -84,10 +85,13 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         raise UserError(f"--num-proc {num_proc}: must be at least 1")
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs {max_docs}: must be at least 1")
-    files = sources.resolve_inputs(inputs)
+    if not text_column:
+        raise UserError("--text-column: must not be empty")
+    files = sources.resolve_inputs(inputs, text_column)
     vocab_target = tokmod.parse_spec(tokenizer)
     tok = None if vocab_target else tokmod.load(tokenizer)  # fail fast, before reading the corpus
-    inputs = [("--input", f) for f in files] + [("--tokenizer", tokenizer)] * (not vocab_target) + \
+    inputs = [("--input", f) for f in sources.input_paths(files)] + \
+        [("--tokenizer", tokenizer)] * (not vocab_target) + \
         [("moved-in input", src) for src in (move_in or {}).values()]
     check_out_dir(out, overwrite, inputs)
 
@@ -100,12 +104,14 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
-                       num_proc or default_num_proc(), max_docs, seed, quiet)
+                       num_proc or default_num_proc(), max_docs, seed, quiet, text_column)
         if require_rows:
             _check_rows(stats, files, heldout_fraction)
         stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
                      heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs,
                      input_files=files, format_version=FORMAT_VERSION)
+        if any(map(hf_input.is_hf, files)):
+            stats["text_column"] = text_column
         stats.update(extra_stats or {})
         for name, src in (move_in or {}).items():
             shutil.move(src, os.path.join(staging, name))
@@ -191,7 +197,8 @@ def _encode(batch, tokenizer):
     return {"input_ids": [e.ids for e in enc]}
 
 
-def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet):
+def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet,
+           text_column="text"):
     import datasets
 
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
@@ -199,23 +206,26 @@ def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_pro
         datasets.disable_progress_bars()
     try:
         return _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc,
-                               max_docs, seed, quiet)
+                               max_docs, seed, quiet, text_column)
     finally:
         if quiet and bars_were_on:
             datasets.enable_progress_bars()
 
 
 def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs,
-                    seed, quiet):
+                    seed, quiet, text_column="text"):
     import datasets
 
     cache = os.path.join(staging, "cache")
     features = datasets.Features(text=datasets.Value("string"), replaced=datasets.Value("int64"),
                                  score=datasets.Value("float64"), error=datasets.Value("string"))
     gen_procs = 1 if (max_docs or len(files) == 1) else min(num_proc, len(files))
+    # Every input, an hf: stream too, is read exactly once, here, into an Arrow cache in the staging dir; the
+    # tokenizer trains on that cache below and the encoding reads it again. So a stream is never fetched twice
+    # (nor has to come back in the same order), and its documents are on disk, not in memory.
     docs = datasets.Dataset.from_generator(
         sources.generate_documents, features=features, cache_dir=cache, num_proc=gen_procs,
-        gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs})
+        gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs, "text_column": text_column})
     errors = docs.data.column("error").drop_null()
     if len(errors):
         raise UserError(errors[0].as_py())

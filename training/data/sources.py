@@ -1,4 +1,5 @@
-"""Raw-text inputs: resolve paths/globs, open (optionally compressed) files, yield documents.
+"""Raw-text inputs: resolve paths/globs, open (optionally compressed) files, yield documents; `hf:` inputs
+(`datasets` streams) are handed to training/data/hf_input.py.
 
 Every document is yielded with the number of undecodable bytes replaced by U+FFFD in it, so the
 count survives the multi-process `datasets` generator and can be summed into stats.json.
@@ -15,6 +16,7 @@ import os
 import shutil
 import tempfile
 
+from training.data import hf_input
 from training.errors import UserError
 
 COMPRESSION = {".xz": lzma.open, ".bz2": bz2.open, ".gz": gzip.open}
@@ -30,10 +32,15 @@ def split_suffix(path: str) -> tuple[str, str]:
     return ext, comp
 
 
-def resolve_inputs(patterns: list[str]) -> list[str]:
-    """Expand files/globs in the order given; every pattern must match at least one readable file."""
+def resolve_inputs(patterns: list[str], text_column: str = "text") -> list[str]:
+    """Expand files/globs in the order given; every pattern must match at least one readable file.
+    An `hf:` input (training/data/hf_input.py) is resolved now, through the same `load_dataset` call that
+    streams it later, and kept as its spec string (a local path in it made absolute)."""
     files: list[str] = []
     for pat in patterns:
+        if hf_input.is_hf(pat):
+            files.append(hf_input.check(pat, text_column))
+            continue
         matches = sorted(glob.glob(pat)) if glob.has_magic(pat) else [pat]
         if not matches or not os.path.exists(matches[0]):
             what = "glob matches no file" if glob.has_magic(pat) else "no such file"
@@ -48,7 +55,7 @@ def resolve_inputs(patterns: list[str]) -> list[str]:
             if not os.access(path, os.R_OK):
                 raise UserError(f"--input {path}: not readable")
             files.append(os.path.abspath(path))
-    kinds = {path: sniff(path) for path in files}
+    kinds = {path: "text" if hf_input.is_hf(path) else sniff(path) for path in files}
     for path, kind in kinds.items():
         if kind == "binary":
             raise UserError(f"--input {path}: looks like a binary file, not text")
@@ -175,8 +182,16 @@ def _parquet_docs(path: str):
                     yield doc.strip(), 0
 
 
-def iter_documents(path: str):
-    """(text, replaced_bytes) per document of one file; blank documents carry only their count."""
+def input_paths(files: list[str]) -> list[str]:
+    """The local paths the resolved inputs read (an hf: input on the hub reads none of ours)."""
+    return [hf_input.local_path(f) if hf_input.is_hf(f) else f for f in files]
+
+
+def iter_documents(path: str, text_column: str = "text"):
+    """(text, replaced_bytes) per document of one file or hf: stream; blank documents carry only their count."""
+    if hf_input.is_hf(path):
+        yield from hf_input.documents(path, text_column)
+        return
     fmt, _ = split_suffix(path)
     reader = {".txt": _txt_docs, ".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt]
     try:
@@ -192,18 +207,19 @@ def heldout_score(text: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
-def generate_documents(files: list[str], seed: int, max_docs: int | None = None):
+def generate_documents(files: list[str], seed: int, max_docs: int | None = None, text_column: str = "text"):
     """`Dataset.from_generator` body: yields rows {text, replaced, score, error}.
 
     Blank documents are yielded with empty text (so their replaced bytes still count) and are
-    filtered out afterwards; `max_docs` counts non-blank documents only. A UserError becomes a
+    filtered out afterwards; `max_docs` counts non-blank documents only (and stops an hf: stream there,
+    closing it: nothing past it is fetched). A UserError becomes a
     row with `error` set (exceptions from generator worker processes lose their type), which the
     caller re-raises.
     """
     kept = 0
     try:
         for path in files:
-            for text, bad in iter_documents(path):
+            for text, bad in iter_documents(path, text_column):
                 if text:
                     if max_docs is not None and kept >= max_docs:
                         return

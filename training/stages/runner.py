@@ -109,6 +109,12 @@ class StageRunner:
             steps = stage.num_steps(global_batch * seq_len)
             plan.append(StagePlan(i, stage.name, steps, start, seq_len, self.cfg.stage_model(i)))
             start += steps
+        schedule = t.locality_bias
+        for p in plan:  # stage lengths in tokens are only known here, so is what the run's schedule covers
+            if schedule is not None and p.start_step < schedule.steps and p.model.attention not in ("eager", "sdpa"):
+                raise UserError(f"train.locality_bias covers stage '{p.name}' (from step {p.start_step}), whose "
+                                f"model.attention is {p.model.attention}: it needs eager or sdpa (or a shorter "
+                                "train.locality_bias.steps)")
         return plan
 
     def _lr_segments(self) -> list:
@@ -348,13 +354,17 @@ class StageRunner:
         self._saved_step = self.state.step
 
     def _locality(self, stage, plan: StagePlan) -> dict:
-        """Forward kwargs for the stage's locality bias (training/model/bert.py locality_bias): its strength
-        falls linearly from `start` at the stage's first step to `end` after its last. Evaluations never get it:
-        they score the plain BERT the run delivers."""
-        bias = stage.locality_bias
-        if bias is None:
+        """Forward kwargs for the locality bias (training/model/bert.py locality_bias): the stage's own, its
+        strength falling linearly from `start` at the stage's first step to `end` after its last, or the run's
+        (train.locality_bias), falling from `start` at global step 0 to `end` at step `steps`, then off.
+        Evaluations never get it: they score the plain BERT the run delivers."""
+        bias, schedule = stage.locality_bias, self.cfg.train.locality_bias
+        if bias is not None:
+            strength = bias.start + (bias.end - bias.start) * self.state.stage_step / max(plan.steps, 1)
+        elif schedule is not None and self.state.step < schedule.steps:
+            strength = schedule.start + (schedule.end - schedule.start) * self.state.step / schedule.steps
+        else:
             return {}
-        strength = bias.start + (bias.end - bias.start) * self.state.stage_step / max(plan.steps, 1)
         return {"locality": strength} if strength > 0 else {}
 
     def _layer_drop(self, stage) -> dict:
