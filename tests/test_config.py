@@ -88,7 +88,9 @@ def test_template_may_not_set_owned_keys(tmp_path):
 
 def test_shipped_configs_load():
     from pathlib import Path
-    for path in sorted(Path(__file__).resolve().parent.parent.glob("configs/*.yaml")):
+    paths = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))  # bench and plateau too
+    assert any(p.parent.name == "small" for p in paths)
+    for path in paths:
         cfg = load_config(path)
         assert all(cfg.stage_model(i) for i in range(len(cfg.stages))), path
 

@@ -406,3 +406,35 @@ def test_an_hf_config_our_model_cannot_take_is_one_line_naming_the_field(tmp_pat
         model_config_from_hf(tmp_path)
     assert "invalid model config" in str(err.value) and "divisible" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("size", sorted(PRE_LN_SIZES))
+def test_pre_ln_export_reads_back_through_load_model_tensor_for_tensor(tmp_path, size):
+    """export_hf -> RobertaPreLayerNorm dir -> training.model_io.load_model (what evaluate and init_from_hf use):
+    the same config, every tensor equal (positions back at row p), the same logits; a Post-LN model refuses it."""
+    from training.model_io import load_model
+
+    cfg = ModelConfig(**PRE_LN_SIZES[size], norm="pre", dropout=0.0, attention_dropout=0.0)
+    ours = random_pre_ln_model(cfg, seed=21)
+    write_tokenizer(tmp_path / "tok", cfg.vocab_size, cfg.pad_token_id)
+    export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tmp_path / "tok")
+
+    loaded = load_model(tmp_path / "out")
+    got_cfg = loaded.cfg
+    assert (got_cfg.norm, got_cfg.max_position, got_cfg.pad_token_id, got_cfg.type_vocab_size, got_cfg.num_layers) == (
+        "pre", cfg.max_position, cfg.pad_token_id, cfg.type_vocab_size, cfg.num_layers)
+    back = dict(loaded.model.named_parameters())
+    for name, p in ours.named_parameters():
+        if name.startswith(("bert.pooler.", "cls.seq_relationship.")):
+            continue  # not exported (RoBERTa's MLM class has no NSP head)
+        assert torch.equal(back[name], p), name
+    ids, mask, types, _, _ = random_batch(torch.Generator().manual_seed(22), cfg.vocab_size, seq=cfg.max_position,
+                                          pad=cfg.pad_token_id)
+    types = types.clamp(max=cfg.type_vocab_size - 1)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids, attention_mask=mask, token_type_ids=types)["logits"],
+                           ours.eval()(ids, attention_mask=mask, token_type_ids=types)["logits"])
+
+    post = BertForPreTraining(cfg.model_copy(update={"norm": "post"}))
+    with pytest.raises(UserError, match="Pre-LN RobertaPreLayerNorm checkpoint cannot load into a model.norm: post"):
+        load_hf_weights(post, tmp_path / "out")

@@ -74,6 +74,7 @@ _PRE_LN_RENAMES = (
     (r"^cls\.predictions\.transform\.LayerNorm\.", "lm_head.layer_norm."),
     (r"^cls\.predictions\.bias$", "lm_head.bias"),
 )
+PRE_LN_TYPE = "roberta-prelayernorm"  # transformers' model_type of RobertaPreLayerNormForMaskedLM
 _PRE_LN_DROPPED = ("bert.pooler.", "cls.seq_relationship.")  # no NSP head in RobertaPreLayerNormForMaskedLM
 PRE_LN_POSITIONS = "roberta_prelayernorm.embeddings.position_embeddings.weight"
 
@@ -85,8 +86,10 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
     if not path.is_file():
         raise UserError(f"{path} not found: expected a Hugging Face model directory")
     hf = json.loads(path.read_text())
-    if hf.get("model_type", "bert") != "bert":
-        raise UserError(f"{path}: model_type {hf.get('model_type')!r} is not 'bert'")
+    model_type = hf.get("model_type", "bert")
+    if model_type not in ("bert", PRE_LN_TYPE):
+        raise UserError(f"{path}: model_type {model_type!r} is neither 'bert' nor {PRE_LN_TYPE!r}")
+    pre = model_type == PRE_LN_TYPE
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         raise UserError(f"{path}: hidden_act {act!r} is not supported (only exact 'gelu')")
@@ -98,9 +101,11 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         ffn_size=hf["intermediate_size"],
-        max_position=hf.get("max_position_embeddings", 512),
+        # RoBERTa numbers real positions from pad_token_id + 1 (see _pre_ln_tensors): the rows before are not ours.
+        max_position=hf.get("max_position_embeddings", 512) - ((hf.get("pad_token_id") or 0) + 1 if pre else 0),
         type_vocab_size=hf.get("type_vocab_size", 2),
         pad_token_id=hf.get("pad_token_id") or 0,
+        norm="pre" if pre else "post",
         dropout=hf.get("hidden_dropout_prob", 0.1),
         attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
@@ -157,6 +162,42 @@ def _normalise_keys(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+_PRE_LN_PREFIX = "roberta_prelayernorm."
+# The inverse of _PRE_LN_RENAMES: RobertaPreLayerNormForMaskedLM's names -> ours, first matching pattern wins.
+_PRE_LN_IMPORTS = (
+    (r"^roberta_prelayernorm\.encoder\.layer\.(\d+)\.attention\.LayerNorm\.",
+     r"bert.encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^roberta_prelayernorm\.encoder\.layer\.(\d+)\.intermediate\.LayerNorm\.",
+     r"bert.encoder.layer.\1.output.LayerNorm."),
+    (r"^roberta_prelayernorm\.LayerNorm\.", "bert.encoder.final_layer_norm."),
+    (r"^roberta_prelayernorm\.(embeddings|encoder)\.", r"bert.\1."),
+    (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
+    (r"^lm_head\.layer_norm\.", "cls.predictions.transform.LayerNorm."),
+    (r"^lm_head\.bias$", "cls.predictions.bias"),
+)
+_PRE_LN_TIED = ("lm_head.decoder.weight", "lm_head.decoder.bias")  # the word embeddings and lm_head.bias again
+
+
+def _from_pre_ln(raw: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A RobertaPreLayerNorm(ForMaskedLM) checkpoint under our names (what export_hf wrote, read back): position
+    row pad_token_id + 1 + p becomes our row p; names with no counterpart pass through for the caller's checks."""
+    out = {}
+    for name, tensor in raw.items():
+        if name in _PRE_LN_TIED:
+            continue
+        for pattern, replacement in _PRE_LN_IMPORTS:
+            ours, hits = re.subn(pattern, replacement, name)
+            if hits:
+                break
+        else:
+            ours = name  # e.g. a classification head: reported as unexpected, as for a BERT checkpoint
+        out[ours] = tensor
+    positions = "bert.embeddings.position_embeddings.weight"
+    if positions in out:
+        out[positions] = out[positions][cfg.pad_token_id + 1:]
+    return out
+
+
 def _low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-r approximation W ~ V U (truncated SVD, singular values split evenly), so a
     full-rank checkpoint can initialise a CoRe low-rank FFN. Returns (U [r, in], V [out, r])."""
@@ -190,10 +231,12 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
     ignored. Full-rank FFN weights are SVD-factorised into a low-rank model (cfg.ffn_rank).
     """
     hf_dir = Path(hf_dir)
-    if model.cfg.norm == "pre":
-        raise UserError("HF BERT checkpoints are Post-LN; loading one into a model.norm: pre model is "
-                        "not supported")
-    state = _normalise_keys(_read_checkpoint(hf_dir))
+    raw = _read_checkpoint(hf_dir)
+    pre = any(k.startswith(_PRE_LN_PREFIX) for k in raw)
+    if pre != (model.cfg.norm == "pre"):
+        kind = "a Pre-LN RobertaPreLayerNorm" if pre else "a Post-LN BERT"
+        raise UserError(f"{hf_dir}: {kind} checkpoint cannot load into a model.norm: {model.cfg.norm} model")
+    state = _from_pre_ln(raw, model.cfg) if pre else _normalise_keys(raw)
     if model.cfg.ffn_rank is not None:
         _factorise_ffn(state, model)
 
