@@ -196,3 +196,33 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, job, t
         ref = tmp_path / "uninterrupted"
         run([sys.executable, "-m", job.module, *job.args(ref, 2 * MICRO)[:-2]])  # without --step-sleep
         assert final_loss(out) == pytest.approx(final_loss(ref), rel=1e-5)
+
+
+def test_slurm_glue_sweep_sbatch(slurm_cluster, tmp_path):  # noqa: F811
+    """slurm/glue_sweep.sbatch as an array job, with local tasks standing in for GLUE (which needs the hub): one
+    array task per entry of TASKS, each its own OUT/<task>; an index past TASKS is one error line, exit 2."""
+    from tests.test_finetune import export_tiny, genre_corpora, write_genre_task, write_rows
+
+    corpora = genre_corpora()
+    model = export_tiny(tmp_path / "model", corpora["wiki"][0][:300] + corpora["news"][0][:300], "post")
+    train, held = write_genre_task(tmp_path, 40, 10)
+    rows = [{"text": a, "text_pair": b, "label": i % 2}
+            for i, (a, b) in enumerate(zip(corpora["wiki"][0][:40], corpora["news"][0][:40]))]
+    pairs = write_rows(tmp_path / "pairs.csv", rows, fields=("text", "text_pair", "label"))
+    out = tmp_path / "sweep"
+    env = clean_env(MODEL=str(model), TASKS=f"csv:{train},{held} {pairs}", OUT=str(out), SEEDS="0 1",
+                    BATCH_SIZE="8", EXTRA_ARGS="--max-steps 2", PROJECT_DIR=str(REPO), HF_HUB_OFFLINE="1",
+                    TOKENIZERS_PARALLELISM="false")
+    job_id = slurm_cluster.submit(REPO / "slurm" / "glue_sweep.sbatch", "--array=0-2",
+                                  f"--output={tmp_path}/job-%A_%a.out", env=env, cwd=REPO)
+    infos = [slurm_cluster.wait(f"{job_id}_{i}", timeout_s=600) for i in range(3)]
+    logs = [(tmp_path / f"job-{job_id}_{i}.out").read_text() for i in range(3)]
+    for info, log in zip(infos[:2], logs):
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-6000:]
+    genre = json.loads((out / "genre" / "results.json").read_text())
+    assert genre["complete"] and set(genre["tasks"]["genre"]["seeds"]) == {"0", "1"}
+    assert set(json.loads((out / "pairs" / "results.json").read_text())["tasks"]) == {"pairs"}
+    assert "python -m training.finetune" in logs[0] and "--seed 0 1" in logs[0]
+    assert (infos[2]["JobState"], infos[2]["ExitCode"]) == ("FAILED", "2:0"), logs[2]
+    errors = [line for line in logs[2].splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "array index 2" in errors[0], logs[2]
