@@ -69,26 +69,6 @@ def test_a_fused_or_linear_attention_stage_refuses_the_bias(tmp_path, tiny_data)
         tiny_config(tmp_path, tiny_data, yaml_text="stages:\n  - {name: a, steps: 2, locality_bias: {start: -1}}\n")
 
 
-def test_the_strength_falls_linearly_over_its_stage_and_evaluation_never_gets_it(tmp_path, tiny_data, dist_single):
-    text = ("stages:\n  - {name: local, steps: 4, locality_bias: {start: 2.0, end: 0.0}}\n"
-            "  - {name: plain, steps: 2}\n")
-    runner = make_runner(tiny_config(tmp_path, tiny_data, ["run.eval_every=2"], yaml_text=text))
-    seen, forward = [], BertForPreTraining.forward
-
-    def spy(module, *args, locality=0.0, **kwargs):
-        seen.append((module.training, locality))
-        return forward(module, *args, locality=locality, **kwargs)
-
-    BertForPreTraining.forward = spy
-    try:
-        runner.run()
-    finally:
-        BertForPreTraining.forward = forward
-    train = [s for training, s in seen if training]
-    assert train == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
-    assert {s for training, s in seen if not training} == {0.0}  # every eval scores the plain model
-
-
 def _train_strengths(runner) -> list[float]:
     seen, forward = [], BertForPreTraining.forward
 
@@ -101,8 +81,15 @@ def _train_strengths(runner) -> list[float]:
         runner.run()
     finally:
         BertForPreTraining.forward = forward
-    assert {s for training, s in seen if not training} == {0.0}
+    assert {s for training, s in seen if not training} == {0.0}  # every eval scores the plain model
     return [s for training, s in seen if training]
+
+
+def test_the_strength_falls_linearly_over_its_stage_and_evaluation_never_gets_it(tmp_path, tiny_data, dist_single):
+    text = ("stages:\n  - {name: local, steps: 4, locality_bias: {start: 2.0, end: 0.0}}\n"
+            "  - {name: plain, steps: 2}\n")
+    runner = make_runner(tiny_config(tmp_path, tiny_data, ["run.eval_every=2"], yaml_text=text))
+    assert _train_strengths(runner) == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]  # (and every eval scores the plain model)
 
 
 def test_the_runs_schedule_falls_by_global_step_across_a_stack_growth(tmp_path, tiny_data, dist_single):
