@@ -106,6 +106,23 @@ def test_compare_runs_speedup_and_not_reached(tmp_path):
     assert slow["final_loss"] == 6.0 and slow["final_acc"] == 0.15
 
 
+def test_each_stage_reports_its_tokens_per_second_and_token_weighted_mfu(tmp_path):
+    """Stage speed: its tokens over its seconds (from the previous stage's end), MFU weighted by each line's tokens."""
+    lines = [{"kind": "train", "step": 1, "stage": "small", "tokens": 100, "wall_s": 1.0, "mfu": 0.2},
+             {"kind": "train", "step": 2, "stage": "small", "tokens": 400, "wall_s": 2.0, "mfu": 0.4},
+             {"kind": "train", "step": 3, "stage": "big", "tokens": 500, "wall_s": 4.0, "mfu": 0.1},
+             {"kind": "eval", "step": 3, "stage": "big", "tokens": 500, "heldout_loss": 5.0, "wall_s": 4.1}]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    small, big = R.summarise_run("run", "run.yaml", tmp_path / "run").stages
+    assert small["tokens_per_s"] == pytest.approx(400 / 2.0) and big["tokens_per_s"] == pytest.approx(100 / 2.0)
+    assert small["mfu"] == pytest.approx((100 * 0.2 + 300 * 0.4) / 400) and big["mfu"] == pytest.approx(0.1)
+    assert (small["start_step"], small["end_step"], big["start_step"], big["end_step"]) == (1, 2, 3, 3)
+    report = R.compare_runs([R.summarise_run("run", "run.yaml", tmp_path / "run")])
+    R.write_markdown(report, tmp_path / "report.md")
+    assert "big (steps 3-3, ends 4.0 s, 50.0 tok/s, MFU 10.0%)" in (tmp_path / "report.md").read_text()
+
+
 def test_only_the_final_stage_counts_towards_the_target(tmp_path):
     """A relaxed/smaller model that reaches the loss early (CoRe's linear-attention stage) is not the model the
     run delivers: the crossing is taken from the final stage's evals only (stages from config.resolved.json)."""

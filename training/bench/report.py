@@ -187,15 +187,30 @@ class RunSummary:
 
 
 def _stages(train: Sequence[dict]) -> list[dict]:
+    """Each stage's steps, end (seconds, tokens) and speed: tokens/s over the stage (its tokens / its seconds,
+    the transition into it included) and MFU, the token-weighted mean of its train lines' `mfu` (each line's
+    window at the FLOPs it computed: frozen layers forward-only, dropped layers by keep probability)."""
     stages: list[dict] = []
+    prev_tokens, prev_wall = 0, 0.0
     for r in train:
         name = r.get("stage", "main")
         if not stages or stages[-1]["name"] != name:
             start = stages[-1]["end_step"] + 1 if stages else 1  # the runner logs every stage's last step
-            stages.append({"name": name, "start_step": start, "end_step": r["step"], "end_wall_s": r.get("wall_s"),
-                           "end_tokens": r.get("tokens")})
-        else:
-            stages[-1].update(end_step=r["step"], end_wall_s=r.get("wall_s"), end_tokens=r.get("tokens"))
+            stages.append({"name": name, "start_step": start, "start_tokens": prev_tokens, "start_wall_s": prev_wall,
+                           "_mfu_tokens": 0.0, "_mfu_sum": 0.0})
+        st = stages[-1]
+        st.update(end_step=r["step"], end_wall_s=r.get("wall_s"), end_tokens=r.get("tokens"))
+        window = (r.get("tokens") or 0) - prev_tokens
+        if r.get("mfu") is not None and window > 0:
+            st["_mfu_tokens"] += window
+            st["_mfu_sum"] += window * r["mfu"]
+        prev_tokens, prev_wall = r.get("tokens") or prev_tokens, r.get("wall_s") or prev_wall
+    for st in stages:
+        mfu_tokens, mfu_sum = st.pop("_mfu_tokens"), st.pop("_mfu_sum")
+        st["mfu"] = mfu_sum / mfu_tokens if mfu_tokens else None
+        seconds = (st["end_wall_s"] or 0) - st["start_wall_s"]
+        tokens = (st["end_tokens"] or 0) - st["start_tokens"]
+        st["tokens_per_s"] = tokens / seconds if seconds > 0 and tokens > 0 else None
     return stages
 
 
@@ -320,6 +335,10 @@ def _fmt(x, kind: str = "g") -> str:
     return f"{x:.4f}"
 
 
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
 def unigram_reference(report: dict) -> Optional[float]:
     """The unigram table's loss on the fixed held-out positions (the baseline's, else any run's)."""
     runs = sorted(report["runs"], key=lambda r: r["name"] != report["baseline"])
@@ -362,12 +381,14 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
             FLOPS_COUNTING, ""]
     stage_lines = []
     for r in report["runs"]:
-        if len(r["stages"]) > 1:
-            parts = ", ".join(f"{s['name']} (steps {s['start_step']}-{s['end_step']}, ends "
-                              f"{_fmt(s['end_wall_s'], 's')} s)" for s in r["stages"])
+        parts = ", ".join(f"{s['name']} (steps {s['start_step']}-{s['end_step']}, ends {_fmt(s['end_wall_s'], 's')} s, "
+                          f"{_fmt(s.get('tokens_per_s'), 's')} tok/s, MFU {_pct(s.get('mfu'))})" for s in r["stages"])
+        if parts:
             stage_lines.append(f"- {r['name']}: {parts}")
     if stage_lines:
-        text += ["Stages:", *stage_lines, ""]
+        text += ["Stages: tokens/s is the stage's tokens over its seconds, its entry transition included; MFU the "
+                 "corrected FLOPs per second over the run's peak, token-weighted over the stage.",
+                 *stage_lines, ""]
     notes = report.get("notes") or []
     if notes:
         text += ["Notes:", *[f"- {n}" for n in notes], ""]
