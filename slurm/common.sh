@@ -3,6 +3,7 @@
 # Settings read here (environment variables):
 #   PROJECT_DIR  repository root (default: the directory sbatch was called from)
 #   VENV         virtualenv to activate (default: $PROJECT_DIR/.venv when it exists)
+#   SOCKET_IFNAME, GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME: network interface of the ranks (set_socket_ifname)
 #   NODES, GPUS_PER_NODE, NTASKS_PER_NODE, CPUS_PER_TASK, TIME, PARTITION, ACCOUNT, SBATCH_ARGS:
 #                used only when a script is started with `bash script.sbatch` (self-submission).
 
@@ -49,6 +50,19 @@ set_rendezvous() {
     MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')}
     MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
     export MASTER_ADDR MASTER_PORT
+}
+
+# Network interface of the ranks' traffic. Gloo (CPU) and NCCL's bootstrap (GPU) otherwise bind to
+# whatever the host name resolves to, which on many clusters is a management network that the other
+# nodes cannot reach (or a slow one). SOCKET_IFNAME=ib0 sets both GLOO_SOCKET_IFNAME and
+# NCCL_SOCKET_IFNAME unless they are already set; sbatch exports the environment into the job and srun
+# into every task, so they reach every node. Prints what the job will use.
+set_socket_ifname() {
+    if [[ -n "${SOCKET_IFNAME:-}" ]]; then
+        export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}
+        export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
+    fi
+    IFNAMES="GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-<host name>} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-<auto>}"
 }
 
 # Run a command in the background and forward USR1/TERM to it, so that `--signal=B:USR1@120`

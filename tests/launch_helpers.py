@@ -175,6 +175,7 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self.client: list[str] = []  # prefix of client commands (sbatch, scontrol...): where they run
 
     def _write_conf(self) -> None:
         for d in ("state", "spool", "munge", "log"):
@@ -231,20 +232,23 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self._spawn(["slurmd", "-D", "-f", str(self.conf)])
 
         def idle() -> bool:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True, text=True)
-            return out.returncode == 0 and out.stdout.strip() in ("idle", "mix")
+            out = subprocess.run([*self.client, "sinfo", "-h", "-N", "-o", "%t"], env=self.env, capture_output=True,
+                                 text=True)
+            return out.returncode == 0 and bool(out.stdout.split()) and set(out.stdout.split()) <= {"idle", "mix"}
 
         self._wait(idle, timeout_s, "the Slurm node did not become idle")
         return self
 
-    def _spawn(self, cmd: list[str]) -> None:
-        log = open(self.root / "log" / f"{cmd[0]}.out", "w")
-        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+    def _spawn(self, cmd: list[str], prefix: tuple = (), name: str = "") -> None:
+        log = open(self.root / "log" / f"{name or cmd[0]}.out", "w")
+        proc = subprocess.Popen([*prefix, *cmd], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        proc.name = name or cmd[0]
+        self.procs.append(proc)
 
     def _wait(self, ok, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
         while not ok():
-            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            dead = [p.name for p in self.procs if p.poll() is not None]
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"{what} (exited: {dead}); logs in {self.root / 'log'}:\n{self.logs()}")
             time.sleep(0.5)
@@ -254,14 +258,14 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
     def submit(self, script, *args: str, env: Optional[dict] = None, cwd=None) -> str:
         """sbatch a script (extra sbatch flags in args); returns the job id."""
-        proc = subprocess.run(["sbatch", "--parsable", *args, str(script)], env={**self.env, **(env or {})},
-                              capture_output=True, text=True, timeout=60, cwd=cwd)
+        proc = subprocess.run([*self.client, "sbatch", "--parsable", *args, str(script)],
+                              env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60, cwd=cwd)
         if proc.returncode != 0:
             raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr}")
         return proc.stdout.strip().split(";")[0]
 
     def job_info(self, job_id: str) -> dict:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True,
+        out = subprocess.run([*self.client, "scontrol", "show", "job", "-o", job_id], env=self.env, capture_output=True,
                              text=True).stdout
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
@@ -274,7 +278,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                                         "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"):
                 return info
             time.sleep(0.5)
-        subprocess.run(["scancel", job_id], env=self.env)
+        subprocess.run([*self.client, "scancel", job_id], env=self.env)
         raise TimeoutError(f"job {job_id} still {self.job_info(job_id).get('JobState')} after {timeout_s}s")
 
     def sbatch(self, script, *args: str, env: Optional[dict] = None, timeout_s: float = 300, cwd=None) -> dict:
@@ -283,14 +287,15 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
 
     def stop(self) -> None:
         # Jobs of this cluster still running (a failed test) would outlive slurmd in their slurmstepd.
-        if any(p.args[0] == "slurmctld" and p.poll() is None for p in self.procs):
-            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True,
-                                  timeout=30).stdout.split()
+        if any(p.name == "slurmctld" and p.poll() is None for p in self.procs):
+            jobs = subprocess.run([*self.client, "squeue", "-h", "-o", "%i"], env=self.env, capture_output=True,
+                                  text=True, timeout=30).stdout.split()
             if jobs:
-                subprocess.run(["scancel", *jobs], env=self.env, capture_output=True, timeout=30)
+                subprocess.run([*self.client, "scancel", *jobs], env=self.env, capture_output=True, timeout=30)
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline and subprocess.run(
-                        ["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True).stdout.strip():
+                        [*self.client, "squeue", "-h", "-o", "%i"], env=self.env, capture_output=True,
+                        text=True).stdout.strip():
                     time.sleep(0.5)
         for p in reversed(self.procs):  # slurmd, slurmctld, munged: only the processes we started
             if p.poll() is None:
