@@ -14,7 +14,7 @@ from tests.test_reliability_support import (REPO, RESUME_CONFIGS, SIGKILL, SIGTE
                                             assert_bit_identical, env, metrics, model_state, reference_run,
                                             run_pretrain, start_and_signal, tiny_data, total_steps, tree_digest,
                                             write_config)
-from training.engine import faults
+from training.engine import faults, recovery
 
 BASE_ID, BASE = RESUME_CONFIGS[0]
 TOTAL = total_steps(BASE)
@@ -146,12 +146,12 @@ def test_recovery_restores_once_per_checkpoint_then_stops(tmp_path):
     (tmp_path / "step00000004").mkdir()
     (tmp_path / "latest").write_text("step00000004")
     runner = _FakeRunner(tmp_path, 1)
-    assert faults.run_with_recovery(runner) == "done" and runner.resumed == ["step00000004"]
+    assert recovery.run_with_recovery(runner) == "done" and runner.resumed == ["step00000004"]
     runner = _FakeRunner(tmp_path, 2)  # the fault came back after restoring: deterministic, stop
     with pytest.raises(faults.NumericalFault, match="already restored step00000004"):
-        faults.run_with_recovery(runner)
+        recovery.run_with_recovery(runner)
     with pytest.raises(faults.NumericalFault, match="no checkpoint to restore"):
-        faults.run_with_recovery(_FakeRunner(tmp_path / "none", 1))
+        recovery.run_with_recovery(_FakeRunner(tmp_path / "none", 1))
 
 
 @pytest.fixture

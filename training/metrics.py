@@ -28,11 +28,6 @@ class MetricsWriter:
             self.monitor.write_events(events)
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
     """A square matmul's best rate of `repeats` trials on this device and dtype: the MFU denominator when
     run.peak_tflops is unset. The best, not the mean, so a stall during one trial does not lower the peak

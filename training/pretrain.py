@@ -31,6 +31,7 @@ from training.engine import checkpoint  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 from training.metrics import measure_peak_tflops  # noqa: E402
+from training.run_setup import build_initial_model, check_seq_len, load_data, resolve_model  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
 
@@ -196,63 +197,6 @@ def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
     return items
 
 
-def check_seq_len(cfg: RunConfig, data_seq_len: int, data_dir: str) -> None:
-    """Every stage's sequences must fit the model's position table (else an index error deep in forward)."""
-    for i, stage in enumerate(cfg.stages):
-        seq_len = stage.seq_len or data_seq_len
-        max_position = cfg.stage_model(i).max_position
-        if seq_len > max_position:
-            where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
-            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
-                            "model.max_position or prepare the data with a shorter --seq-len")
-
-
-def resolve_model(cfg: RunConfig, vocab_size: int) -> None:
-    """Settle the model's shape before planning: from an HF checkpoint if asked; check the vocabulary.
-    An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the export keeps it."""
-    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
-
-    if cfg.model.init_from_hf:
-        hf_shape = model_config_from_hf(cfg.model.init_from_hf)
-        shape = hf_shape.model_dump(exclude={"attention", "norm", "dropout", "attention_dropout", "nsp",
-                                             "init_from_hf", "carry_pooler"})
-        if not cfg.model.nsp and checkpoint_has_pooler(cfg.model.init_from_hf):
-            shape["carry_pooler"] = True
-        cfg.model = cfg.model.model_copy(update=shape)
-    if cfg.model.vocab_size != vocab_size:
-        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of data.dir={cfg.data.dir} "
-                        f"has {vocab_size} tokens; set model.vocab_size={vocab_size} or prepare the data with "
-                        "the model's tokenizer")
-
-
-def build_initial_model(cfg: RunConfig) -> torch.nn.Module:
-    """The first stage's model, from scratch or from `model.init_from_hf`."""
-    from training.model.bert import BertForPreTraining
-    from training.model.hf import load_hf_weights
-
-    model_cfg = cfg.stage_model(0)
-    model = BertForPreTraining(model_cfg)
-    if model_cfg.init_from_hf:
-        missing = load_hf_weights(model, model_cfg.init_from_hf)
-        log.info("initialised from %s (left at init: %s)", model_cfg.init_from_hf, missing or "none")
-    return model
-
-
-def load_data(cfg: RunConfig):
-    from training.data.loader import PretrainingData
-
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "stats.json").is_file():
-        raise UserError(f"data.dir={data_dir} holds no prepared data; run `python -m training.data prepare "
-                        f"--out {data_dir} ...` (or `make data`) first")
-    data = PretrainingData(data_dir, mlm_probability=cfg.data.mlm_probability,
-                           whole_word=cfg.data.whole_word_mask, nsp=cfg.model.nsp)
-    if data.num_heldout_rows == 0:  # every run evaluates (at least at its end): refuse now, not after training
-        raise UserError(f"data.dir={data_dir}: the held-out split has no rows, so the run's held-out evaluation has "
-                        "nothing to score; prepare the data with --heldout-fraction > 0 (and enough documents)")
-    return data
-
-
 def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
     from training.model.hf import export_hf
 
@@ -400,7 +344,8 @@ def _after_first_step(runner, callback) -> None:
 def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
     """Run the stages; report where the results are. Returns the process exit code."""
     from training.dist import EXIT_REQUEUE
-    from training.engine.faults import EXIT_NUMERICAL, NumericalFault, run_with_recovery
+    from training.engine.faults import EXIT_NUMERICAL, NumericalFault
+    from training.engine.recovery import run_with_recovery
 
     try:
         state = run_with_recovery(runner)

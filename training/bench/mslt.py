@@ -363,7 +363,7 @@ def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: 
 def measure(args, rank: int, world: int) -> Optional[dict]:
     from training.bench.throughput import MemoryProbe, machine_info
     from training.config import load_config
-    from training.pretrain import load_data, resolve_model
+    from training.run_setup import load_data, resolve_model
 
     overrides = list(args.set) + ["deepspeed.tensorboard=false"]
     cfg = load_config(args.config, overrides)

@@ -322,7 +322,7 @@ def run(args) -> dict:
     from training.engine.build import build_engine, compute_dtype
     from training.model.flops import count_parameters, flops_per_token
     from training.model.bert import BertForPreTraining
-    from training.pretrain import load_data, resolve_model
+    from training.run_setup import load_data, resolve_model
 
     overrides = list(args.set) + ["deepspeed.tensorboard=false"]
     cfg = load_config(args.config, overrides)

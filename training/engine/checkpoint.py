@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.engine import faults, inject
 from training.errors import UserError
 from training.model.config import ModelConfig
 
@@ -63,11 +64,10 @@ class CorruptCheckpoint(UserError):
     """A checkpoint of this trainer whose files do not match its manifest (missing, truncated, altered)."""
 
 # Fields of the model config that decide tensor shapes: a checkpoint is only loadable if these agree.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position",
-                "type_vocab_size", "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank", "slimming")
+SHAPE_FIELDS = ModelConfig.SHAPE_FIELDS
 # Of these, the ones a stage hook may resolve at run time (EarlyBERT's prune): a config that leaves them unset
 # (None) accepts whatever the checkpoint holds; resume then builds the model from the checkpoint's meta.json.
-RESOLVED_AT_RUN_TIME = ("heads_per_layer", "ffn_per_layer")
+RESOLVED_AT_RUN_TIME = ModelConfig.PER_LAYER_FIELDS
 
 
 @dataclass
@@ -187,7 +187,6 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
          run_info: Optional[dict] = None) -> Path:
     """Write the checkpoint of `state` atomically (see the module doc). Collective: call on every rank.
     `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`."""
-    from training.engine import faults
 
     tag = tag_for(state)
     final, tmp_tag = ckpt_dir / tag, tag + TMP_SUFFIX
@@ -207,7 +206,7 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
         torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
         engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state={"train_state": asdict(state)},
                                save_latest=False)
-        faults.injector(rank).in_save(state.step)  # debug hook: die (or fail) half-way through a save
+        inject.injector(rank).in_save(state.step)  # debug hook: die (or fail) half-way through a save
         _barrier()  # every rank's files are on disk
         if rank == 0:
             files = _manifest(tmp)

@@ -1,7 +1,7 @@
 """The model's shape and variant: a typed, validated config (unknown keys are errors)."""
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WrapValidator, model_validator
 from pydantic_core import PydanticCustomError
@@ -109,6 +109,24 @@ class ModelConfig(BaseModel):
     slimming_l1: NonNegativeFloat = 1e-4  # 0: the coefficients train without the L1 pull
     # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
     init_from_hf: Optional[str] = None
+
+    # Field groups: every module that asks which fields a change may touch asks these (and diff) instead of
+    # keeping its own list.
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (  # decide the tensors' shapes: a checkpoint loads only if they agree
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position", "type_vocab_size",
+        "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank", "slimming")
+    PER_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("heads_per_layer", "ffn_per_layer")  # one entry per layer
+    REGULARISATION_FIELDS: ClassVar[tuple[str, ...]] = ("dropout", "attention_dropout")  # free between stages
+    RELAXED_FIELDS: ClassVar[tuple[str, ...]] = ("attention", "ffn_rank")  # what CoRe's relaxed model changes
+
+    def diff(self, other: "ModelConfig", ignore=()) -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ, name -> (mine, other's), in declaration order, less `ignore`."""
+        return {k: (getattr(self, k), getattr(other, k)) for k in type(self).model_fields
+                if k not in ignore and getattr(self, k) != getattr(other, k)}
+
+    def describe_diff(self, other: "ModelConfig", ignore=()) -> str:
+        """`field a -> b, ...`: the diff as error messages print it."""
+        return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.diff(other, ignore).items())
 
     @property
     def head_dim(self) -> int:

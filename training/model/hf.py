@@ -367,7 +367,7 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in model.named_parameters()}  # de-duplicated: no decoder aliases
     if cfg.slimming:  # EarlyBERT coefficients are folded into the next Linear: same function, HF names
-        from training.stages.earlybert import fold_slimming
+        from training.model.slimming import fold_slimming
         tensors = fold_slimming(tensors, cfg)
     if cfg.norm == "pre":
         tensors = _pre_ln_tensors(tensors, cfg)

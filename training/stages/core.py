@@ -35,12 +35,10 @@ import sys
 import torch
 
 from training.model.config import ModelConfig
-from training.stages.hooks import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookContext, Tensors
 
-# Everything but these must agree between the relaxed and the refined model.
-_RELAXED_FIELDS = ("attention", "ffn_rank")
-# Regularisation may change at the boundary (e.g. no dropout in the short refine phase).
-_FREE_FIELDS = ("dropout", "attention_dropout")
+# Everything but ModelConfig.RELAXED_FIELDS must agree between the relaxed and the refined model; regularisation
+# (REGULARISATION_FIELDS) may change at the boundary (e.g. no dropout in the short refine phase).
 
 
 def is_relaxed(cfg: ModelConfig) -> bool:
@@ -60,11 +58,9 @@ def _validate(old: ModelConfig, new: ModelConfig, stage) -> None:
     if is_relaxed(new):
         raise ValueError(f"the refined stage must be full-rank softmax BERT (attention {new.attention!r}, "
                          f"ffn_rank {new.ffn_rank!r}); set model.attention: sdpa and model.ffn_rank: null")
-    skip = set(_RELAXED_FIELDS) | set(_FREE_FIELDS)
-    a, b = old.model_dump(), new.model_dump()
-    diffs = [f"{k} {a[k]!r} -> {b[k]!r}" for k in a if k not in skip and a[k] != b[k]]
+    diffs = old.describe_diff(new, ignore=(*ModelConfig.RELAXED_FIELDS, *ModelConfig.REGULARISATION_FIELDS))
     if diffs:
-        raise ValueError(f"refining keeps the shape (hidden, layers, heads, ffn, ...); changed: {', '.join(diffs)}")
+        raise ValueError(f"refining keeps the shape (hidden, layers, heads, ffn, ...); changed: {diffs}")
 
 
 def _ffn_prefixes(cfg: ModelConfig) -> list[str]:

@@ -1,4 +1,4 @@
-"""Stage hooks: what happens to the model when a stage is entered.
+"""Stage hooks: what happens to the model when a stage is entered, and the list of them (HOOKS).
 
 A hook is a small record of functions, so that one transformation serves the weights and the optimizer
 moments alike. `moment` says which: 0 the weights (transfer.WEIGHTS), 1 `exp_avg`, 2 `exp_avg_sq`
@@ -16,42 +16,13 @@ where the new model's gradient of a tensor is g times the old one, exp_avg gets 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
-
-import torch
+from types import MappingProxyType
+from typing import Mapping, Optional
 
 from training.model.config import ModelConfig
-from training.stages import growth
-
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class HookContext:
-    step: int  # global step at the boundary
-    out_dir: Path
-    args: dict[str, Any] = field(default_factory=dict)  # the stage's hook_args
-
-
-def _keep_declared(old: ModelConfig, new: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
-    return new
-
-
-def _no_prepare(model: torch.nn.Module, stage) -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Hook:
-    name: str
-    validate: Callable[[ModelConfig, ModelConfig, Any], None]
-    transform: Callable[[Tensors, ModelConfig, ModelConfig, int, HookContext], Tensors]
-    resolve: Callable[[ModelConfig, ModelConfig, Tensors, HookContext], ModelConfig] = _keep_declared
-    prepare: Callable[[torch.nn.Module, Any], None] = _no_prepare
-    # Whether the stage's declared shape may equal the previous one (a freeze does not reshape).
-    reshapes: bool = True
+from training.stages import core, earlybert, growth, mslt
+# The protocol, named here too for callers that get hooks from this module.
+from training.stages.protocol import Hook, HookContext, Tensors  # noqa: F401
 
 
 def _growth_hook(name: str, kinds) -> Hook:
@@ -80,8 +51,7 @@ def _grow_seq_transform(tensors, old, new, moment, ctx):
     return growth.grow_seq(tensors, old, new, moment=moment) if new.max_position != old.max_position else tensors
 
 
-def registry() -> dict[str, Hook]:
-    """Every hook a stage may name. Built on call (no module-level mutable state)."""
+def _registry() -> dict[str, Hook]:
     hooks = [
         _growth_hook("stack", "stack"),
         _growth_hook("grow_ffn", "ffn"),
@@ -89,29 +59,19 @@ def registry() -> dict[str, Hook]:
         _growth_hook("grow_width", ["hidden", "ffn"]),
         _growth_hook("compound", "compound"),
         Hook("grow_seq", _grow_seq_validate, _grow_seq_transform, reshapes=False),
+        *mslt.HOOKS, *core.HOOKS, *earlybert.HOOKS,
     ]
-    hooks += _method_hooks()
     return {h.name: h for h in hooks}
 
 
-def _method_hooks() -> list[Hook]:
-    """Hooks of the methods that live in their own modules (MSLT, CoRe, EarlyBERT)."""
-    found = []
-    for module_name in ("training.stages.mslt", "training.stages.core", "training.stages.earlybert"):
-        try:
-            module = __import__(module_name, fromlist=["HOOKS"])
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue
-        found += list(module.HOOKS)
-    return found
+# Every hook a stage may name, listed once, read-only (Hook records are frozen). A new method: a module with
+# its HOOKS, one import and one entry above.
+HOOKS: Mapping[str, Hook] = MappingProxyType(_registry())
 
 
 def get_hook(name: Optional[str]) -> Optional[Hook]:
     if name is None:
         return None
-    hooks = registry()
-    if name not in hooks:
-        raise ValueError(f"unknown stage hook '{name}' (known: {', '.join(sorted(hooks))})")
-    return hooks[name]
+    if name not in HOOKS:
+        raise ValueError(f"unknown stage hook '{name}' (known: {', '.join(sorted(HOOKS))})")
+    return HOOKS[name]

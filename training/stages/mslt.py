@@ -53,7 +53,7 @@ from typing import Any, Optional
 import torch
 
 from training.model.config import ModelConfig
-from training.stages.hooks import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookContext, Tensors
 
 _LAYER = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..+)$")
 # Parameters outside the encoder layers that stay trainable in a frozen stage.
@@ -61,7 +61,7 @@ _HEAD_TRAINABLE = re.compile(r"^(cls\.predictions\.transform\.|cls\.predictions\
                              r"bert\.pooler\.|bert\.encoder\.final_layer_norm\.)")
 _EMBEDDINGS = re.compile(r"^bert\.embeddings\.")
 _ARGS = {"train_top": int, "freeze_embeddings": bool}
-_PER_LAYER = ("heads_per_layer", "ffn_per_layer")
+_PER_LAYER = ModelConfig.PER_LAYER_FIELDS
 DEFAULT_JOINT_FRACTION = 0.1
 
 
@@ -80,12 +80,8 @@ def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
     if k > old.num_layers:
         raise ValueError(f"MSLT copies the current top k layers: k = {k} new layers needs k <= the previous "
                          f"stage's {old.num_layers} layers")
-    for field in ModelConfig.model_fields:
-        if field in ("num_layers", *_PER_LAYER):
-            continue
-        if getattr(old, field) != getattr(new, field):
-            raise ValueError(f"MSLT changes only model.num_layers, not model.{field} "
-                             f"({getattr(old, field)!r} -> {getattr(new, field)!r})")
+    for field, (before, after) in old.diff(new, ignore=("num_layers", *_PER_LAYER)).items():
+        raise ValueError(f"MSLT changes only model.num_layers, not model.{field} ({before!r} -> {after!r})")
     for field in _PER_LAYER:
         before = getattr(old, field)
         expected = None if before is None else before + before[-k:]

@@ -20,7 +20,7 @@ from training.config import RunConfig
 from training.errors import UserError
 from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr
-from training.engine import faults
+from training.engine import faults, inject
 from training.engine.checkpoint import TrainState
 from training.engine.schedule import lr_at, staged_segments
 from training.metrics import MetricsWriter
@@ -65,17 +65,13 @@ def _all_reduce(values: list[float], op=None) -> list[float]:
     return t.tolist()
 
 
-def _all_reduce_sum(values: list[float]) -> list[float]:
-    return _all_reduce(values)
-
-
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class StageRunner:
     def __init__(self, cfg: RunConfig, data, out_dir: Path, rank: int, world_size: int, device: torch.device,
-                 peak_tflops: float, model_factory=BertForPreTraining):
+                 peak_tflops: float):
         self.cfg = cfg
         self.data = data
         self.out_dir = out_dir
@@ -84,7 +80,6 @@ class StageRunner:
         self.world_size = world_size
         self.device = device
         self.peak_tflops = peak_tflops
-        self.model_factory = model_factory
         self.model: Optional[torch.nn.Module] = None
         self.model_cfg: Optional[ModelConfig] = None  # the current stage's model (after hooks resolved it)
         self.engine = None
@@ -156,7 +151,7 @@ class StageRunner:
         if hook is not None:
             hook.prepare(self.model, stage)  # e.g. freeze: must happen before the optimizer sees params
         self.model.to(self.device)
-        self.engine, self.ds_config = build_engine(self.model, self.cfg, self.world_size, self.out_dir)
+        self.engine, _ = build_engine(self.model, self.cfg, self.world_size, self.out_dir)
         if self.metrics is None:
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
                                          getattr(self.engine, "monitor", None))
@@ -188,7 +183,7 @@ class StageRunner:
         # The saved model config is the truth: a hook may have resolved per-layer sizes at run time.
         model_cfg = ModelConfig.model_validate(meta["model"])
         self.state.stage_index = stage_index
-        self.set_model(self.model_factory(model_cfg), model_cfg)
+        self.set_model(BertForPreTraining(model_cfg), model_cfg)
         self._build()
         self.state = checkpoint.load(self.engine, self.ckpt_dir, tag)
         self.plan = self._make_plan()  # as configured, then the actual start of the current stage
@@ -217,7 +212,7 @@ class StageRunner:
         del self.engine
         self.engine = None
         gc.collect()
-        model = self.model_factory(new_cfg)
+        model = BertForPreTraining(new_cfg)
         model.load_state_dict(weights)
         self.set_model(model, new_cfg)
         self.state.stage_index = index
@@ -260,11 +255,11 @@ class StageRunner:
         """
         counts = [float((b["labels"] != -100).sum()) for b in micro_batches]
         samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
-        global_count, global_samples = _all_reduce_sum([sum(counts), samples])
+        global_count, global_samples = _all_reduce([sum(counts), samples])
         scale = self.world_size * len(micro_batches)
         fp16 = self.cfg.train.precision == "fp16"
-        inject = faults.injector(self.rank)
-        nan_factor = inject.loss_factor(self.state.step + 1)
+        injector = inject.injector(self.rank)
+        nan_factor = injector.loss_factor(self.state.step + 1)
         losses, penalties = [], []
         for i, batch in enumerate(micro_batches):
             out = self.engine(**_to_device(batch, self.device), **forward_kwargs)
@@ -281,7 +276,7 @@ class StageRunner:
             if i < len(micro_batches) - 1:
                 self.engine.step()
         if nan_factor is not None:
-            inject.fired(self.state.step + 1)
+            injector.fired(self.state.step + 1)
         loss_t = torch.stack(losses).sum()
         ok = loss_t.isfinite()
         if not fp16:  # fp16 gradients are scaled; DeepSpeed checks them for overflow itself
@@ -336,7 +331,7 @@ class StageRunner:
             count += float(out["mlm_count"])
             unigram += self.data.unigram_nll(batch["labels"])
         module.train(was_training)
-        loss_sum, correct, count, unigram = _all_reduce_sum([loss_sum, correct, count, unigram])
+        loss_sum, correct, count, unigram = _all_reduce([loss_sum, correct, count, unigram])
         if count == 0:  # a loss over nothing would read as a perfect 0.000
             raise UserError(f"data.dir={self.cfg.data.dir}: the held-out evaluation has no masked token")
         loss, unigram = loss_sum / count, unigram / count
@@ -419,7 +414,7 @@ class StageRunner:
                     self._move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
                 if self.state.step % run.log_every == 0 or stage_done:
-                    loss = _all_reduce_sum([result.loss])[0]
+                    loss = _all_reduce([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
                     fpt = window_flops / max(window_tokens, 1)  # the window's token-weighted mean

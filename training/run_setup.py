@@ -1,0 +1,71 @@
+"""What every entry point does with a run config before training or measuring: load the prepared data, settle
+the model's shape (from an HF checkpoint if asked; vocabulary and sequence lengths checked), build the first
+stage's model. training.pretrain and the benchmark tools (training.bench) share it; it imports no entry script."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from training.config import RunConfig
+from training.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def check_seq_len(cfg: RunConfig, data_seq_len: int, data_dir: str) -> None:
+    """Every stage's sequences must fit the model's position table (else an index error deep in forward)."""
+    for i, stage in enumerate(cfg.stages):
+        seq_len = stage.seq_len or data_seq_len
+        max_position = cfg.stage_model(i).max_position
+        if seq_len > max_position:
+            where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
+            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
+                            "model.max_position or prepare the data with a shorter --seq-len")
+
+
+def resolve_model(cfg: RunConfig, vocab_size: int) -> None:
+    """Settle the model's shape before planning: from an HF checkpoint if asked; check the vocabulary.
+    An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the export keeps it."""
+    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
+
+    if cfg.model.init_from_hf:
+        hf_shape = model_config_from_hf(cfg.model.init_from_hf)
+        shape = hf_shape.model_dump(exclude={"attention", "norm", "dropout", "attention_dropout", "nsp",
+                                             "init_from_hf", "carry_pooler"})
+        if not cfg.model.nsp and checkpoint_has_pooler(cfg.model.init_from_hf):
+            shape["carry_pooler"] = True
+        cfg.model = cfg.model.model_copy(update=shape)
+    if cfg.model.vocab_size != vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of data.dir={cfg.data.dir} "
+                        f"has {vocab_size} tokens; set model.vocab_size={vocab_size} or prepare the data with "
+                        "the model's tokenizer")
+
+
+def build_initial_model(cfg: RunConfig) -> torch.nn.Module:
+    """The first stage's model, from scratch or from `model.init_from_hf`."""
+    from training.model.bert import BertForPreTraining
+    from training.model.hf import load_hf_weights
+
+    model_cfg = cfg.stage_model(0)
+    model = BertForPreTraining(model_cfg)
+    if model_cfg.init_from_hf:
+        missing = load_hf_weights(model, model_cfg.init_from_hf)
+        log.info("initialised from %s (left at init: %s)", model_cfg.init_from_hf, missing or "none")
+    return model
+
+
+def load_data(cfg: RunConfig):
+    from training.data.loader import PretrainingData
+
+    data_dir = Path(cfg.data.dir)
+    if not (data_dir / "stats.json").is_file():
+        raise UserError(f"data.dir={data_dir} holds no prepared data; run `python -m training.data prepare "
+                        f"--out {data_dir} ...` (or `make data`) first")
+    data = PretrainingData(data_dir, mlm_probability=cfg.data.mlm_probability,
+                           whole_word=cfg.data.whole_word_mask, nsp=cfg.model.nsp)
+    if data.num_heldout_rows == 0:  # every run evaluates (at least at its end): refuse now, not after training
+        raise UserError(f"data.dir={data_dir}: the held-out split has no rows, so the run's held-out evaluation has "
+                        "nothing to score; prepare the data with --heldout-fraction > 0 (and enough documents)")
+    return data
