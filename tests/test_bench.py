@@ -399,3 +399,26 @@ def test_plateau_report_finds_where_each_run_leaves_the_unigram_level(tmp_path):
     empty.joinpath("metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1, "heldout_loss": 7.0}) + "\n")
     with pytest.raises(UserError, match="no eval record with heldout_below_unigram"):
         plateau.run(argparse.Namespace(runs=[str(empty)], out=str(tmp_path / "o2"), names=None, note=[]))
+
+
+def test_stop_at_target_never_reads_the_metrics_an_earlier_run_left(tmp_path):
+    """Re-running a method over its old run dir (--overwrite): the old metrics.jsonl, below the target, is still
+    there while the child starts; it must not stop the new run (it did, in half a second, before this test)."""
+    import subprocess
+    import sys
+
+    from training.bench.compare import _file_id, _follow
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"kind": "train", "step": 10, "stage": "main", "loss": 1.0, "tokens": 10}) + "\n"
+                       + json.dumps({"kind": "eval", "step": 10, "stage": "main", "heldout_loss": 1.0}) + "\n")
+    stale = _file_id(metrics)
+
+    def follow(stale):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+        stopped = _follow(proc, metrics, "m", 100, 0, progress=False, stop_below=5.0, poll_s=0.05, stale=stale)
+        proc.wait()
+        return stopped
+
+    assert follow(stale) is None  # the old file is not this run's
+    assert follow(None) == 10  # the same file, as the run's own, stops it

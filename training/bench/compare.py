@@ -81,13 +81,22 @@ def _config_info(config: str, sets: list[str]) -> dict:
     return info
 
 
+def _file_id(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[int], position: int,
             progress: bool = True, stop_below: Optional[float] = None, final_stage: Optional[str] = None,
-            poll_s: float = 0.5) -> Optional[int]:
+            poll_s: float = 0.5, stale: Optional[tuple[int, int]] = None) -> Optional[int]:
     """Follow the run's metrics.jsonl while the child runs: a tqdm bar over its steps and, with
     `stop_below`, a SIGTERM (checkpoint and exit, as on pre-emption) once a held-out loss of its final
     stage (report.py: only that stage counts) is at or below it. Returns the step of that eval when the
-    run was stopped, else None."""
+    run was stopped, else None. `stale`: the (inode, mtime) of a metrics.jsonl an earlier run left there,
+    which the child replaces (--overwrite) and which is never read as this run's."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=name, unit="step", position=position, leave=True, dynamic_ncols=True,
@@ -98,7 +107,7 @@ def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[in
     try:
         while True:
             done = proc.poll() is not None
-            if metrics.is_file():
+            if metrics.is_file() and (stale is None or _file_id(metrics) != stale):
                 train, evals = split_records(read_jsonl(metrics))
                 last = evals[-1] if evals else {}
                 if (stop_below is not None and stopped_at is None and not done and last.get("heldout_loss") is not None
@@ -140,11 +149,13 @@ def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: 
     with open(log_dir / f"{name}.log", "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
+        stale = _file_id(run_dir / "metrics.jsonl")  # an earlier run's, until the child replaces it
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             stopped_at = _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position,
-                                 progress=progress, stop_below=stop_below, final_stage=info["final_stage"])
+                                 progress=progress, stop_below=stop_below, final_stage=info["final_stage"],
+                                 stale=stale)
             rc = proc.wait()
         except KeyboardInterrupt:
             proc.terminate()
