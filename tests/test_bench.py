@@ -231,7 +231,14 @@ def test_shipped_bench_configs_load():
             same = ("hidden_size", "num_layers", "num_heads", "ffn_size", "vocab_size")
             assert {k: getattr(cfg.model, k) for k in same} == {k: getattr(base.model, k) for k in same}, c
             assert (cfg.train.micro_batch_size, cfg.run.eval_every) == (base.train.micro_batch_size, base.run.eval_every)
-            assert sum(s.steps for s in cfg.stages) == base_steps * 3 // 2, c
+            steps = sum(s.steps for s in cfg.stages)
+            if c.name.startswith("baseline_"):  # controls: the baseline again, with another seed or the methods' budget
+                assert cfg.stages[0].model == {} and len(cfg.stages) == 1, c
+                assert (cfg.optimizer, cfg.train.locality_bias) == (base.optimizer, base.train.locality_bias), c
+                assert (steps, cfg.run.seed) in ((base_steps, cfg.run.seed), (base_steps * 3 // 2, base.run.seed)), c
+                assert steps != base_steps or cfg.run.seed != base.run.seed, c
+            else:
+                assert steps == base_steps * 3 // 2, c
 
 
 # ------------------------------------------------------------------------------------------ end to end
