@@ -166,7 +166,21 @@ def install_slurm() -> None:
         subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
 
 
-class SlurmCluster:
+class Started:
+    """A context manager over start()/stop(): stop() also when start() fails half-way (a daemon already up)."""
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class SlurmCluster(Started):
     """slurmctld + slurmd (+ munged) for this host only, all state in `root`. Use as a context manager."""
 
     def __init__(self, root):
@@ -307,16 +321,6 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
                 p.kill()
                 p.wait()
         self.procs.clear()
-
-    def __enter__(self) -> "SlurmCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def _free_port() -> int:

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tests.launch_helpers import SlurmCluster, install_slurm
+from tests.launch_helpers import SlurmCluster, Started, install_slurm
 
 PREFIX = "dsbt"
 DATA_IF, MGMT_IF = "d0", "m0"
@@ -108,7 +108,7 @@ def remove_stale() -> None:
             _delete_namespace(name)
 
 
-class NetnsCluster:
+class NetnsCluster(Started):
     """Two (or more) hosts as network namespaces; see the module doc. Use as a context manager."""
 
     def __init__(self, nodes: Sequence[str] = ("node1", "node2"), tag: Optional[str] = None):
@@ -182,16 +182,6 @@ class NetnsCluster:
             Path("/etc/netns").rmdir()  # only when empty: another user's files stay
         except OSError:
             pass
-
-    def __enter__(self) -> "NetnsCluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     # -- running things on a node
     def prefix(self, node: str) -> list[str]:
@@ -329,7 +319,7 @@ def install_ssh(packages: Sequence[str] = ("openssh-server", "pdsh")) -> None:
             policy.unlink()
 
 
-class SshNodes:
+class SshNodes(Started):
     """An sshd on every node (port 22 of its namespace), accepting root with a key made for the test, and
     `bin/ssh`: an `ssh` for PATH that uses that key and trusts any host key. Nothing in ~/.ssh or
     /etc/ssh is read or written. Use as a context manager, inside the NetnsCluster's."""
@@ -412,16 +402,6 @@ LogLevel ERROR
         if self._made_privsep:
             shutil.rmtree("/run/sshd", ignore_errors=True)
             self._made_privsep = False
-
-    def __enter__(self) -> "SshNodes":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 try:  # pytest fixture: `from tests.netns_helpers import netns_cluster`
