@@ -22,6 +22,9 @@ submit_self_if_needed() {
     export PROJECT_DIR=${PROJECT_DIR:-$(cd "$(dirname "$script")/.." && pwd)}
     flags+=(--chdir="$PROJECT_DIR")
     mkdir -p "$PROJECT_DIR/logs"  # sbatch cannot create the directory of --output itself
+    # A requeued job may start while its previous incarnation is still exiting on a node (a node failure:
+    # the survivors are still being killed); wait for it to let go of OUT/.lock instead of failing for good.
+    if ((${SLURM_RESTART_COUNT:-0} > 0)); then ARGS+=(--lock-wait "${LOCK_WAIT:-300}"); fi
     local extra
     read -r -a extra <<< "${SBATCH_ARGS:-}"  # a list of flags on purpose
     echo "+ sbatch ${flags[*]} ${extra[*]} $script" >&2
@@ -132,6 +135,9 @@ build_train_args() {
               fi ;;
         *) echo "error: RESUME must be auto, always or never (got '$RESUME')" >&2; exit 2 ;;
     esac
+    # A requeued job may start while its previous incarnation is still exiting on a node (a node failure:
+    # the survivors are still being killed); wait for it to let go of OUT/.lock instead of failing for good.
+    if ((${SLURM_RESTART_COUNT:-0} > 0)); then ARGS+=(--lock-wait "${LOCK_WAIT:-300}"); fi
     local extra
     read -r -a extra <<< "${EXTRA_ARGS:-}"  # a list of arguments on purpose
     ARGS+=("${extra[@]}")

@@ -56,6 +56,7 @@ def _job(argv, tdist) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--step-sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--lock-wait", type=float, default=0.0, help="accepted and ignored, as --config")
     p.add_argument("--heartbeat-timeout", type=float, default=30.0)
     p.add_argument("--die-rank", type=int, default=-1, help="this rank fails at --die-step")
     p.add_argument("--die-step", type=int, default=2)

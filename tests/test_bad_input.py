@@ -182,6 +182,8 @@ ROWS = [
      ["holds files but no run of training.pretrain"], "inproc"),
     ("run-on-a-locked-out-dir", lambda c: (c.copy_run(), _lock(c.out), c.cfg().pretrain("--resume"))[2],
      ["run.out_dir", "in use by pid 4242@elsewhere", ".lock"], "inproc"),
+    ("run-on-a-locked-out-dir-after-lock-wait", lambda c: (c.copy_run(), _lock(c.out), c.cfg().pretrain(
+        "--resume", "--lock-wait", "0.3"))[2], ["run.out_dir", "in use by pid 4242@elsewhere", ".lock"], "inproc"),
     # -- checkpoints (--resume)
     ("resume-other-model", lambda c: (c.copy_run(), c.cfg().pretrain("--resume", *_set("model.hidden_size=48")))[1],
      ["holds a different model", "hidden_size: checkpoint 32, config 48"], "subprocess"),

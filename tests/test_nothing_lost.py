@@ -157,6 +157,63 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, good_run, tiny_da
     assert latest(out) == "step00000014"
 
 
+def test_probes_of_a_stale_lock_file_never_see_each_other_as_holders(tmp_path):
+    """Every rank of a job probes OUT/.lock at once; after a killed run the file is still there, naming its dead
+    writer. A probe must not mistake another probe for a holder (a requeued Slurm job once failed so: 'in use by
+    pid N@node1', N long dead), yet still see a real holder."""
+    import threading
+
+    from training import outdir
+
+    (tmp_path / ".lock").write_text("4537@node1\n")
+    seen: list = []
+
+    def probe():
+        for _ in range(1500):
+            holder = outdir.holder_of(tmp_path / ".lock")
+            if holder:
+                seen.append(holder)
+
+    threads = [threading.Thread(target=probe) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == []
+    fd = _hold_lock(tmp_path)
+    try:
+        assert outdir.holder_of(tmp_path / ".lock") == "4242@elsewhere"
+    finally:
+        os.close(fd)
+    assert outdir.DirLock(tmp_path, "x").acquire().fd is not None  # and the next run takes it over
+
+
+def test_lock_wait_waits_for_the_holder_to_let_go_then_gives_up(tmp_path):
+    """--lock-wait (the Slurm scripts pass it on a requeue): a holder that lets go within the wait is waited
+    for; one that does not is named after the wait, as without it."""
+    import threading
+
+    from training import outdir
+    from training.errors import UserError
+
+    out = tmp_path / "out"
+    fd = _hold_lock(out)
+    threading.Timer(0.6, os.close, [fd]).start()  # the holder exits 0.6 s from now
+    start = time.monotonic()
+    outdir.wait_unlocked(out, "run.out_dir", 30, poll_s=0.05)
+    assert 0.5 < time.monotonic() - start < 10
+    fd = _hold_lock(out)
+    try:
+        start = time.monotonic()
+        with pytest.raises(UserError, match=r"in use by pid 4242@elsewhere"):
+            outdir.wait_unlocked(out, "run.out_dir", 0.4, poll_s=0.05)
+        assert time.monotonic() - start >= 0.4
+        with pytest.raises(UserError, match=r"in use by pid 4242@elsewhere"):
+            outdir.wait_unlocked(out, "run.out_dir", 0)  # the default: at once
+    finally:
+        os.close(fd)
+
+
 def test_prepare_on_a_locked_out_dir_exits_2_naming_the_holder(tmp_path, tiny_data):
     corpus = tmp_path / "c.txt"
     corpus.write_text("Some text of a document.\n" * 50)

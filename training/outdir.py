@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Iterable, Optional
@@ -31,14 +32,16 @@ DATA_MARKER = ".bert-data"
 
 def holder_of(path: Path) -> Optional[str]:
     """`pid@host` of the live process holding the flock on `path`, or None when nobody holds it.
-    Read-only: creates nothing."""
+    Read-only: creates nothing. The probe takes a *shared* lock: probes never conflict with each other (every
+    rank of a job probes at once, and a lock file left by a killed run still names its dead writer), only
+    with a holder's exclusive lock."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             try:
                 text = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
@@ -56,6 +59,21 @@ def check_unlocked(directory: Path, what: str) -> None:
     if holder is not None:
         raise UserError(f"{what} {directory} is in use by pid {holder} (it holds {directory / LOCK_NAME}); wait for "
                         "it to finish or stop it, or pick another directory")
+
+
+def wait_unlocked(directory: Path, what: str, wait_s: float, poll_s: float = 0.5) -> None:
+    """check_unlocked, after waiting up to `wait_s` seconds for the holder to let go (a requeued job's previous
+    incarnation may still be exiting when the new one starts; its lock drops with it)."""
+    holder = holder_of(directory / LOCK_NAME)
+    if holder is None or wait_s <= 0:
+        return check_unlocked(directory, what)
+    print(f"{what} {directory} is in use by pid {holder}; waiting up to {wait_s:.0f}s for it to let go",
+          file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait_s
+    while holder is not None and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        holder = holder_of(directory / LOCK_NAME)
+    check_unlocked(directory, what)
 
 
 class DirLock:
@@ -82,7 +100,8 @@ class DirLock:
             except BlockingIOError:
                 os.close(fd)
                 check_unlocked(self.directory, self.what)  # names the holder
-                continue  # released in between: try again
+                time.sleep(0.01)
+                continue  # released in between, or only probed (a shared lock): try again
             st = os.fstat(fd)
             try:
                 cur = os.stat(self.path)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -36,6 +37,13 @@ from training.run_setup import build_initial_model, check_seq_len, load_data, re
 log = logging.getLogger("training.pretrain")
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML run config (see configs/)")
@@ -46,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output directory (moved aside, deleted after this run's "
                         "first step; only a directory holding this trainer's .bert-run marker)")
+    p.add_argument("--lock-wait", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="when another process holds the output dir's lock, wait up to this long for it to let go "
+                        "before giving up (default 0: give up at once). The Slurm scripts pass it on a requeue, "
+                        "whose previous incarnation may still be exiting on a node")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DS launcher
     return p.parse_args(argv)
 
@@ -260,7 +272,7 @@ def main(argv=None) -> int:
     split_cpu_threads(env.local_world_size)
     preemption().install()  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75 (see training/signals.py)
     # Busy with another run? Every rank asks before the collective below, so none can see its own rank 0's lock.
-    outdir.check_unlocked(out, "run.out_dir")
+    outdir.wait_unlocked(out, "run.out_dir", args.lock_wait)
     check_consistent(cfg.digest(), env.world_size)
     inputs = run_inputs(cfg, args.config)
     prepare_out_dir(out, args.resume, args.overwrite, env.rank, claim=False, inputs=inputs)
