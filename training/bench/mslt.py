@@ -12,12 +12,14 @@ the same shape with every parameter trainable. Each is wrapped by the same `buil
 precision, ZeRO stage, optimizer, clipping) and trained on the same real batches (the stage's seq_len).
 Blocks alternate full, mslt, full, mslt, ... (`--repeats`), each after `--warmup` untimed steps.
 
-Per optimizer step (medians over the timed steps of all blocks):
-* forward_s / backward_s / optimizer_s: model+loss, `engine.backward`, `engine.step` (CUDA-synchronised).
+Per optimizer step (medians over the timed steps of all blocks), the step as the runner runs it
+(training/engine/step.py):
+* forward_s / backward_s / optimizer_s / sync_s: model+loss, `engine.backward`, `engine.step`, and the scalar
+  all-reduces (token count; fault and pre-emption flags) with the non-finite-gradient check (CUDA-synchronised).
   DeepSpeed reduces the gradients inside backward (ZeRO 0/1/2 alike); `comm_s` is the time spent inside
   collectives (all phases). `*_cpu_s`: the same phases in process CPU time (time.process_time, all threads
   of the rank), much less sensitive than wall time to other jobs on a shared machine.
-* collectives: every torch.distributed collective issued during forward, backward and step, by phase, op and
+* collectives: every torch.distributed collective issued during forward, backward, step and sync, by phase, op and
   dtype (count, elements, bytes; all-reduce and reduce-scatter count their input, all-gather its output).
   `grad_reduce_bytes` = the all-reduce + reduce-scatter bytes in `engine.backward` of tensors with more than
   one element (the gradient buckets: ZeRO 0/1/2 all reduce gradients there; scalar overflow/norm reductions,
@@ -45,6 +47,8 @@ from typing import Optional
 
 import torch
 
+from training.bench import steptime
+
 log = logging.getLogger("training.bench.mslt")
 
 # (name in torch.distributed, which argument is the payload, "in" = reduced input / "out" = gathered output)
@@ -60,8 +64,8 @@ _COLLECTIVES = {
     "_all_gather_base": ("output_tensor", 0),
     "all_gather": ("tensor_list", 0),
 }
-_TIMES = ("step_s", "forward_s", "backward_s", "optimizer_s",
-          "step_cpu_s", "forward_cpu_s", "backward_cpu_s", "optimizer_cpu_s")
+_TIMES = ("step_s", "forward_s", "backward_s", "optimizer_s", "sync_s",
+          "step_cpu_s", "forward_cpu_s", "backward_cpu_s", "optimizer_cpu_s", "sync_cpu_s")
 _REDUCING = ("all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter_tensor", "_reduce_scatter_base",
              "reduce_scatter")
 
@@ -160,7 +164,7 @@ def element_size(dtype_name: str) -> int:
     return torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
 
 
-def summarise_collectives(records, steps: int, phases=("forward", "backward", "step")) -> dict:
+def summarise_collectives(records, steps: int, phases=("forward", "backward", "step", "sync")) -> dict:
     """Per-step totals of the records in `phases`, grouped by phase, op and dtype. The gradient reduction is
     what DeepSpeed reduces in `engine.backward` (ZeRO 0/1/2 all reduce there, at the accumulation boundary)."""
     by_op: dict[str, dict] = {}
@@ -224,46 +228,32 @@ def saved_tensor_bytes(sink: dict):
         yield
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _around(counter: CollectiveCounter, probe: Optional[dict], module: torch.nn.Module):
+    """The step's parts (training/engine/step.py) as the counter's phases: forward, backward, step, and "sync"
+    for the scalar all-reduces and the fault check. With `probe`, also what the first step saves for backward
+    and the gradient bytes the module holds after it."""
+    @contextlib.contextmanager
+    def around(name: str):
+        phase = name if name in ("forward", "backward", "step") else "sync"
+        saving = saved_tensor_bytes(probe) if probe is not None and name == "forward" else contextlib.nullcontext()
+        with counter.in_phase(phase), saving:
+            yield
+        if probe is not None and name == "backward":
+            params = list(module.parameters())
+            probe["module_grad_bytes"] = sum(p.grad.numel() * p.grad.element_size() for p in params
+                                             if p.grad is not None)
+            probe["frozen_with_grad"] = sum(1 for p in params if not p.requires_grad and p.grad is not None)
+    return around
 
 
 def timed_step(engine, micro_batches: list[dict], device: torch.device, counter: CollectiveCounter,
                probe: Optional[dict] = None) -> dict:
-    """One optimizer step (grad_accum micro-batches); each micro-batch's loss is its token mean / accum."""
-    fwd = bwd = opt = 0.0
-    cpu = [0.0, 0.0, 0.0]
-    loss_sum = 0.0
-    _sync(device)
-    for batch in micro_batches:
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        with counter.in_phase("forward"), (saved_tensor_bytes(probe) if probe is not None else contextlib.nullcontext()):
-            out = engine(**batch)
-            loss = out["mlm_loss"].float()
-            if "nsp_loss" in out:
-                loss = loss + out["nsp_loss"].float()
-        _sync(device)
-        t1, c1 = time.perf_counter(), time.process_time()
-        with counter.in_phase("backward"):
-            engine.backward(loss)
-        _sync(device)
-        t2, c2 = time.perf_counter(), time.process_time()
-        if probe is not None:
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            probe["module_grad_bytes"] = sum(g.numel() * g.element_size() for g in grads)
-            probe["frozen_with_grad"] = sum(1 for p in engine.module.parameters()
-                                            if not p.requires_grad and p.grad is not None)
-        with counter.in_phase("step"):
-            engine.step()
-        _sync(device)
-        t3, c3 = time.perf_counter(), time.process_time()
-        fwd, bwd, opt = fwd + (t1 - t0), bwd + (t2 - t1), opt + (t3 - t2)
-        cpu = [cpu[0] + (c1 - c0), cpu[1] + (c2 - c1), cpu[2] + (c3 - c2)]
-        loss_sum += float(loss.detach())
-    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "step_s": fwd + bwd + opt, "loss": loss_sum,
-            "forward_cpu_s": cpu[0], "backward_cpu_s": cpu[1], "optimizer_cpu_s": cpu[2], "step_cpu_s": sum(cpu)}
+    """One optimizer step as training runs it (training/bench/steptime.py), collectives counted by phase."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return steptime.timed_step(engine, micro_batches, device, world_size=world, fp16=engine.fp16_enabled(),
+                               around=_around(counter, probe, engine.module))
 
 
 class Subject:

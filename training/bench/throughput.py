@@ -2,12 +2,14 @@
 
 Both models are built from the same config `model:` shape, wrapped by the same `build_engine` (the
 config's precision, ZeRO stage, LAMB/AdamW, clipping), and trained on the *same* pre-built batches
-with the runner's loss normalisation. Blocks of `--steps` timed steps alternate ours, HF, ours, HF, ...
-(`--repeats` pairs), each block preceded by `--warmup` untimed steps, so machine drift hits both alike.
+with the runner's own step (training/engine/step.py: token-normalised loss, the scalar all-reduces, the
+fault check). Blocks of `--steps` timed steps alternate ours, HF, ours, HF, ... (`--repeats` pairs), each
+block preceded by `--warmup` untimed steps, so machine drift hits both alike.
 
-Per optimizer step the time is split into forward (model + loss), backward (`engine.backward`) and
-optimizer (`engine.step`: clipping, LAMB, precision casts), each phase fenced by
-`torch.cuda.synchronize()` on GPU (CPU ops are synchronous). Batches are put on the device before
+Per optimizer step the time is split into forward (model + loss), backward (`engine.backward`), optimizer
+(`engine.step`: clipping, LAMB, precision casts) and sync (the token-count and flags all-reduces and the
+non-finite-gradient check), each phase fenced by `torch.cuda.synchronize()` on GPU (CPU ops are
+synchronous; training/bench/steptime.py). Batches are put on the device before
 timing, so host->device copies and data loading are not counted.
 
 Peak memory per block: on CUDA `torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`; on
@@ -39,6 +41,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from training.bench.steptime import timed_step
 
 log = logging.getLogger("training.bench.throughput")
 
@@ -182,45 +186,12 @@ class Subject:
         self.blocks: list[dict] = []
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_step(engine, micro_batches: list[dict], device: torch.device) -> dict:
-    """One optimizer step with the runner's loss normalisation (single process); phase times in s."""
-    counts = [float((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
-    samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
-    global_count = sum(counts)
-    scale = len(micro_batches)
-    fwd = bwd = opt = 0.0
-    loss_sum = 0.0
-    _sync(device)
-    for batch in micro_batches:
-        t0 = time.perf_counter()
-        out = engine(**batch)
-        loss = out["mlm_loss"].float() * out["mlm_count"] / max(global_count, 1.0)
-        if "nsp_loss" in out:
-            loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / samples
-        _sync(device)
-        t1 = time.perf_counter()
-        engine.backward(loss * scale)
-        _sync(device)
-        t2 = time.perf_counter()
-        engine.step()
-        _sync(device)
-        t3 = time.perf_counter()
-        fwd, bwd, opt = fwd + (t1 - t0), bwd + (t2 - t1), opt + (t3 - t2)
-        loss_sum += float(loss.detach())
-    return {"forward_s": fwd, "backward_s": bwd, "optimizer_s": opt, "step_s": fwd + bwd + opt, "loss": loss_sum}
-
-
 def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: torch.device,
-              memory: MemoryProbe, tokens_per_step: int, samples_per_step: int) -> dict:
+              memory: MemoryProbe, tokens_per_step: int, samples_per_step: int, fp16: bool = False) -> dict:
     for micro in steps[:warmup]:
-        timed_step(subject.engine, micro, device)
+        timed_step(subject.engine, micro, device, fp16=fp16)
     before = memory.start()
-    records = [timed_step(subject.engine, micro, device) for micro in steps[warmup:]]
+    records = [timed_step(subject.engine, micro, device, fp16=fp16) for micro in steps[warmup:]]
     peak = memory.peak()
     seconds = sum(r["step_s"] for r in records)
     block = {
@@ -232,6 +203,7 @@ def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: to
         "forward_s_median": statistics.median(r["forward_s"] for r in records),
         "backward_s_median": statistics.median(r["backward_s"] for r in records),
         "optimizer_s_median": statistics.median(r["optimizer_s"] for r in records),
+        "sync_s_median": statistics.median(r["sync_s"] for r in records),
         "peak_memory_bytes": peak,
         "memory_before_bytes": before,
         "step_s_all": [r["step_s"] for r in records],
@@ -375,7 +347,8 @@ def run(args) -> dict:
     memory = MemoryProbe(device)
     for r in range(args.repeats):
         for s in subjects:
-            b = run_block(s, steps, args.warmup, device, memory, tokens_per_step, samples_per_step)
+            b = run_block(s, steps, args.warmup, device, memory, tokens_per_step, samples_per_step,
+                          fp16=cfg.train.precision == "fp16")
             log.info("repeat %d %s: %.0f tokens/s, step %.3f s (fwd %.3f bwd %.3f opt %.3f)", r, s.name,
                      b["tokens_per_s"], b["step_s_median"], b["forward_s_median"], b["backward_s_median"],
                      b["optimizer_s_median"])

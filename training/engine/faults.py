@@ -1,6 +1,6 @@
 """Numerical faults (NaN/Inf loss or gradients): what counts as one, and how a step detects it.
 
-Policy (see `StageRunner.train_step`):
+Policy (see `training/engine/step.py`, `optimizer_step`):
 
 * Every step, after the backward pass of the last micro-batch and before `engine.step()`, each rank
   computes a local "bad" flag (its loss is not finite, or its gradient norm is not finite) and all ranks

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from training.config import RunConfig
@@ -23,6 +22,7 @@ from training.engine.build import build_engine, set_lr
 from training.engine import faults, inject
 from training.engine.checkpoint import TrainState
 from training.engine.schedule import lr_at, staged_segments
+from training.engine.step import StepResult, all_reduce_scalars, optimizer_step
 from training.metrics import MetricsWriter
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
@@ -45,28 +45,6 @@ class StagePlan:
     seq_len: int
     model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
     ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
-
-
-@dataclass
-class StepResult:
-    loss: float  # global token-mean MLM loss (+ NSP) of this optimizer step
-    tokens: int  # tokens in this optimizer step, all ranks
-    samples: int  # sequences in this optimizer step, all ranks
-    bad: bool = False  # some rank's loss or gradient was not finite (agreed by all ranks)
-    preempt: bool = False  # some rank got SIGTERM/SIGUSR1 (agreed by all ranks): checkpoint and exit 75
-
-
-def _all_reduce(values: list[float], op=None) -> list[float]:
-    # NCCL reduces only device tensors; gloo (CPU) only host ones.
-    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if on_gpu else "cpu")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 class StageRunner:
@@ -241,56 +219,16 @@ class StageRunner:
     preempted: Optional[str] = None  # the signal's name once the run stopped for a pre-emption
 
     def train_step(self, micro_batches: list[dict], **forward_kwargs) -> StepResult:
-        """One optimizer step over `grad_accum` micro-batches.
-
-        The loss is normalised by the masked-token count of the whole global batch (all ranks, all
-        micro-batches: one scalar all-reduce), so the gradient is the same token-mean however the batch is
-        split across ranks and micro-batches. DeepSpeed divides by grad_accum and averages over ranks; the
-        factor world * accum undoes that.
-
-        After the last backward and before the optimizer step, a second small all-reduce (MAX) agrees on
-        two flags: "some rank's loss or gradient is not finite" and "some rank got a pre-emption signal".
-        A non-finite bf16/fp32 step is skipped on every rank together; fp16 is left to DeepSpeed's loss
-        scaler (see faults.py).
-        """
-        counts = [float((b["labels"] != -100).sum()) for b in micro_batches]
-        samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
-        global_count, global_samples = _all_reduce([sum(counts), samples])
-        scale = self.world_size * len(micro_batches)
-        fp16 = self.cfg.train.precision == "fp16"
+        """One optimizer step over `grad_accum` micro-batches (training/engine/step.py: the global token-mean
+        loss, the agreed fault and pre-emption flags)."""
         injector = inject.injector(self.rank)
         nan_factor = injector.loss_factor(self.state.step + 1)
-        losses, penalties = [], []
-        for i, batch in enumerate(micro_batches):
-            out = self.engine(**_to_device(batch, self.device), **forward_kwargs)
-            weight = out["mlm_count"] / max(global_count, 1.0)
-            loss = out["mlm_loss"].float() * weight
-            if "nsp_loss" in out:
-                loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / global_samples
-            if nan_factor is not None:
-                loss = loss * nan_factor
-            self.engine.backward(loss * scale)
-            losses.append(loss.detach())
-            if "slimming_penalty" in out:  # trained on, but not part of the reported MLM loss
-                penalties.append(out["slimming_penalty"].float() * weight)
-            if i < len(micro_batches) - 1:
-                self.engine.step()
+        result = optimizer_step(self.engine, micro_batches, self.device, world_size=self.world_size,
+                                fp16=self.cfg.train.precision == "fp16", forward_kwargs=forward_kwargs,
+                                loss_factor=nan_factor, preempt_requested=preemption().requested)
         if nan_factor is not None:
             injector.fired(self.state.step + 1)
-        loss_t = torch.stack(losses).sum()
-        ok = loss_t.isfinite()
-        if not fp16:  # fp16 gradients are scaled; DeepSpeed checks them for overflow itself
-            ok = ok & faults.grads_finite(faults.local_grads(self.engine)).to(ok.device)
-        bad, preempt = _all_reduce([0.0 if bool(ok) else 1.0, float(preemption().requested)], dist.ReduceOp.MAX)
-        if bad and not fp16:
-            with faults.skipped_step(self.engine):
-                self.engine.step()
-        else:
-            self.engine.step()
-        tokens = int(sum(b["input_ids"].numel() for b in micro_batches)) * self.world_size
-        reported = loss_t - torch.stack(penalties).sum() if penalties else loss_t
-        return StepResult(loss=float(reported), tokens=tokens, samples=int(samples) * self.world_size,
-                          bad=bad > 0, preempt=preempt > 0)
+        return result
 
     def _check_faults(self, result: StepResult) -> None:
         """Count consecutive non-finite steps; after run.max_bad_steps, restore or stop (faults.py)."""
@@ -325,13 +263,13 @@ class StageRunner:
         for i, batch in enumerate(batches):
             if i % self.world_size != self.rank:  # each rank takes its share of the fixed held-out batches
                 continue
-            out = module(**_to_device(batch, self.device))
+            out = module(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
             loss_sum += float(out["mlm_loss"].float()) * float(out["mlm_count"])
             correct += float(out["mlm_correct"])
             count += float(out["mlm_count"])
             unigram += self.data.unigram_nll(batch["labels"])
         module.train(was_training)
-        loss_sum, correct, count, unigram = _all_reduce([loss_sum, correct, count, unigram])
+        loss_sum, correct, count, unigram = all_reduce_scalars([loss_sum, correct, count, unigram])
         if count == 0:  # a loss over nothing would read as a perfect 0.000
             raise UserError(f"data.dir={self.cfg.data.dir}: the held-out evaluation has no masked token")
         loss, unigram = loss_sum / count, unigram / count
@@ -414,7 +352,7 @@ class StageRunner:
                     self._move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
                 if self.state.step % run.log_every == 0 or stage_done:
-                    loss = _all_reduce([result.loss])[0]
+                    loss = all_reduce_scalars([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
                     fpt = window_flops / max(window_tokens, 1)  # the window's token-weighted mean
