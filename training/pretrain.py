@@ -32,7 +32,7 @@ from training.engine import checkpoint  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 from training.metrics import measure_peak_tflops  # noqa: E402
-from training.run_setup import build_initial_model, check_seq_len, load_data, resolve_model  # noqa: E402,F401
+from training.run_setup import build_initial_model, load_data, resolve_model  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
 
@@ -280,7 +280,6 @@ def main(argv=None) -> int:
 
     data = load_data(cfg)
     resolve_model(cfg, data.vocab_size)
-    check_seq_len(cfg, data.seq_len, cfg.data.dir)
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)

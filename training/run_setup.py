@@ -1,6 +1,6 @@
 """What every entry point does with a run config before training or measuring: load the prepared data, settle
-the model's shape (from an HF checkpoint if asked; vocabulary and sequence lengths checked), build the first
-stage's model. training.pretrain and the benchmark tools (training.bench) share it; it imports no entry script."""
+the model's shape (from an HF checkpoint if asked; the vocabulary checked; sequence lengths are the plan's:
+training/stages/plan.py), build the first stage's model. training.pretrain and the benchmark tools (training.bench) share it; it imports no entry script."""
 from __future__ import annotations
 
 import logging
@@ -12,17 +12,6 @@ from training.config import RunConfig
 from training.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def check_seq_len(cfg: RunConfig, data_seq_len: int, data_dir: str) -> None:
-    """Every stage's sequences must fit the model's position table (else an index error deep in forward)."""
-    for i, stage in enumerate(cfg.stages):
-        seq_len = stage.seq_len or data_seq_len
-        max_position = cfg.stage_model(i).max_position
-        if seq_len > max_position:
-            where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
-            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
-                            "model.max_position or prepare the data with a shorter --seq-len")
 
 
 def resolve_model(cfg: RunConfig, vocab_size: int) -> None:

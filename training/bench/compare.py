@@ -19,6 +19,7 @@ from typing import Optional
 
 from training.bench.report import compare_runs, read_jsonl, split_records, summarise_run, write_report
 from training.errors import UserError
+from training.stages.plan import planned_steps
 
 # Set for every run before the user's --set (which therefore win): compare reads metrics, so no HF
 # export (it only adds minutes after training) and no per-run progress bar (compare draws its own).
@@ -41,28 +42,6 @@ def run_names(configs: list[str], names: Optional[list[str]] = None) -> list[str
             name = f"{name}-{i}"
         out.append(name)
     return out
-
-
-def planned_steps(cfg) -> Optional[int]:
-    """Optimizer steps the run will take (for the progress bar), as the runner plans them for one
-    process: token-budget stages need the data's seq_len, read from data.dir/stats.json."""
-    t = cfg.train
-    global_batch = t.micro_batch_size * t.grad_accum
-    data_seq = None
-    try:
-        data_seq = int(json.loads((Path(cfg.data.dir) / "stats.json").read_text())["seq_len"])
-    except (OSError, ValueError, KeyError):
-        pass
-    total = 0
-    for stage in cfg.stages:
-        if stage.steps is not None:
-            total += stage.steps
-            continue
-        seq = stage.seq_len or data_seq
-        if seq is None:
-            return None
-        total += stage.num_steps(global_batch * seq)
-    return total
 
 
 def _config_info(config: str, sets: list[str]) -> dict:

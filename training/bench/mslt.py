@@ -327,12 +327,10 @@ def summarise(subject: Subject, timed_steps: int) -> dict:
 def _stage_subjects(cfg, seq_len_default: int):
     """[(stage index, name, model_cfg, seq_len, hook)] of the config's stages."""
     from training.stages.hooks import get_hook
+    from training.stages.plan import seq_lens
 
-    out = []
-    for i, stage in enumerate(cfg.stages):
-        seq = min(stage.seq_len or seq_len_default, seq_len_default)
-        out.append((i, stage.name, cfg.stage_model(i), seq, get_hook(stage.hook)))
-    return out
+    return [(i, stage.name, cfg.stage_model(i), seq, get_hook(stage.hook))
+            for i, (stage, seq) in enumerate(zip(cfg.stages, seq_lens(cfg, seq_len_default)))]
 
 
 def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: int):

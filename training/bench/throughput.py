@@ -284,8 +284,9 @@ def select_stage(cfg, stage: Optional[str], data_seq_len: int):
         from training.errors import UserError
 
         raise UserError(f"--stage {stage}: no such stage (stages: {', '.join(names)})")
-    seq_len = cfg.stages[index].seq_len or data_seq_len
-    return names[index], cfg.stage_model(index), min(seq_len, data_seq_len)
+    from training.stages.plan import seq_lens
+
+    return names[index], cfg.stage_model(index), seq_lens(cfg, data_seq_len)[index]
 
 
 def run(args) -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,7 +20,7 @@ from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr
 from training.engine import faults, inject
 from training.engine.checkpoint import TrainState
-from training.engine.schedule import lr_at, staged_segments
+from training.engine.schedule import lr_at
 from training.engine.step import StepResult, all_reduce_scalars, optimizer_step
 from training.metrics import MetricsWriter
 from training.model.bert import BertForPreTraining
@@ -30,21 +29,10 @@ from training.model.flops import flops_per_token, trainable_parts
 from training.stages import transfer
 from training.stages.hooks import HookContext, get_hook
 from training.stages.layerdrop import layer_keep_probs
+from training.stages.plan import Plan, StagePlan
 from training.signals import preemption
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StagePlan:
-    """A stage resolved for this run: its steps (tokens converted), first global step and data length."""
-    index: int
-    name: str
-    steps: int
-    start_step: int
-    seq_len: int
-    model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
-    ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
 
 
 class StageRunner:
@@ -63,52 +51,14 @@ class StageRunner:
         self.engine = None
         self.metrics: Optional[MetricsWriter] = None
         self.state = TrainState()
-        self.plan = self._make_plan()
-        self.total_steps = sum(p.steps for p in self.plan)
-        self.lr_segments = self._lr_segments()
+        self.plan = Plan(cfg, data.seq_len, world_size, cfg.data.dir)  # what will happen when (stages/plan.py)
         self.last_eval: dict = {}
 
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total_steps
+
     # ------------------------------------------------------------------------------------ set-up
-
-    def _make_plan(self) -> list[StagePlan]:
-        t = self.cfg.train
-        global_batch = t.micro_batch_size * t.grad_accum * self.world_size
-        plan, start = [], 0
-        for i, stage in enumerate(self.cfg.stages):
-            seq_len = stage.seq_len or self.data.seq_len
-            if seq_len > self.data.seq_len:
-                raise UserError(f"stage '{stage.name}': seq_len {seq_len} exceeds the prepared data's "
-                                f"{self.data.seq_len} (data.dir={self.cfg.data.dir})")
-            steps = stage.num_steps(global_batch * seq_len)
-            plan.append(StagePlan(i, stage.name, steps, start, seq_len, self.cfg.stage_model(i)))
-            start += steps
-        schedule = t.locality_bias
-        for p in plan:  # stage lengths in tokens are only known here, so is what the run's schedule covers
-            if schedule is not None and p.start_step < schedule.steps and p.model.attention not in ("eager", "sdpa"):
-                raise UserError(f"train.locality_bias covers stage '{p.name}' (from step {p.start_step}), whose "
-                                f"model.attention is {p.model.attention}: it needs eager or sdpa (or a shorter "
-                                "train.locality_bias.steps)")
-        return plan
-
-    def _lr_segments(self) -> list:
-        cfg = self.cfg
-        warmups = [(p.start_step, cfg.warmup_steps(self.total_steps) if p.index == 0 else cfg.stages[p.index].warmup_steps)
-                   for p in self.plan]
-        # A stage that ended early may have ended inside its warmup: its (past) segment is cut there.
-        warmups = [(start, min(w, p.steps) if p.ended_early else w) for (start, w), p in zip(warmups, self.plan)]
-        return staged_segments(self.total_steps, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr,
-                               cfg.optimizer.decay_power)
-
-    def _move_boundary(self, index: int, start: int) -> None:
-        """Stage `index` starts at global step `start` instead of where planned (its previous stage ended
-        early: EarlyBERT's early-bird ticket); it takes over the previous stage's remaining steps, so the
-        run's total steps are unchanged. The stage's LR warmup moves with it."""
-        prev, cur = self.plan[index - 1], self.plan[index]
-        shift = cur.start_step - start
-        if shift:
-            prev.steps, cur.start_step, cur.steps = prev.steps - shift, start, cur.steps + shift
-            prev.ended_early = shift > 0
-            self.lr_segments = self._lr_segments()
 
     def _stage_watch(self, index: int):
         """The watcher the next stage's hook puts on stage `index` (EarlyBERT's search), or None."""
@@ -164,10 +114,9 @@ class StageRunner:
         self.set_model(BertForPreTraining(model_cfg), model_cfg)
         self._build()
         self.state = checkpoint.load(self.engine, self.ckpt_dir, tag)
-        self.plan = self._make_plan()  # as configured, then the actual start of the current stage
-        self.lr_segments = self._lr_segments()
-        if stage_index > 0:
-            self._move_boundary(stage_index, self.state.step - self.state.stage_step)
+        self.plan = Plan(self.cfg, self.data.seq_len, self.world_size, self.cfg.data.dir)  # as configured, then
+        if stage_index > 0:  # the actual start of the current stage
+            self.plan.move_boundary(stage_index, self.state.step - self.state.stage_step)
         log.info("resumed from %s at step %d (stage %s)", tag, self.state.step, self.plan[stage_index].name)
 
     def _enter_stage(self, index: int) -> float:
@@ -277,7 +226,7 @@ class StageRunner:
                 "heldout_below_unigram": unigram - loss}
 
     def _lr(self, step: int) -> float:
-        return lr_at(self.lr_segments, step)
+        return lr_at(self.plan.lr_segments, step)
 
     def _save(self) -> None:
         if getattr(self, "_saved_step", None) == self.state.step:
@@ -327,7 +276,7 @@ class StageRunner:
             stream = self._micro_batches()
             watch = self._stage_watch(plan.index)  # True from start/observe: end this stage now
             if watch is not None and watch.start(self.state.step, self.state.stage_step, self.engine):
-                self._move_boundary(plan.index + 1, self.state.step)
+                self.plan.move_boundary(plan.index + 1, self.state.step)
             window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
             while self.state.stage_step < plan.steps:
                 micro = [next(stream) for _ in range(cfg.train.grad_accum)]
@@ -349,7 +298,7 @@ class StageRunner:
                     bar.close()
                     raise
                 if watch is not None and watch.observe(self.state.step, self.engine):
-                    self._move_boundary(plan.index + 1, self.state.step)
+                    self.plan.move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
                 if self.state.step % run.log_every == 0 or stage_done:
                     loss = all_reduce_scalars([result.loss])[0]

@@ -1,0 +1,131 @@
+"""What will happen when: a run's stages resolved against its data and world size.
+
+`Plan` owns the resolved schedule: each stage's steps (a token budget converted with the stage's own global
+batch x sequence length), its first global step, its sequence length, its model as declared, the LR segments
+of the whole run (a warmup per stage, one decay: engine/schedule.py), and the stages a watcher ended early
+(EarlyBERT's early-bird search: the next stage takes over the remaining steps, so the total is unchanged).
+
+The sequence-length rules live here once (`seq_lens`): a stage's length is its own `seq_len` or the prepared
+data's; it may not exceed the data's, nor the stage model's `max_position`. `planned_steps` is the same
+arithmetic for tools that plan a run before it starts (the compare tool's progress bars).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from training.config import RunConfig
+from training.engine.schedule import staged_segments
+from training.errors import UserError
+from training.model.config import ModelConfig
+
+
+@dataclass
+class StagePlan:
+    """A stage resolved for this run: its steps (tokens converted), first global step and data length."""
+    index: int
+    name: str
+    steps: int
+    start_step: int
+    seq_len: int
+    model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
+    ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
+
+
+def seq_lens(cfg: RunConfig, data_seq_len: int, data_dir: Optional[str] = None) -> list[int]:
+    """Each stage's sequence length, checked against the prepared data and the stage model's position table
+    (UserError naming the stage or the data dir)."""
+    data_dir = data_dir or cfg.data.dir
+    lengths = []
+    for i, stage in enumerate(cfg.stages):
+        seq_len = stage.seq_len or data_seq_len
+        if seq_len > data_seq_len:
+            raise UserError(f"stage '{stage.name}': seq_len {seq_len} exceeds the prepared data's "
+                            f"{data_seq_len} (data.dir={data_dir})")
+        max_position = cfg.stage_model(i).max_position
+        if seq_len > max_position:
+            where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
+            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
+                            "model.max_position or prepare the data with a shorter --seq-len")
+        lengths.append(seq_len)
+    return lengths
+
+
+def _steps(cfg: RunConfig, world_size: int, lengths: list[int]) -> list[int]:
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    return [stage.num_steps(global_batch * seq) for stage, seq in zip(cfg.stages, lengths)]
+
+
+class Plan:
+    """The run's stages as they will run (indexable: plan[i] is a StagePlan)."""
+
+    def __init__(self, cfg: RunConfig, data_seq_len: int, world_size: int, data_dir: Optional[str] = None):
+        self.cfg = cfg
+        lengths = seq_lens(cfg, data_seq_len, data_dir)
+        self.stages: list[StagePlan] = []
+        start = 0
+        for i, (stage, steps, seq_len) in enumerate(zip(cfg.stages, _steps(cfg, world_size, lengths), lengths)):
+            self.stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i)))
+            start += steps
+        self._check_locality_schedule()
+        self.lr_segments = self._lr_segments()
+
+    def __getitem__(self, index: int) -> StagePlan:
+        return self.stages[index]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __iter__(self):
+        return iter(self.stages)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.stages)
+
+    def _check_locality_schedule(self) -> None:
+        """train.locality_bias runs by global step: every stage it reaches needs an attention that takes it
+        (stage lengths in tokens are only known here, so is what the schedule covers)."""
+        schedule = self.cfg.train.locality_bias
+        for p in self.stages:
+            if schedule is not None and p.start_step < schedule.steps and p.model.attention not in ("eager", "sdpa"):
+                raise UserError(f"train.locality_bias covers stage '{p.name}' (from step {p.start_step}), whose "
+                                f"model.attention is {p.model.attention}: it needs eager or sdpa (or a shorter "
+                                "train.locality_bias.steps)")
+
+    def _lr_segments(self) -> list:
+        cfg, total = self.cfg, self.total_steps
+        warmups = [(p.start_step, cfg.warmup_steps(total) if p.index == 0 else cfg.stages[p.index].warmup_steps)
+                   for p in self.stages]
+        # A stage that ended early may have ended inside its warmup: its (past) segment is cut there.
+        warmups = [(start, min(w, p.steps) if p.ended_early else w) for (start, w), p in zip(warmups, self.stages)]
+        return staged_segments(total, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr, cfg.optimizer.decay_power)
+
+    def move_boundary(self, index: int, start: int) -> None:
+        """Stage `index` starts at global step `start` instead of where planned (its previous stage ended
+        early: EarlyBERT's early-bird ticket); it takes over the previous stage's remaining steps, so the
+        run's total steps are unchanged. The stage's LR warmup moves with it."""
+        prev, cur = self.stages[index - 1], self.stages[index]
+        shift = cur.start_step - start
+        if shift:
+            prev.steps, cur.start_step, cur.steps = prev.steps - shift, start, cur.steps + shift
+            prev.ended_early = shift > 0
+            self.lr_segments = self._lr_segments()
+
+
+def planned_steps(cfg: RunConfig, world_size: int = 1) -> Optional[int]:
+    """Optimizer steps the run will take, before it starts: token-budget stages need the data's seq_len, read
+    from data.dir/stats.json (None when it cannot be read there)."""
+    lengths = [s.seq_len for s in cfg.stages]
+    if any(n is None for n in lengths):
+        try:
+            data_seq = int(json.loads((Path(cfg.data.dir) / "stats.json").read_text())["seq_len"])
+        except (OSError, ValueError, KeyError, TypeError):
+            if any(s.steps is None and s.seq_len is None for s in cfg.stages):
+                return None
+            data_seq = 0  # only step-counted stages lack a length: it is not used
+        lengths = [n or data_seq for n in lengths]
+    return sum(_steps(cfg, world_size, lengths))
