@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from training import dist as tdist
+from training.dist import discovery
 from training.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,17 +125,17 @@ class FakeComm:
 
 def test_mpich_env_broadcasts_master_from_rank0(monkeypatch):
     e = {"PMI_RANK": "0", "PMI_SIZE": "2", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2"}
-    monkeypatch.setattr(tdist, "_mpi_comm", lambda: FakeComm())
+    monkeypatch.setattr(discovery, "_mpi_comm", lambda: FakeComm())
     env0 = tdist.discover(e, argv=["x"])
     assert (env0.launcher, env0.rank, env0.world_size, env0.master_addr) == ("mpi", 0, 2, "127.0.0.1")
-    monkeypatch.setattr(tdist, "_mpi_comm", lambda: FakeComm(("127.0.0.1", str(env0.master_port))))
+    monkeypatch.setattr(discovery, "_mpi_comm", lambda: FakeComm(("127.0.0.1", str(env0.master_port))))
     env1 = tdist.discover(dict(e, PMI_RANK="1", MPI_LOCALRANKID="1"), argv=["x"])
     assert (env1.rank, env1.local_rank, env1.master_port) == (1, 1, env0.master_port)
 
 
 def test_mpi_multi_node_uses_rank0_hostname(monkeypatch):
     e = {"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "2", "MASTER_PORT": "7"}
-    monkeypatch.setattr(tdist, "_mpi_comm", lambda: FakeComm())
+    monkeypatch.setattr(discovery, "_mpi_comm", lambda: FakeComm())
     monkeypatch.setattr(tdist.socket, "getfqdn", lambda: "node1.cluster")
     assert tdist.discover(e, argv=["x"]).master_addr == "node1.cluster"
 

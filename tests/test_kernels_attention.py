@@ -15,14 +15,14 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels.testing import rel_err, setup_kernels_for_tests  # noqa: E402
+from tests.kernels_testing import rel_err, setup_kernels_for_tests  # noqa: E402
 
 DEV = setup_kernels_for_tests()
 
 from kernels.attention import (attention_dropout_mask, fused_attention,  # noqa: E402
                                fused_attention_available, fused_attention_varlen, pad_input,
                                unpad_input)
-from kernels.reference import reference_attention  # noqa: E402
+from tests.kernels_reference import reference_attention  # noqa: E402
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available() or DEV != "cuda",

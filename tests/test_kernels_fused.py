@@ -14,7 +14,7 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from kernels.testing import rel_err, setup_kernels_for_tests  # noqa: E402
+from tests.kernels_testing import rel_err, setup_kernels_for_tests  # noqa: E402
 
 DEV = setup_kernels_for_tests()
 
@@ -23,7 +23,7 @@ from kernels.bias_gelu import bias_gelu_available, fused_bias_gelu  # noqa: E402
 from kernels.layernorm import (fused_add_dropout_layernorm, layernorm_available,  # noqa: E402
                                layernorm_dropout_mask)
 from kernels.mlm_loss import fused_mlm_loss, mlm_loss_available  # noqa: E402
-from kernels.reference import (reference_add_dropout_layernorm, reference_bias_gelu,  # noqa: E402
+from tests.kernels_reference import (reference_add_dropout_layernorm, reference_bias_gelu,  # noqa: E402
                                reference_mlm_loss)
 
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

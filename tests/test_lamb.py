@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.lamb_reference import reference_lamb_step
 from training.engine.lamb import (Lamb, build_lamb, check_zero_compat, fused_param_groups, param_groups_for,
-                                  prepare_for_engine, reference_lamb_step, state_by_name, undo_deepspeed_init_step)
+                                  prepare_for_engine, state_by_name, undo_deepspeed_init_step)
 from training.errors import UserError
 
 RTOL, ATOL = 1e-6, 1e-7

@@ -75,3 +75,9 @@ def test_checkpoint_compatibility_asks_the_model_configs_shape_group():
     assert checkpoint.SHAPE_FIELDS is ModelConfig.SHAPE_FIELDS
     assert checkpoint.RESOLVED_AT_RUN_TIME is ModelConfig.PER_LAYER_FIELDS
     assert not set(ModelConfig.REGULARISATION_FIELDS) & set(ModelConfig.SHAPE_FIELDS)  # dropout may change on resume
+
+
+def test_the_code_imports_no_test_oracle():
+    """Test-only references (a per-tensor LAMB, the kernels' eager references) live under tests/."""
+    kernels = sorted((ROOT.parent / "kernels").glob("*.py"))
+    assert offenders(files() + kernels, ("tests",)) == []

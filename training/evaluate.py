@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from training import outdir
 from training.errors import UserError, exit_on_user_error
 
 DEFAULT_BATCH_SIZE = 32
@@ -201,12 +202,7 @@ def summary_line(r: dict, out: Path | None) -> str:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    outdir.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 def parse_args(argv=None):

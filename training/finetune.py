@@ -441,9 +441,7 @@ def jsonable(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    outdir.write_atomic(path, json.dumps(jsonable(obj), indent=1, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------ training

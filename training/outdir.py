@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional, Union
 
 from training.errors import UserError
 
@@ -137,12 +137,49 @@ class DirLock:
         self.fd = None
 
 
+def write_atomic(path: Path, data: Union[str, bytes, Callable[[BinaryIO], None]], fsync: bool = False) -> None:
+    """Write `path` whole or not at all: into `.NAME.tmp-PID` beside it, then os.replace, so a reader (or a
+    process killed mid-write) never sees half a file; a failed write removes the temporary file. `data` is
+    text, bytes, or a function that writes into the open binary file (torch.save). `fsync`: flush the file
+    and the directory entry to disk (checkpoints: the rename must survive a crash of the machine)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_marker(directory: Path, name: str, **info) -> None:
-    """`info` says what wrote the directory (`written_by`, ...). Temp file + rename: never half a marker."""
-    path = Path(directory) / name
-    tmp = path.with_name(f"{name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(tmp, path)
+    """`info` says what wrote the directory (`written_by`, ...); never half a marker (write_atomic)."""
+    write_atomic(Path(directory) / name, json.dumps(info, indent=1) + "\n")
 
 
 def read_marker(directory: Path, name: str) -> Optional[dict]:

@@ -249,9 +249,7 @@ def truncate_metrics(path: Path, step: int) -> None:
         except ValueError:
             continue  # a line cut short by the kill
         kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    outdir.write_atomic(path, "".join(kept))
 
 
 @exit_on_user_error
@@ -327,7 +325,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, s
     if claimed is not None and claimed.pending:
         _after_first_step(runner, claimed.trained)
     # A rank that dies or freezes makes the others exit within dist.heartbeat_timeout_s, naming it
-    # (training/dist.py); without the watchdog only the process-group timeout, dist.timeout_s, would.
+    # (training/dist/watchdog.py); without the watchdog only the process-group timeout, dist.timeout_s, would.
     use_watchdog = env.world_size > 1 and cfg.dist.heartbeat_timeout_s is not None
     watchdog = start_watchdog(env, cfg.dist.heartbeat_timeout_s) if use_watchdog else contextlib.nullcontext()
     with watchdog:

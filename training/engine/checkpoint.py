@@ -27,7 +27,6 @@ temporary directory is removed and `latest` still names the previous complete ch
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -49,6 +48,7 @@ import torch.distributed as dist
 
 from training.engine import faults, inject
 from training.errors import UserError
+from training.outdir import fsync_dir, write_atomic
 from training.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -112,32 +112,6 @@ def tag_for(state: TrainState) -> str:
     return f"step{state.step:08d}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 _digests: dict[str, tuple[tuple, str]] = {}  # path -> ((size, mtime_ns, ino, ctime_ns), hex digest)
@@ -215,7 +189,7 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
                     "checksums": {"algorithm": HASH, "files": _checksums(tmp, files)}}
             if run_info is not None:
                 meta["run"] = run_info
-            _write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1), fsync=True)
             if final.exists():
                 # Left from an abandoned timeline (never named by `latest`), or a second save of the same step.
                 stale = ckpt_dir / f"{tag}.old-{os.getpid()}"
@@ -225,8 +199,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
             else:
                 os.rename(tmp, final)
             published = True
-            _fsync_dir(ckpt_dir)
-            _write_atomic(ckpt_dir / "latest", tag)
+            fsync_dir(ckpt_dir)
+            write_atomic(ckpt_dir / "latest", tag, fsync=True)
             _prune(ckpt_dir, keep_last, tag)
     except Exception as err:
         if rank == 0 and not published:
@@ -396,7 +370,7 @@ def quarantine(ckpt_dir: Path, bad: list[str], good: str) -> None:
             target = ckpt_dir / f"{tag}{CORRUPT_SUFFIX}-{os.getpid()}"
         os.rename(ckpt_dir / tag, target)
         log.warning("kept the corrupt checkpoint %s as %s", ckpt_dir / tag, target)
-    _write_atomic(ckpt_dir / "latest", good)
+    write_atomic(ckpt_dir / "latest", good, fsync=True)
 
 
 def check_compatible(meta: dict, model_cfg: ModelConfig, where: Path) -> None:

@@ -11,14 +11,14 @@ where D = decay_end_step (default end_step) and the base is clamped to [0, 1]. A
 [0, total) is the plain warmup_poly_decay. Past the last segment the lr stays at its end value.
 
 Multi-stage runs (e.g. BERT seq-128 then seq-512) append a segment per stage. The global step keeps
-counting, so the run resumes where it stopped. LRSchedule.staged builds segments that restart
+counting, so the run resumes where it stopped. staged_segments builds segments that restart
 warmup at each stage boundary and then rejoin ONE global decay curve exactly: each stage decays
 towards the global end (decay_end_step = total) starting from the global curve's value at the end
 of its warmup; a polynomial decay that ends at end_lr restarted on its own curve is the same curve.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 
@@ -78,60 +78,3 @@ def lr_at(segments: Sequence[Segment], step: int) -> float:
         if step < seg.end_step:
             return seg.lr(step)
     return segments[-1].lr(step)
-
-
-class LRSchedule:
-    """Per-step lr over contiguous segments; sets every param group's 'lr' of `optimizer`.
-
-    Give it to deepspeed.initialize(lr_scheduler=...): DeepSpeed calls step() after each applied
-    optimizer step (not on overflow skips) and saves/loads state_dict() with checkpoints. Do not add
-    __call__: DeepSpeed would treat a callable as a scheduler factory.
-    """
-
-    def __init__(self, optimizer, segments: Sequence[Segment | tuple], last_step: int = 0):
-        self.optimizer = optimizer
-        self.segments = [s if isinstance(s, Segment) else Segment(*s) for s in segments]
-        if not self.segments or self.segments[0].start_step != 0:
-            raise ValueError("segments must start at step 0")
-        for a, b in zip(self.segments, self.segments[1:]):
-            if b.start_step != a.end_step:
-                raise ValueError(f"segments must be contiguous: {a} then {b}")
-        self.last_step = last_step
-        self._apply()
-
-    @classmethod
-    def staged(cls, optimizer, total_steps: int, peak_lr: float, stages: Sequence[tuple[int, int]],
-               end_lr: float = 0.0, power: float = 1.0, last_step: int = 0) -> "LRSchedule":
-        """stages: [(start_step, warmup_steps), ...] (see staged_segments)."""
-        return cls(optimizer, staged_segments(total_steps, peak_lr, stages, end_lr, power), last_step=last_step)
-
-    def lr_at(self, step: int) -> float:
-        return lr_at(self.segments, step)
-
-    def _apply(self):
-        lr = self.lr_at(self.last_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
-
-    def step(self):
-        self.last_step += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return list(self._last_lr)
-
-    def state_dict(self) -> dict:
-        # Segments are saved for inspection only; load keeps the configured ones so a resumed run
-        # may append stages.
-        return {"last_step": self.last_step, "segments": [asdict(s) for s in self.segments]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.last_step = int(state["last_step"])
-        self._apply()
-
-
-def make_lr_scheduler(optimizer, total_steps: int, warmup_steps: int, peak_lr: float, end_lr: float = 0.0,
-                      power: float = 1.0, last_step: int = 0) -> LRSchedule:
-    """The single-segment (plain) schedule."""
-    return LRSchedule(optimizer, [Segment(0, total_steps, warmup_steps, peak_lr, end_lr, power)], last_step)

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -63,6 +62,7 @@ import numpy as np
 import torch
 
 from training.errors import UserError
+from training.outdir import write_atomic
 from training.model import slimming
 from training.model.config import ModelConfig
 # The slimming tensors' names and the fold live with the model (export folds them too); named here as before.
@@ -215,17 +215,13 @@ def _is_rank0() -> bool:
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj))
 
 
 def save_init_weights(tensors: Tensors, out_dir: Path) -> Path:
     path = earlybert_dir(out_dir) / "init.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".init.pt.tmp-{os.getpid()}")
-    torch.save({k: v.detach().float().cpu() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: torch.save({k: v.detach().float().cpu() for k, v in tensors.items()}, f))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Test helper: run the kernels under the Triton CPU interpreter when there is no GPU."""
+"""Test helper (tests only): run the kernels under the Triton CPU interpreter when there is no GPU."""
 import importlib
 import os
 import sys
@@ -15,7 +15,7 @@ def setup_kernels_for_tests():
     has bound compiled kernels, so those modules are reloaded to bind interpreted ones.
     """
     interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    from . import _common
+    from kernels import _common
     if _common.INTERPRET != interp:
         for name in _MODULES:
             if name in sys.modules:
