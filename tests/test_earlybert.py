@@ -332,3 +332,30 @@ def test_rewind_init_refuses_a_missing_or_stale_init_file(tmp_path):
     eb.save_init_weights(weights, tmp_path)
     loaded = eb.load_init_weights(tmp_path, weights)
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+def test_enter_draws_one_ticket_for_the_weights_and_every_moment(tmp_path):
+    """Hook.enter, the boundary's one call: the prune hook resolves the ticket once and cuts the weights and
+    both moments with it (the moments carry no coefficients of their own), the same as resolve + transform."""
+    from types import SimpleNamespace
+
+    from training.stages.protocol import Boundary
+
+    cfg, model = _slim_model_with_dead_units()
+    hook = get_hook("prune")
+    declared = cfg.model_copy(update={"slimming": False})
+    args = {"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"}
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    moments = {"exp_avg": {k: torch.randn_like(v) for k, v in weights.items()},
+               "exp_avg_sq": {k: torch.rand_like(v) for k, v in weights.items()}}
+    stage = SimpleNamespace(name="pruned", hook="prune", hook_args=args, optimizer_state="carry")
+    entered = hook.enter(Boundary(step=5, rank=0, out_dir=tmp_path, stage=stage, old=cfg, declared=declared,
+                                  weights=weights, moments=moments))
+    ctx = HookContext(step=5, out_dir=tmp_path, args=args)
+    new_cfg = hook.resolve(cfg, declared, weights, ctx)
+    assert entered.model == new_cfg
+    torch.testing.assert_close(entered.weights, hook.transform(weights, cfg, new_cfg, transfer.WEIGHTS, ctx))
+    for key, power in transfer.MOMENT_POWER.items():
+        torch.testing.assert_close(entered.moments[key], hook.transform(moments[key], cfg, new_cfg, power, ctx))
+        assert {k: v.shape for k, v in entered.moments[key].items()} == \
+            {k: v.shape for k, v in entered.weights.items() if k in entered.moments[key]}

@@ -463,9 +463,9 @@ def _resolve(old: ModelConfig, declared: ModelConfig, tensors: Tensors, ctx: Hoo
     args = parse_args(ctx.args)
     heads, neurons = coefficients(tensors)
     ticket = draw_ticket(heads, neurons, args.ratio_heads, args.ratio_ffn)
-    # The runner passes this ctx to every transform call of the boundary (weights and moments alike):
+    # Hook.enter passes this ctx to every transform call of the boundary (weights and moments alike):
     # moments carry no coefficient values, so the ticket and the coefficients travel with it.
-    ctx.earlybert = {"ticket": ticket, "coefs": (heads, neurons)}
+    ctx.drawn.update(ticket=ticket, coefs=(heads, neurons))
     new = declared.model_copy(update={"heads_per_layer": ticket.heads_per_layer,
                                       "ffn_per_layer": ticket.ffn_per_layer})
     if _is_rank0():
@@ -480,8 +480,8 @@ def _transform(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int
     """Fold, then cut (moment 0: the weights; 1, 2: optimizer moments, see fold_slimming). With rewind: init
     the weights are first replaced by the search stage's initial ones: a collective, every rank calls."""
     args = parse_args(ctx.args)
-    state = getattr(ctx, "earlybert", None)
-    if state is None:  # called without resolve (tests): the tensors must be weights with coefficients
+    state = ctx.drawn
+    if not state:  # called without resolve (tests): the tensors must be weights with coefficients
         heads, neurons = coefficients(tensors)
         state = {"ticket": draw_ticket(heads, neurons, args.ratio_heads, args.ratio_ffn), "coefs": (heads, neurons)}
     coefs = state["coefs"]

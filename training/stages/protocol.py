@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from training.model.config import ModelConfig
+from training.stages.transfer import MOMENT_POWER, WEIGHTS
 
 Tensors = dict[str, torch.Tensor]
 
@@ -18,6 +19,34 @@ class HookContext:
     step: int  # global step at the boundary
     out_dir: Path
     args: dict[str, Any] = field(default_factory=dict)  # the stage's hook_args
+    # What `resolve` decided that every `transform` of the same boundary needs (EarlyBERT: the ticket and the
+    # slimming coefficients, which the moments do not carry). Filled by the hook, for this boundary only.
+    drawn: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Boundary:
+    """Everything a hook gets at a stage boundary, in one object (StageRunner._enter_stage builds it)."""
+    step: int  # global step at the boundary
+    rank: int
+    out_dir: Path
+    stage: Any  # the config's StageSection being entered (name, hook, hook_args, optimizer_state, ...)
+    old: ModelConfig  # the model trained so far
+    declared: ModelConfig  # the entered stage's model as the config declares it
+    weights: Tensors  # fp32, by parameter name (the masters where DeepSpeed keeps them)
+    moments: dict[str, Tensors]  # {'exp_avg': ..., 'exp_avg_sq': ...} with optimizer_state: carry, else {}
+    write_metrics: Callable[[dict], None] = lambda record: None
+
+    def context(self) -> HookContext:
+        return HookContext(step=self.step, out_dir=self.out_dir, args=self.stage.hook_args)
+
+
+@dataclass
+class Entered:
+    """What a hook returns: the new stage's model config, its weights and the carried moments (by name)."""
+    model: ModelConfig
+    weights: Tensors
+    moments: dict[str, Tensors]
 
 
 def _keep_declared(old: ModelConfig, new: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
@@ -37,3 +66,18 @@ class Hook:
     prepare: Callable[[torch.nn.Module, Any], None] = _no_prepare
     # Whether the stage's declared shape may equal the previous one (a freeze does not reshape).
     reshapes: bool = True
+
+    def enter(self, boundary: Boundary) -> Entered:
+        """The boundary's one call: resolve the new model, then transform the weights and each carried moment
+        with the same context (moments follow their gradients: transfer.MOMENT_POWER)."""
+        ctx = boundary.context()
+        new = self.resolve(boundary.old, boundary.declared, boundary.weights, ctx)
+        weights = self.transform(boundary.weights, boundary.old, new, WEIGHTS, ctx)
+        moments = {key: self.transform(t, boundary.old, new, MOMENT_POWER[key], ctx) if t else t
+                   for key, t in boundary.moments.items()}
+        return Entered(new, weights, moments)
+
+
+def enter_without_hook(boundary: Boundary) -> Entered:
+    """A stage that names no hook keeps the model (the config refuses a shape change without one)."""
+    return Entered(boundary.old, boundary.weights, boundary.moments)

@@ -28,6 +28,7 @@ from training.model.config import ModelConfig
 from training.model.flops import flops_per_token, trainable_parts
 from training.stages import transfer
 from training.stages.hooks import HookContext, get_hook
+from training.stages.protocol import Boundary, enter_without_hook
 from training.stages.layerdrop import layer_keep_probs
 from training.stages.plan import Plan, StagePlan
 from training.signals import preemption
@@ -73,16 +74,22 @@ class StageRunner:
         self.model, self.model_cfg = model, model_cfg
 
     def _build(self) -> None:
-        """(Re)build the DeepSpeed engine around self.model, in the existing process group."""
-        stage = self.cfg.stages[self.state.stage_index]
+        """(Re)build the DeepSpeed engine around self.model for the current stage, in the existing process group."""
+        self.engine = self._engine_for(self.model, self.state.stage_index)
+
+    def _engine_for(self, model: torch.nn.Module, stage_index: int):
+        """A DeepSpeed engine for `model` as stage `stage_index` trains it (its hook prepares the module first,
+        e.g. freezes layers: before the optimizer sees the parameters)."""
+        stage = self.cfg.stages[stage_index]
         hook = get_hook(stage.hook)
         if hook is not None:
-            hook.prepare(self.model, stage)  # e.g. freeze: must happen before the optimizer sees params
-        self.model.to(self.device)
-        self.engine, _ = build_engine(self.model, self.cfg, self.world_size, self.out_dir)
+            hook.prepare(model, stage)
+        model.to(self.device)
+        engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir)
         if self.metrics is None:
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
-                                         getattr(self.engine, "monitor", None))
+                                         getattr(engine, "monitor", None))
+        return engine
 
     def run_info(self, stage_index: int) -> dict:
         """What a checkpoint records of how it was trained (checkpoint.check_resumable compares it on resume)."""
@@ -120,32 +127,25 @@ class StageRunner:
         log.info("resumed from %s at step %d (stage %s)", tag, self.state.step, self.plan[stage_index].name)
 
     def _enter_stage(self, index: int) -> float:
-        """The boundary into stage `index`: reshape the module through its hook, rebuild the engine, map the
-        optimizer state by name (or reset it). Same process, same process group. Returns seconds taken."""
+        """The boundary into stage `index`, in one place: the hook gets the old model's fp32 weights and (with
+        optimizer_state: carry) its moments as one Boundary and returns the new model, weights and moments;
+        transfer.rebuild makes the new module and engine from them. Same process, same process group.
+        Returns seconds taken."""
         start = time.perf_counter()
         stage = self.cfg.stages[index]
         hook = get_hook(stage.hook)
-        old_cfg, declared = self.model_cfg, self.plan[index].model
-        weights = transfer.fp32_weights(self.engine)
         moments, steps = transfer.optimizer_moments(self.engine) if stage.optimizer_state == "carry" else ({}, {})
-        ctx = HookContext(step=self.state.step, out_dir=self.out_dir, args=stage.hook_args)
-        if hook is not None:
-            new_cfg = hook.resolve(old_cfg, declared, weights, ctx)
-            weights = hook.transform(weights, old_cfg, new_cfg, transfer.WEIGHTS, ctx)
-            moments = {key: hook.transform(t, old_cfg, new_cfg, transfer.MOMENT_POWER[key], ctx) if t else t
-                       for key, t in moments.items()}
-        else:
-            new_cfg = old_cfg
-        del self.engine
-        self.engine = None
+        boundary = Boundary(step=self.state.step, rank=self.rank, out_dir=self.out_dir, stage=stage,
+                            old=self.model_cfg, declared=self.plan[index].model,
+                            weights=transfer.fp32_weights(self.engine), moments=moments,
+                            write_metrics=self.metrics.write)
+        entered = hook.enter(boundary) if hook is not None else enter_without_hook(boundary)
+        del boundary
+        self.engine = None  # the old engine (and its optimizer state) goes before the new one is built
         gc.collect()
-        model = BertForPreTraining(new_cfg)
-        model.load_state_dict(weights)
-        self.set_model(model, new_cfg)
         self.state.stage_index = index
-        self._build()
-        step_value = max(steps.values(), default=0) if steps else 0
-        carried = transfer.load_into_engine(self.engine, weights, moments if steps else None, step_value)
+        self.engine, model, carried = transfer.rebuild(entered, steps, lambda m: self._engine_for(m, index))
+        self.set_model(model, entered.model)
         seconds = time.perf_counter() - start
         self.metrics.write({"kind": "transition", "step": self.state.step, "stage": stage.name,
                             "hook": stage.hook, "seconds": seconds, "carried_state_params": carried,

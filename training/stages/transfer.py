@@ -13,7 +13,7 @@ partitions (the config refuses `optimizer_state: carry` there).
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -116,3 +116,20 @@ def load_into_engine(engine, weights: Tensors, moments: dict[str, Tensors] | Non
         basic.state[p] = state
         carried += 1
     return carried
+
+
+def rebuild(entered, steps: dict[str, object], build: Callable[[torch.nn.Module], Any]) -> tuple[Any, torch.nn.Module, int]:
+    """The engine of a new stage, from what its hook returned (protocol.Entered): the module built from the
+    entered model config and weights, its engine (`build`: the runner's, which lets the stage's hook prepare
+    the module before the optimizer sees it), then the fp32 weights and the carried moments written into the
+    engine's masters (`steps`: the old optimizer's step per parameter; {} when the state is reset). The
+    caller drops the old engine first, so both never live at once. Returns (engine, module, parameters that
+    received carried state)."""
+    from training.model.bert import BertForPreTraining
+
+    model = BertForPreTraining(entered.model)
+    model.load_state_dict(entered.weights)  # the module's (maybe bf16) copy; the masters are written below
+    engine = build(model)
+    step_value = max(steps.values(), default=0) if steps else 0
+    carried = load_into_engine(engine, entered.weights, entered.moments if steps else None, step_value)
+    return engine, model, carried
