@@ -429,3 +429,37 @@ def test_stop_at_target_never_reads_the_metrics_an_earlier_run_left(tmp_path):
 
     assert follow(stale) is None  # the old file is not this run's
     assert follow(None) == 10  # the same file, as the run's own, stops it
+
+
+def test_throughput_stage_trains_as_the_runner_does(tmp_path, tiny_data):
+    """--stage NAME measures the stage as the runner trains it: MSLT's frozen lower layers (fewer FLOPs) and
+    layer drop's keep probabilities from the stage's first global step, with the runner's per-step seeds."""
+    import torch
+
+    from tests.tiny_run import tiny_config
+    from training.bench.throughput import select_stage, stage_training
+    from training.model.bert import BertForPreTraining
+    from training.model.flops import flops_per_token
+    from training.stages import layerdrop
+
+    cfg = tiny_config(tmp_path / "m", tiny_data, yaml_text=(
+        "stages:\n  - {name: L1, steps: 3, model: {num_layers: 1}}\n"
+        "  - {name: L2, steps: 3, model: {num_layers: 2}, hook: mslt, hook_args: {train_top: 1}}\n"))
+    name, model_cfg, seq_len, index = select_stage(cfg, "L2", 32)
+    assert (name, index, model_cfg.num_layers) == ("L2", 1, 2)
+    model = BertForPreTraining(model_cfg)
+    kwargs, trainable, keep = stage_training(cfg, index, model, 32)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(".layer.0." in n for n in frozen) and not any(".layer.1." in n for n in frozen)
+    assert kwargs(0) == {} and keep is None
+    assert flops_per_token(model_cfg, seq_len, trainable=trainable) < flops_per_token(model_cfg, seq_len)
+
+    cfg = tiny_config(tmp_path / "d", tiny_data, ["model.norm=pre"], yaml_text=(
+        "stages:\n  - {name: warm, steps: 4}\n  - {name: drop, steps: 4, layer_drop: {theta_bar: 0.5, gamma: 0.1}}\n"))
+    name, model_cfg, seq_len, index = select_stage(cfg, "drop", 32)
+    kwargs, trainable, keep = stage_training(cfg, index, BertForPreTraining(model_cfg), 32)
+    want = layerdrop.forward_kwargs(cfg.stages[1].layer_drop, 4 + 2, model_cfg.num_layers, cfg.run.seed)
+    got = kwargs(2)  # the stage starts at global step 4
+    assert got["layer_keep_prob"] == want["layer_keep_prob"] and keep == kwargs(0)["layer_keep_prob"]
+    assert torch.equal(torch.rand(3, generator=got["layer_drop_generator"]),
+                       torch.rand(3, generator=want["layer_drop_generator"]))

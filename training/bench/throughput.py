@@ -181,17 +181,19 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: Optional[
 class Subject:
     """One model + its DeepSpeed engine, and the per-block measurements."""
 
-    def __init__(self, name: str, label: str, engine, params: int):
+    def __init__(self, name: str, label: str, engine, params: int, forward_kwargs=lambda step: {}):
         self.name, self.label, self.engine, self.params = name, label, engine, params
+        self.forward_kwargs = forward_kwargs  # block step -> the stage's forward arguments (layer drop)
         self.blocks: list[dict] = []
 
 
 def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: torch.device,
               memory: MemoryProbe, tokens_per_step: int, samples_per_step: int, fp16: bool = False) -> dict:
-    for micro in steps[:warmup]:
-        timed_step(subject.engine, micro, device, fp16=fp16)
+    for i, micro in enumerate(steps[:warmup]):
+        timed_step(subject.engine, micro, device, fp16=fp16, forward_kwargs=subject.forward_kwargs(i))
     before = memory.start()
-    records = [timed_step(subject.engine, micro, device, fp16=fp16) for micro in steps[warmup:]]
+    records = [timed_step(subject.engine, micro, device, fp16=fp16, forward_kwargs=subject.forward_kwargs(warmup + i))
+               for i, micro in enumerate(steps[warmup:])]
     peak = memory.peak()
     seconds = sum(r["step_s"] for r in records)
     block = {
@@ -270,11 +272,34 @@ def machine_info(device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 
+def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
+    """Stage `index` as the runner trains it, applied to `model`: its hook's `prepare` (MSLT freezes the lower
+    layers), and its layer drop from the stage's first global step on. Returns (step -> forward kwargs,
+    trainable parts, keep probabilities at the first step or None)."""
+    from training.model.flops import trainable_parts
+    from training.stages import layerdrop
+    from training.stages.hooks import get_hook
+    from training.stages.plan import Plan
+
+    stage = cfg.stages[index]
+    hook = get_hook(stage.hook)
+    if hook is not None:
+        hook.prepare(model, stage)
+    start = Plan(cfg, data_seq_len, world_size=1)[index].start_step
+    layers = cfg.stage_model(index).num_layers
+
+    def kwargs(step: int) -> dict:
+        return layerdrop.forward_kwargs(stage.layer_drop, start + step, layers, cfg.run.seed)
+
+    first = kwargs(0).get("layer_keep_prob")
+    return kwargs, trainable_parts(model), first
+
+
 def select_stage(cfg, stage: Optional[str], data_seq_len: int):
-    """(stage label, model config, seq_len) to measure: the top-level `model:` at the data's length by
-    default, or the model and seq_len of one stage (`--stage NAME` or index)."""
+    """(stage label, model config, seq_len, stage index) to measure: the top-level `model:` at the data's length
+    by default (index None), or the model and seq_len of one stage (`--stage NAME` or index)."""
     if stage is None:
-        return None, cfg.model, data_seq_len
+        return None, cfg.model, data_seq_len, None
     names = [s.name for s in cfg.stages]
     if stage in names:
         index = names.index(stage)
@@ -286,7 +311,7 @@ def select_stage(cfg, stage: Optional[str], data_seq_len: int):
         raise UserError(f"--stage {stage}: no such stage (stages: {', '.join(names)})")
     from training.stages.plan import seq_lens
 
-    return names[index], cfg.stage_model(index), seq_lens(cfg, data_seq_len)[index]
+    return names[index], cfg.stage_model(index), seq_lens(cfg, data_seq_len)[index], index
 
 
 def run(args) -> dict:
@@ -312,7 +337,7 @@ def run(args) -> dict:
 
     data = load_data(cfg)
     resolve_model(cfg, data.vocab_size)
-    stage_name, model_cfg, seq_len = select_stage(cfg, args.stage, data.seq_len)
+    stage_name, model_cfg, seq_len, stage_index = select_stage(cfg, args.stage, data.seq_len)
     t = cfg.train
     total_steps = args.warmup + args.steps
     stream = data.train_batches(t.micro_batch_size, 0, 1, cfg.run.seed, seq_len=seq_len)
@@ -324,21 +349,33 @@ def run(args) -> dict:
     subjects = []
     models = args.models
     caveats: list[str] = []
+    stage_kwargs, trainable, keep_probs = (lambda step: {}), None, None
     if "ours" in models:
         torch.manual_seed(cfg.run.seed)
-        ours = BertForPreTraining(model_cfg).to(device)
+        ours = BertForPreTraining(model_cfg)
+        if stage_index is not None:  # the stage as the runner trains it: its hook's freezing, its layer drop
+            stage_kwargs, trainable, keep_probs = stage_training(cfg, stage_index, ours, data.seq_len)
+            if any(not p.requires_grad for p in ours.parameters()):
+                caveats.append(f"stage {stage_name}: ours trains only what the stage trains (frozen layers run "
+                               "forward only); HF trains its whole model")
+            if keep_probs is not None:
+                caveats.append(f"stage {stage_name}: ours drops layers with keep probabilities "
+                               f"{[round(p, 3) for p in keep_probs]} (the stage's first step); HF runs every layer")
+        ours = ours.to(device)
         engine, _ = build_engine(ours, cfg, 1, None)
         subjects.append(Subject("ours", f"ours (training.model.bert, attention={model_cfg.attention})", engine,
-                                count_parameters(ours)))
+                                count_parameters(ours), stage_kwargs))
     if "hf" in models:
         torch.manual_seed(cfg.run.seed)
-        hf, caveats = build_hf_model(model_cfg)
+        hf, hf_caveats = build_hf_model(model_cfg)
+        caveats += hf_caveats
         hf = hf.to(device)
         engine, _ = build_engine(hf, cfg, 1, None)
         subjects.append(Subject("hf", "transformers.BertForPreTraining (sdpa)", engine,
                                 count_parameters(hf, trainable_only=True)))
 
-    fpt = flops_per_token(model_cfg, seq_len, masked_fraction=cfg.data.mlm_probability)
+    fpt = flops_per_token(model_cfg, seq_len, masked_fraction=cfg.data.mlm_probability, trainable=trainable,
+                          keep_probs=keep_probs)  # FLOPs as computed: what the stage trains and runs
     if cfg.run.peak_tflops:
         peak, peak_source = cfg.run.peak_tflops, "config run.peak_tflops"
         peaks = []

@@ -56,3 +56,15 @@ def check_layerdrop(cfg: ModelConfig) -> None:
     """Config-load check: layer dropping needs Pre-LN layers."""
     if cfg.norm != "pre":
         raise ValueError(f"progressive layer dropping needs model.norm: pre, got {cfg.norm!r}")
+
+
+def forward_kwargs(layer_drop, step: int, num_layers: int, seed: int) -> dict:
+    """The forward arguments of one training step of a stage with `layer_drop` (its config section, or None):
+    the keep probabilities at global `step` and a generator seeded by the run seed and the step, so every rank
+    skips the same layers and reduces the same gradients (the runner and the throughput tool both use it)."""
+    import torch
+
+    if layer_drop is None:
+        return {}
+    probs = layer_keep_probs(step, num_layers, theta_bar=layer_drop.theta_bar, gamma=layer_drop.gamma)
+    return {"layer_keep_prob": probs, "layer_drop_generator": torch.Generator().manual_seed(seed * 1_000_003 + step)}

@@ -26,10 +26,9 @@ from training.metrics import MetricsWriter
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
 from training.model.flops import flops_per_token, trainable_parts
-from training.stages import transfer
+from training.stages import layerdrop, transfer
 from training.stages.hooks import HookContext, get_hook
 from training.stages.protocol import Boundary, enter_without_hook
-from training.stages.layerdrop import layer_keep_probs
 from training.stages.plan import Plan, StagePlan
 from training.signals import preemption
 
@@ -250,14 +249,8 @@ class StageRunner:
         return {"locality": strength} if strength > 0 else {}
 
     def _layer_drop(self, stage) -> dict:
-        """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (a generator
-        seeded by the step), so all ranks skip the same layers and reduce the same gradients."""
-        if stage.layer_drop is None:
-            return {}
-        probs = layer_keep_probs(self.state.step, self.model_cfg.num_layers, theta_bar=stage.layer_drop.theta_bar,
-                                 gamma=stage.layer_drop.gamma)
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 1_000_003 + self.state.step)
-        return {"layer_keep_prob": probs, "layer_drop_generator": gen}
+        """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (layerdrop.py)."""
+        return layerdrop.forward_kwargs(stage.layer_drop, self.state.step, self.model_cfg.num_layers, self.cfg.run.seed)
 
     def run(self) -> TrainState:
         if self.engine is None:
