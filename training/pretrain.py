@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from training import outdir  # noqa: E402
-from training.config import RunConfig, deepspeed_json, load_config  # noqa: E402
+from training.config import RunConfig, load_config  # noqa: E402
 from training.engine import checkpoint  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
@@ -281,7 +281,6 @@ def main(argv=None) -> int:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
-    ds_json = deepspeed_json(cfg, env.world_size, out)
     # The checkpoint to resume from, verified (sizes and checksums) before anything is touched; a corrupt
     # newest one is passed over for the newest that verifies, with a warning naming the bad file.
     tag, bad_tags = checkpoint.resume_tag(out / "checkpoints") if args.resume else (None, [])
@@ -289,7 +288,7 @@ def main(argv=None) -> int:
         runner.check_resume(tag)  # the same model, precision, seq_len and data as it was trained with
     claimed = prepare_out_dir(out, args.resume, args.overwrite, env.rank, inputs=inputs)  # accepted: now claim
     try:
-        return _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, start_watchdog)
+        return _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watchdog)
     except BaseException:
         if claimed is not None:
             claimed.failed()  # before its first step: the previous run goes back (after it: already deleted)
@@ -299,7 +298,7 @@ def main(argv=None) -> int:
             claimed.release()
 
 
-def _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, start_watchdog) -> int:
+def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watchdog) -> int:
     torch.distributed.barrier()
     if args.resume and tag is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
@@ -319,7 +318,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, ds_json, claimed, s
         try:
             (out / "config.resolved.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
             shutil.copytree(data.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)  # run dir is self-contained
-            (out / "deepspeed_config.json").write_text(json.dumps(ds_json, indent=1))
+            (out / "deepspeed_config.json").write_text(json.dumps(runner.ds_config, indent=1))
         except OSError as err:
             raise UserError(outdir.oserror_line(f"run.out_dir {out}", err)) from None
     if claimed is not None and claimed.pending:

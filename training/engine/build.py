@@ -33,10 +33,13 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim
     return optimizer, name
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, out_dir: str | Path):
-    """deepspeed.initialize with the JSON generated from `cfg`, in the existing process group."""
-    check_precision_supported(cfg.train.precision)
-    ds_config = deepspeed_json(cfg, world_size, out_dir)
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, out_dir: str | Path,
+                 ds_config: dict | None = None):
+    """deepspeed.initialize with the JSON generated from `cfg` (or `ds_config`, rendered once by the caller: it
+    does not depend on the model, so every stage's engine uses the same), in the existing process group."""
+    if ds_config is None:
+        check_precision_supported(cfg.train.precision)
+        ds_config = deepspeed_json(cfg, world_size, out_dir)
     optimizer, name = build_optimizer(model, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            dist_init_required=False)

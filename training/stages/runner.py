@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from training.config import RunConfig
+from training.config import RunConfig, deepspeed_json
 from training.errors import UserError
 from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr
@@ -52,6 +52,8 @@ class StageRunner:
         self.metrics: Optional[MetricsWriter] = None
         self.state = TrainState()
         self.plan = Plan(cfg, data.seq_len, world_size, cfg.data.dir)  # what will happen when (stages/plan.py)
+        # The DeepSpeed JSON, rendered once: it depends on the run config and world size, not on the model.
+        self.ds_config = deepspeed_json(cfg, world_size, out_dir)
         self.last_eval: dict = {}
 
     @property
@@ -84,7 +86,7 @@ class StageRunner:
         if hook is not None:
             hook.prepare(model, stage)
         model.to(self.device)
-        engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir)
+        engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir, self.ds_config)
         if self.metrics is None:
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
                                          getattr(engine, "monitor", None))
