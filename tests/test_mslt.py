@@ -349,3 +349,17 @@ def test_gradient_collectives_carry_only_trainable_parameters(tmp_path, tiny_dat
         assert r["frozen_params_with_grad"] in (0, None)
     assert frozen["no_grad_layers"] == 2 and frozen["trainable_parameters"] < full["trainable_parameters"]
     assert frozen["saved_activation_bytes"] < full["saved_activation_bytes"]
+
+
+def test_validation_changes_nothing_the_defaults_are_resolved_before_it():
+    """hook_args defaults are filled in by resolve_args (a new dict, once, at config load); validate only checks."""
+    from types import SimpleNamespace
+
+    old = ModelConfig(vocab_size=64, hidden_size=32, num_heads=2, num_layers=2, ffn_size=64, max_position=16)
+    new = old.model_copy(update={"num_layers": 3})
+    stage = SimpleNamespace(name="L3", hook_args={})
+    mslt.validate(old, new, stage)
+    assert stage.hook_args == {}
+    resolved = mslt.resolve_args(old, new, stage.hook_args)
+    assert resolved == {"train_top": 1, "freeze_embeddings": True} and stage.hook_args == {}
+    assert mslt.resolve_args(old, new, {"train_top": 2}) == {"train_top": 2, "freeze_embeddings": True}

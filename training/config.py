@@ -260,6 +260,7 @@ class RunConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
+        self._resolve_hook_args()
         self._check_stage_transitions()
         self._check_warmups()
         if self.optimizer.name == "lamb" and self.optimizer.fused and self.train.zero_stage > 0:
@@ -275,6 +276,19 @@ class RunConfig(_Strict):
             return ModelConfig.model_validate({**self.model.model_dump(), **stage.model})
         except ValidationError as err:
             raise ValueError(f"stage '{stage.name}': {_error_line(err.errors()[0], ('model',))}") from None
+
+    def _resolve_hook_args(self) -> None:
+        """Each hook fills in its hook_args' defaults from the shapes (MSLT: train_top = the added layers), once
+        and here, so that validation (below) and the hooks at run time change nothing."""
+        from training.stages.hooks import HOOKS
+
+        for i, stage in enumerate(self.stages[1:], start=1):
+            hook = HOOKS.get(stage.hook) if stage.hook else None
+            if hook is not None:
+                try:
+                    stage.hook_args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), stage.hook_args)
+                except ValueError as err:
+                    raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
 
     def _check_stage_transitions(self) -> None:
         from training.stages.hooks import get_hook  # hooks import the model package, not this module

@@ -71,8 +71,18 @@ def _added(old: ModelConfig, new: ModelConfig) -> int:
     return new.num_layers - old.num_layers
 
 
+def resolve_args(old: ModelConfig, new: ModelConfig, args: dict) -> dict:
+    """The stage's hook_args with their defaults filled in (train_top = k, the added layers; freeze_embeddings
+    true), resolved once when the config loads so that prepare() (also on resume) needs only (model, stage).
+    Returns a new dict; validate() then checks it."""
+    resolved = dict(args)
+    resolved.setdefault("train_top", _added(old, new))
+    resolved.setdefault("freeze_embeddings", True)
+    return resolved
+
+
 def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
-    """Config-load check of an `mslt` stage; fills in stage.hook_args['train_top'] (default k)."""
+    """Config-load check of an `mslt` stage (its hook_args already resolved: resolve_args). Changes nothing."""
     k = _added(old, new)
     if k < 1:
         raise ValueError(f"MSLT adds layers on top: model.num_layers must grow ({old.num_layers} -> "
@@ -88,19 +98,17 @@ def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
         if getattr(new, field) != expected:
             raise ValueError(f"model.{field} must become {expected} (the top {k} layers copied), "
                              f"got {getattr(new, field)}")
-    args = dict(stage.hook_args)
+    args = stage.hook_args
     unknown = sorted(set(args) - set(_ARGS))
     if unknown:
         raise ValueError(f"unknown hook_args {unknown} (known: {', '.join(_ARGS)})")
     for key, kind in _ARGS.items():
         if key in args and (type(args[key]) is not kind):
             raise ValueError(f"hook_args.{key} must be {kind.__name__}, got {args[key]!r}")
-    train_top = args.setdefault("train_top", k)
+    train_top = args.get("train_top", k)
     if not k <= train_top <= new.num_layers:
         raise ValueError(f"hook_args.train_top must be in [{k}, {new.num_layers}] (at least the {k} added "
                          f"layers), got {train_top}")
-    args.setdefault("freeze_embeddings", True)
-    stage.hook_args = args  # resolved here so that prepare() (also on resume) needs only (model, stage)
 
 
 def copy_top_layers(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 1,
@@ -184,7 +192,7 @@ def prepare_joint(model: torch.nn.Module, stage) -> None:
 
 
 HOOKS = [
-    Hook("mslt", validate=validate, transform=copy_top_layers, prepare=prepare),
+    Hook("mslt", validate=validate, transform=copy_top_layers, prepare=prepare, resolve_args=resolve_args),
     Hook("mslt_joint", validate=validate_joint, transform=_identity, prepare=prepare_joint, reshapes=False),
 ]
 

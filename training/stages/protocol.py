@@ -57,6 +57,10 @@ def _no_prepare(model: torch.nn.Module, stage) -> None:
     return None
 
 
+def _same_args(old: ModelConfig, new: ModelConfig, args: dict) -> dict:
+    return dict(args)
+
+
 @dataclass(frozen=True)
 class Hook:
     name: str
@@ -66,6 +70,9 @@ class Hook:
     prepare: Callable[[torch.nn.Module, Any], None] = _no_prepare
     # Whether the stage's declared shape may equal the previous one (a freeze does not reshape).
     reshapes: bool = True
+    # The stage's hook_args with defaults filled in, once, when the config loads (before validate, which
+    # then changes nothing): resolve_args(old, new, args) -> a new dict.
+    resolve_args: Callable[[ModelConfig, ModelConfig, dict], dict] = _same_args
 
     def enter(self, boundary: Boundary) -> Entered:
         """The boundary's one call: resolve the new model, then transform the weights and each carried moment
