@@ -64,3 +64,22 @@ def test_pretrain_starts_from_minilm_and_exports_every_imported_tensor(tmp_path,
     again = load_file(tmp_path / "again" / "model.safetensors")
     for name in ("bert.pooler.dense.weight", "bert.pooler.dense.bias"):
         assert torch.equal(again[name], theirs[name]), name
+
+
+def test_the_hf_shape_is_resolved_when_the_config_loads_and_transitions_are_checked_against_it(tmp_path):
+    """model.init_from_hf: the checkpoint's shape replaces the YAML's before validation, so a stage schedule is
+    checked against the real model (stacking 6 -> 12 layers is fine, 6 -> 4 is refused at load)."""
+    from training.config import load_config
+    from training.errors import UserError
+
+    def load(stages: str):
+        path = tmp_path / "c.yaml"
+        path.write_text(f"model: {{init_from_hf: {MINILM}, num_layers: 3, hidden_size: 64, num_heads: 2}}\n"
+                        f"stages: {stages}\n")
+        return load_config(path)
+
+    cfg = load("[{name: a, steps: 1}, {name: b, steps: 1, hook: stack, model: {num_layers: 12}}]")
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.vocab_size) == (6, 384, 12, 30522)
+    assert cfg.stage_model(1).num_layers == 12 and cfg.model.carry_pooler
+    with pytest.raises(UserError, match="stage 'b'"):
+        load("[{name: a, steps: 1}, {name: b, steps: 1, hook: stack, model: {num_layers: 4}}]")

@@ -473,6 +473,27 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return " ".join(f"{source}: {_error_line(err.errors()[0])}".split())
 
 
+# The shape fields `model.init_from_hf` takes from the checkpoint's config; the rest stays the run's choice.
+_HF_KEEPS_OURS = ("attention", "norm", "dropout", "attention_dropout", "nsp", "init_from_hf", "carry_pooler")
+
+
+def _with_hf_shape(raw: dict) -> dict:
+    """`model.init_from_hf`: the model's shape comes from the checkpoint's config, resolved here, before any
+    validation, so the stage transitions are checked against the real shape and nothing changes the config
+    after it loads. An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the
+    export keeps it."""
+    model = raw.get("model")
+    source = model.get("init_from_hf") if isinstance(model, dict) else None
+    if not source:
+        return raw
+    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
+
+    shape = model_config_from_hf(source).model_dump(exclude=set(_HF_KEEPS_OURS))
+    if not model.get("nsp", ModelConfig.model_fields["nsp"].default) and checkpoint_has_pooler(source):
+        shape["carry_pooler"] = True
+    return {**raw, "model": {**model, **shape}}
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     raw: dict = {}
     source = "config"
@@ -493,6 +514,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(raw, dict):
             raise UserError(f"{path}: the top level must be a mapping of sections")
     raw = apply_overrides(raw, list(overrides))
+    raw = _with_hf_shape(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -15,17 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model(cfg: RunConfig, vocab_size: int) -> None:
-    """Settle the model's shape before planning: from an HF checkpoint if asked; check the vocabulary.
-    An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the export keeps it."""
-    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
-
-    if cfg.model.init_from_hf:
-        hf_shape = model_config_from_hf(cfg.model.init_from_hf)
-        shape = hf_shape.model_dump(exclude={"attention", "norm", "dropout", "attention_dropout", "nsp",
-                                             "init_from_hf", "carry_pooler"})
-        if not cfg.model.nsp and checkpoint_has_pooler(cfg.model.init_from_hf):
-            shape["carry_pooler"] = True
-        cfg.model = cfg.model.model_copy(update=shape)
+    """Check the model against the data before planning: the vocabulary must be the tokenizer's. (The shape of
+    a `model.init_from_hf` model was resolved when the config loaded: config.load_config.) Changes nothing."""
     if cfg.model.vocab_size != vocab_size:
         raise UserError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer of data.dir={cfg.data.dir} "
                         f"has {vocab_size} tokens; set model.vocab_size={vocab_size} or prepare the data with "
