@@ -25,7 +25,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Frozen: a loaded config is resolved once (load_config: the HF shape, hook_args defaults, the default
+    # stage) and then never changes; derive a changed one with model_copy(update=...).
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class RunSection(_Strict):
@@ -254,7 +256,7 @@ class RunConfig(_Strict):
         if self.stages is None:
             if self.train.max_steps is None:
                 raise ValueError("set train.max_steps (or give a `stages` list)")
-            self.stages = [StageSection(name="main", steps=self.train.max_steps)]
+            object.__setattr__(self, "stages", [StageSection(name="main", steps=self.train.max_steps)])  # resolving
         elif not self.stages:
             raise ValueError("stages: the list is empty")
         names = [s.name for s in self.stages]
@@ -282,13 +284,16 @@ class RunConfig(_Strict):
         and here, so that validation (below) and the hooks at run time change nothing."""
         from training.stages.hooks import HOOKS
 
-        for i, stage in enumerate(self.stages[1:], start=1):
+        stages = list(self.stages)
+        for i, stage in enumerate(stages[1:], start=1):
             hook = HOOKS.get(stage.hook) if stage.hook else None
             if hook is not None:
                 try:
-                    stage.hook_args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), stage.hook_args)
+                    args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), stage.hook_args)
                 except ValueError as err:
                     raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
+                stages[i] = stage.model_copy(update={"hook_args": args})
+        object.__setattr__(self, "stages", stages)  # still resolving: the config is frozen once loaded
 
     def _check_stage_transitions(self) -> None:
         from training.stages.hooks import get_hook  # hooks import the model package, not this module
