@@ -232,3 +232,18 @@ def test_every_shipped_config_loads_with_the_domains():
     for path in paths:
         cfg = load_config(path)
         assert all(cfg.stage_model(i) for i in range(len(cfg.stages))), path
+
+
+def test_a_loaded_config_is_frozen(tmp_path):
+    """Resolved once, then never changed: assignment is refused; a changed config is a model_copy."""
+    import pydantic
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {max_steps: 3}\n")
+    cfg = load_config(path)
+    with pytest.raises(pydantic.ValidationError):
+        cfg.train.max_steps = 5
+    with pytest.raises(pydantic.ValidationError):
+        cfg.stages = []
+    assert cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 5})}).train.max_steps == 5
+    assert cfg.train.max_steps == 3 and [s.steps for s in cfg.stages] == [3]
