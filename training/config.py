@@ -283,13 +283,17 @@ class RunConfig(_Strict):
         """Each hook fills in its hook_args' defaults from the shapes (MSLT: train_top = the added layers), once
         and here, so that validation (below) and the hooks at run time change nothing."""
         from training.stages.hooks import HOOKS
+        from training.stages.protocol import parse_hook_args
 
         stages = list(self.stages)
         for i, stage in enumerate(stages[1:], start=1):
             hook = HOOKS.get(stage.hook) if stage.hook else None
             if hook is not None:
                 try:
-                    args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), stage.hook_args)
+                    args = stage.hook_args
+                    if hook.args is not None:  # typed: parsed (and its defaults filled in) once, here
+                        args = parse_hook_args(hook.args, args).model_dump()
+                    args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), args)
                 except ValueError as err:
                     raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
                 stages[i] = stage.model_copy(update={"hook_args": args})

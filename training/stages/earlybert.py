@@ -56,10 +56,11 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from training.errors import UserError
 from training.outdir import write_atomic
@@ -67,7 +68,7 @@ from training.model import slimming
 from training.model.config import ModelConfig
 # The slimming tensors' names and the fold live with the model (export folds them too); named here as before.
 from training.model.slimming import HEAD_COEF, NEURON_COEF, _column_scale, _layer, fold_slimming  # noqa: F401
-from training.stages.protocol import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookArgs, HookContext, Tensors, parse_hook_args
 
 log = logging.getLogger(__name__)
 
@@ -76,39 +77,22 @@ _FREE_FIELDS = (*ModelConfig.REGULARISATION_FIELDS, *ModelConfig.PER_LAYER_FIELD
 
 # -------------------------------------------------------------------------------------------- arguments
 
-@dataclass(frozen=True)
-class SearchArgs:
-    interval: int = 10  # steps between two masks
-    window: int = 5  # masks compared (the newest against the window - 1 before it)
-    threshold: float = 0.1  # normalised Hamming distance under which the ticket is drawn
+class SearchArgs(HookArgs):
+    interval: int = Field(10, ge=1)  # steps between two masks
+    window: int = Field(5, ge=2)  # masks compared (the newest against the window - 1 before it)
+    threshold: float = Field(0.1, gt=0, le=1)  # normalised Hamming distance under which the ticket is drawn
 
 
-@dataclass(frozen=True)
-class PruneArgs:
-    ratio_heads: float = 1 / 3  # fraction of each layer's heads pruned
-    ratio_ffn: float = 0.4  # fraction of all FFN neurons pruned (global threshold)
-    rewind: str = "init"  # init: the weights saved at the search stage's start; keep: the searched ones
+class PruneArgs(HookArgs):
+    ratio_heads: float = Field(1 / 3, ge=0, lt=1)  # fraction of each layer's heads pruned
+    ratio_ffn: float = Field(0.4, ge=0, lt=1)  # fraction of all FFN neurons pruned (global threshold)
+    rewind: Literal["init", "keep"] = "init"  # init: the weights saved at the search stage's start; keep: searched
     search: Optional[SearchArgs] = None  # None: no early-bird detection, the search stage runs its length
 
 
 def parse_args(raw: dict[str, Any]) -> PruneArgs:
-    raw = dict(raw or {})
-    known = {"ratio_heads", "ratio_ffn", "rewind", "search"}
-    if set(raw) - known:
-        raise ValueError(f"unknown hook_args {sorted(set(raw) - known)} (known: {sorted(known)})")
-    search = raw.pop("search", None)
-    if search is not None:
-        if not isinstance(search, dict) or set(search) - {"interval", "window", "threshold"}:
-            raise ValueError("hook_args.search takes {interval, window, threshold}")
-        search = SearchArgs(**search)
-        if search.interval < 1 or search.window < 2 or not 0 < search.threshold <= 1:
-            raise ValueError(f"hook_args.search needs interval >= 1, window >= 2, threshold in (0, 1]: {search}")
-    args = PruneArgs(**raw, search=search)
-    if not 0 <= args.ratio_heads < 1 or not 0 <= args.ratio_ffn < 1:
-        raise ValueError(f"ratio_heads and ratio_ffn must be in [0, 1), got {args.ratio_heads}, {args.ratio_ffn}")
-    if args.rewind not in ("init", "keep"):
-        raise ValueError(f"rewind must be 'init' or 'keep', got {args.rewind!r}")
-    return args
+    """The prune hook's typed hook_args (checked when the config loads: Hook.args)."""
+    return parse_hook_args(PruneArgs, raw)
 
 
 # ----------------------------------------------------------------------------------------- coefficients
@@ -497,4 +481,5 @@ def _watch(ctx: HookContext, write: Callable[[dict], None], rank: int) -> EarlyB
     return EarlyBirdSearch(parse_args(ctx.args), ctx.out_dir, write, rank)
 
 
-HOOKS = [WatchingHook(name="prune", validate=_validate, transform=_transform, resolve=_resolve, watch=_watch)]
+HOOKS = [WatchingHook(name="prune", validate=_validate, transform=_transform, resolve=_resolve, watch=_watch,
+                      args=PruneArgs)]

@@ -53,14 +53,13 @@ from typing import Any, Optional
 import torch
 
 from training.model.config import ModelConfig
-from training.stages.protocol import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookArgs, HookContext, Tensors, parse_hook_args
 
 _LAYER = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..+)$")
 # Parameters outside the encoder layers that stay trainable in a frozen stage.
 _HEAD_TRAINABLE = re.compile(r"^(cls\.predictions\.transform\.|cls\.predictions\.bias$|cls\.seq_relationship\.|"
                              r"bert\.pooler\.|bert\.encoder\.final_layer_norm\.)")
 _EMBEDDINGS = re.compile(r"^bert\.embeddings\.")
-_ARGS = {"train_top": int, "freeze_embeddings": bool}
 _PER_LAYER = ModelConfig.PER_LAYER_FIELDS
 DEFAULT_JOINT_FRACTION = 0.1
 
@@ -71,13 +70,18 @@ def _added(old: ModelConfig, new: ModelConfig) -> int:
     return new.num_layers - old.num_layers
 
 
+class MsltArgs(HookArgs):
+    train_top: Optional[int] = None  # top encoder layers that train; default (and minimum) k, the added layers
+    freeze_embeddings: bool = True
+
+
 def resolve_args(old: ModelConfig, new: ModelConfig, args: dict) -> dict:
-    """The stage's hook_args with their defaults filled in (train_top = k, the added layers; freeze_embeddings
-    true), resolved once when the config loads so that prepare() (also on resume) needs only (model, stage).
-    Returns a new dict; validate() then checks it."""
-    resolved = dict(args)
-    resolved.setdefault("train_top", _added(old, new))
-    resolved.setdefault("freeze_embeddings", True)
+    """The stage's hook_args (typed: MsltArgs) with their defaults filled in (train_top = k, the added layers;
+    freeze_embeddings true), resolved once when the config loads so that prepare() (also on resume) needs only
+    (model, stage). Returns a new dict; validate() then checks it."""
+    resolved = parse_hook_args(MsltArgs, args).model_dump()
+    if resolved["train_top"] is None:
+        resolved["train_top"] = _added(old, new)
     return resolved
 
 
@@ -98,14 +102,8 @@ def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
         if getattr(new, field) != expected:
             raise ValueError(f"model.{field} must become {expected} (the top {k} layers copied), "
                              f"got {getattr(new, field)}")
-    args = stage.hook_args
-    unknown = sorted(set(args) - set(_ARGS))
-    if unknown:
-        raise ValueError(f"unknown hook_args {unknown} (known: {', '.join(_ARGS)})")
-    for key, kind in _ARGS.items():
-        if key in args and (type(args[key]) is not kind):
-            raise ValueError(f"hook_args.{key} must be {kind.__name__}, got {args[key]!r}")
-    train_top = args.get("train_top", k)
+    train_top = parse_hook_args(MsltArgs, stage.hook_args).train_top
+    train_top = k if train_top is None else train_top
     if not k <= train_top <= new.num_layers:
         raise ValueError(f"hook_args.train_top must be in [{k}, {new.num_layers}] (at least the {k} added "
                          f"layers), got {train_top}")
@@ -192,7 +190,8 @@ def prepare_joint(model: torch.nn.Module, stage) -> None:
 
 
 HOOKS = [
-    Hook("mslt", validate=validate, transform=copy_top_layers, prepare=prepare, resolve_args=resolve_args),
+    Hook("mslt", validate=validate, transform=copy_top_layers, prepare=prepare, resolve_args=resolve_args,
+         args=MsltArgs),
     Hook("mslt_joint", validate=validate_joint, transform=_identity, prepare=prepare_joint, reshapes=False),
 ]
 

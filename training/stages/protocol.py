@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from training.model.config import ModelConfig
 from training.stages.transfer import MOMENT_POWER, WEIGHTS
@@ -49,6 +50,33 @@ class Entered:
     moments: dict[str, Tensors]
 
 
+class HookArgs(BaseModel):
+    """Base of a hook's typed `hook_args` (pydantic, like the rest of the config): unknown keys refused, types
+    strict, frozen. Parsed once when the config loads (config._resolve_hook_args); a hook that declares one
+    (`Hook.args`) may read its arguments back with `parse_hook_args`."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+_TYPE_NAMES = {"int_type": "int", "bool_type": "bool", "float_type": "float", "string_type": "str",
+               "dict_type": "a mapping", "model_type": "a mapping", "model_attributes_type": "a mapping"}
+
+
+def parse_hook_args(model: type[HookArgs], raw: Optional[dict]) -> HookArgs:
+    """`raw` validated against `model`; ValueError with one line naming the key on bad input."""
+    try:
+        return model.model_validate(dict(raw or {}))
+    except ValidationError as err:
+        errors = err.errors()
+        extra = sorted(".".join(map(str, e["loc"])) for e in errors if e["type"] == "extra_forbidden")
+        if extra:
+            raise ValueError(f"unknown hook_args {extra} (known: {', '.join(model.model_fields)})") from None
+        e = errors[0]
+        where = "hook_args." + ".".join(map(str, e["loc"]))
+        if e["type"] in _TYPE_NAMES:
+            raise ValueError(f"{where} must be {_TYPE_NAMES[e['type']]}, got {e['input']!r}") from None
+        raise ValueError(f"{where}: {e['msg']} (got {e.get('input')!r})") from None
+
+
 def _keep_declared(old: ModelConfig, new: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
     return new
 
@@ -73,6 +101,9 @@ class Hook:
     # The stage's hook_args with defaults filled in, once, when the config loads (before validate, which
     # then changes nothing): resolve_args(old, new, args) -> a new dict.
     resolve_args: Callable[[ModelConfig, ModelConfig, dict], dict] = _same_args
+    # The hook's typed hook_args (a HookArgs subclass), parsed when the config loads; None: the hook checks
+    # its own (most take none).
+    args: Optional[type[HookArgs]] = None
 
     def enter(self, boundary: Boundary) -> Entered:
         """The boundary's one call: resolve the new model, then transform the weights and each carried moment
