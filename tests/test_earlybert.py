@@ -196,6 +196,15 @@ def test_moments_are_cut_like_weights_and_scaled_like_the_folded_gradient(tmp_pa
      "model: {slimming: true}}]", "slimming: false"),
     ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
      "model: {slimming: false}, hook_args: {rewind: keep, ratio: 0.3}}]", "unknown hook_args"),
+    # typed hook_args (PruneArgs), one line naming the key
+    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
+     "model: {slimming: false}, hook_args: {rewind: later}}]", "hook_args.rewind: Input should be 'init' or 'keep'"),
+    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
+     "model: {slimming: false}, hook_args: {ratio_ffn: 1.5}}]", "hook_args.ratio_ffn: Input should be less than 1"),
+    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
+     "model: {slimming: false}, hook_args: {search: {window: 1}}}]", "hook_args.search.window"),
+    ("[{name: a, steps: 2, model: {slimming: true}}, {name: b, steps: 2, hook: prune, "
+     "model: {slimming: false}, hook_args: {ratio_heads: half}}]", "hook_args.ratio_heads must be float"),
 ])
 def test_prune_schedule_checks(tmp_path, tiny_data, stages, needle):
     with pytest.raises(UserError, match=needle):
