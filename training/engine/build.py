@@ -7,7 +7,8 @@ from pathlib import Path
 import deepspeed
 import torch
 
-from training.config import RunConfig, deepspeed_json
+from training.config import RunConfig
+from training.engine.ds_config import deepspeed_json
 from training.engine.lamb import build_lamb, check_zero_compat, param_groups_for, prepare_for_engine
 from training.errors import UserError
 

@@ -37,7 +37,7 @@ def _growth_hook(name: str, kinds) -> Hook:
 
 
 def _grow_seq_validate(old: ModelConfig, new: ModelConfig, stage) -> None:
-    # The data side (longer rows than the previous stage) is checked with the stage list in config.py.
+    # The data side (longer rows than the previous stage) is checked with the stage list in config/schema.py.
     if stage.seq_len is None:
         raise ValueError(f"stage '{stage.name}': hook grow_seq needs the stage's seq_len")
     if new.max_position != old.max_position:

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from training.config import RunConfig, deepspeed_json
+from training.config import RunConfig
+from training.engine.ds_config import deepspeed_json
 from training.errors import UserError
 from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr

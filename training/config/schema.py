@@ -1,27 +1,15 @@
-"""The run config: one typed, validated YAML file is the single source of truth.
-
-The DeepSpeed JSON is generated from it (see `deepspeed_json`): a template from `deepspeed_configs/` supplies
-the knobs we do not model (loss-scale window, bucket sizes, ...), and every key we own (batch sizes,
-precision, ZeRO stage, clipping, monitor) is filled from this file. A template that sets an owned key is an
-error, so the two can never disagree.
-"""
+"""The run config's schema: every section, typed and validated (pydantic), frozen once loaded."""
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from training.errors import UserError
 from training.model.config import (ModelConfig, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, domain,
                                    shown)
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Strict(BaseModel):
@@ -368,98 +356,6 @@ class RunConfig(_Strict):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ---------------------------------------------------------------------------------------------- loading
-
-class _DuplicateKey(yaml.constructor.ConstructorError):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
-    Keys brought in by a `<<` merge may still be overridden: that is what a merge is for."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.setdefault(key, key_node.start_mark)
-                except TypeError:  # an unhashable key: the base constructor says so
-                    continue
-                if first is not key_node.start_mark:
-                    raise _DuplicateKey(None, None, f"duplicate key {shown(key)} (first at line {first.line + 1})",
-                                        key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
-
-
-def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
-    """One line: what is wrong and where (line, column: 1-based)."""
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    problem = getattr(err, "problem", None) or (str(err).splitlines() or ["unreadable"])[0]
-    if mark is not None:
-        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
-    if isinstance(getattr(err, "position", None), int):  # a ReaderError (a control character) has no mark
-        return f"line {text.count(chr(10), 0, err.position) + 1}: {problem}"
-    return problem
-
-
-def _parse_value(text: str, key: str = "") -> Any:
-    """`--set` values are YAML scalars/flow collections: 3, 1e-3, true, [1, 2], null, a string."""
-    if text == "":
-        return ""
-    try:
-        return _yaml_load(text)
-    except yaml.YAMLError as err:
-        given = text if text.isprintable() else shown(text)
-        raise UserError(f"--set {key}={given}: not a valid YAML value ({_yaml_problem(err, text)})") from None
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b.c=value` items; a path goes through mappings (made if absent) and list indices
-    (`stages.1.steps`), which must exist."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        parts = key.split(".")
-        if not all(parts):
-            raise UserError(f"--set {key!r}: expected a dotted key such as train.max_steps or stages.0.steps")
-        value = _parse_value(text, key)
-        node: Any = raw
-        for i, part in enumerate(parts):
-            above = ".".join(parts[:i])
-            if isinstance(node, list):
-                count = f"{len(node)} entries (indices 0-{len(node) - 1})" if node else "no entries"
-                if not part.isdigit():
-                    raise UserError(f"--set {key}: {above} is a list, so '{part}' must be an index; it has {count}")
-                if int(part) >= len(node):
-                    raise UserError(f"--set {key}: {above} has {count}, no index {part}")
-                index: Any = int(part)
-            elif isinstance(node, dict):
-                index = part
-                if i < len(parts) - 1 and node.get(part) is None:  # absent, or an empty `section:` in the YAML
-                    if parts[i + 1].isdigit():
-                        raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])} is not set, so it has no index "
-                                        f"{parts[i + 1]}")
-                    node[part] = {}
-            else:
-                raise UserError(f"--set {key}: {above} is {shown(node)}, not a section or list")
-            if i == len(parts) - 1:
-                node[index] = value
-            else:
-                node = node[index]
-    return raw
-
-
 def _error_line(error: dict, prefix: tuple = ()) -> str:
     """One pydantic error as one line naming the dotted field: `train.max_steps must be positive, got 0`."""
     where = ".".join(str(p) for p in (*prefix, *error["loc"]))
@@ -476,109 +372,3 @@ def _error_line(error: dict, prefix: tuple = ()) -> str:
     if msg.startswith("Input should be "):  # pydantic's own: literals, bools, strings, mappings, lists
         return f"{where} must be {msg.removeprefix('Input should be ')}, got {shown(error.get('input'))}"
     return f"{where}: {msg}" if where else msg
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    return " ".join(f"{source}: {_error_line(err.errors()[0])}".split())
-
-
-# The shape fields `model.init_from_hf` takes from the checkpoint's config; the rest stays the run's choice.
-_HF_KEEPS_OURS = ("attention", "norm", "dropout", "attention_dropout", "nsp", "init_from_hf", "carry_pooler")
-
-
-def _with_hf_shape(raw: dict) -> dict:
-    """`model.init_from_hf`: the model's shape comes from the checkpoint's config, resolved here, before any
-    validation, so the stage transitions are checked against the real shape and nothing changes the config
-    after it loads. An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the
-    export keeps it."""
-    model = raw.get("model")
-    source = model.get("init_from_hf") if isinstance(model, dict) else None
-    if not source:
-        return raw
-    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
-
-    shape = model_config_from_hf(source).model_dump(exclude=set(_HF_KEEPS_OURS))
-    if not model.get("nsp", ModelConfig.model_fields["nsp"].default) and checkpoint_has_pooler(source):
-        shape["carry_pooler"] = True
-    return {**raw, "model": {**model, **shape}}
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    raw: dict = {}
-    source = "config"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            text = path.read_text()
-            raw = _yaml_load(text) or {}
-        except _DuplicateKey as err:
-            raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({_yaml_problem(err, text)})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections")
-    raw = apply_overrides(raw, list(overrides))
-    raw = _with_hf_shape(raw)
-    try:
-        return RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(_format_validation_error(err, source)) from None
-
-
-# ----------------------------------------------------------------------------------- DeepSpeed JSON
-
-OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler", "tensorboard", "steps_per_print",
-              "wall_clock_breakdown")
-PRECISION_BLOCKS = ("bf16", "fp16")
-
-
-def _load_template(cfg: RunConfig) -> tuple[dict, str]:
-    name = cfg.deepspeed.template or f"deepspeed_configs/{cfg.train.precision}.json"
-    path = Path(name)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / name
-    if not path.is_file():
-        raise UserError(f"deepspeed.template: file not found: {name}")
-    try:
-        return json.loads(path.read_text()), str(path)
-    except json.JSONDecodeError as err:
-        raise UserError(f"deepspeed.template {name}: not valid JSON ({err})") from None
-
-
-def deepspeed_json(cfg: RunConfig, world_size: int, out_dir: str | Path | None = None) -> dict:
-    template, template_path = _load_template(cfg)
-    for source, mapping in ((template_path, template), ("deepspeed.extra", cfg.deepspeed.extra)):
-        clash = sorted(set(mapping) & set(OWNED_KEYS))
-        clash += [f"{k}.enabled" for k in PRECISION_BLOCKS if "enabled" in mapping.get(k, {})]
-        clash += ["zero_optimization.stage"] if "stage" in mapping.get("zero_optimization", {}) else []
-        if clash:
-            raise UserError(f"{source} sets {clash}, which the run config owns; set them in the YAML instead")
-    ds = copy.deepcopy(template)
-    ds.update(copy.deepcopy(cfg.deepspeed.extra))
-    t = cfg.train
-    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
-    ds["gradient_accumulation_steps"] = t.grad_accum
-    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
-    ds["gradient_clipping"] = t.grad_clip
-    # The template may tune a precision block (fp16 loss-scale knobs); which one is on is ours to say.
-    for key in PRECISION_BLOCKS:
-        block = ds.pop(key, {})
-        if key == t.precision:
-            ds[key] = {**block, "enabled": True}
-    zero = dict(ds.get("zero_optimization", {}))
-    zero["stage"] = t.zero_stage
-    ds["zero_optimization"] = zero
-    if t.zero_stage > 0:
-        ds["zero_allow_untested_optimizer"] = True  # our client optimizer is elementwise-safe (AdamW)
-    ds["steps_per_print"] = 10**9  # progress is ours (tqdm + metrics.jsonl)
-    ds["wall_clock_breakdown"] = cfg.deepspeed.wall_clock_breakdown
-    if cfg.deepspeed.tensorboard and out_dir is not None:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(out_dir) / "tensorboard"),
-                             "job_name": cfg.run.name}
-    return ds

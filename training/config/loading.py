@@ -1,0 +1,155 @@
+"""Loading a run config: YAML (duplicate keys refused, errors with their line), `--set KEY=VALUE` overrides,
+the HF shape of `model.init_from_hf`, then validation into a frozen RunConfig; every problem is one line."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from training.config.schema import ModelConfig, RunConfig, _error_line, shown
+from training.errors import UserError
+
+
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently).
+    Keys brought in by a `<<` merge may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not key_node.start_mark:
+                    raise _DuplicateKey(None, None, f"duplicate key {shown(key)} (first at line {first.line + 1})",
+                                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
+    """One line: what is wrong and where (line, column: 1-based)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or (str(err).splitlines() or ["unreadable"])[0]
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    if isinstance(getattr(err, "position", None), int):  # a ReaderError (a control character) has no mark
+        return f"line {text.count(chr(10), 0, err.position) + 1}: {problem}"
+    return problem
+
+
+def _parse_value(text: str, key: str = "") -> Any:
+    """`--set` values are YAML scalars/flow collections: 3, 1e-3, true, [1, 2], null, a string."""
+    if text == "":
+        return ""
+    try:
+        return _yaml_load(text)
+    except yaml.YAMLError as err:
+        given = text if text.isprintable() else shown(text)
+        raise UserError(f"--set {key}={given}: not a valid YAML value ({_yaml_problem(err, text)})") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` items; a path goes through mappings (made if absent) and list indices
+    (`stages.1.steps`), which must exist."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set train.max_steps=100")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"--set {key!r}: expected a dotted key such as train.max_steps or stages.0.steps")
+        value = _parse_value(text, key)
+        node: Any = raw
+        for i, part in enumerate(parts):
+            above = ".".join(parts[:i])
+            if isinstance(node, list):
+                count = f"{len(node)} entries (indices 0-{len(node) - 1})" if node else "no entries"
+                if not part.isdigit():
+                    raise UserError(f"--set {key}: {above} is a list, so '{part}' must be an index; it has {count}")
+                if int(part) >= len(node):
+                    raise UserError(f"--set {key}: {above} has {count}, no index {part}")
+                index: Any = int(part)
+            elif isinstance(node, dict):
+                index = part
+                if i < len(parts) - 1 and node.get(part) is None:  # absent, or an empty `section:` in the YAML
+                    if parts[i + 1].isdigit():
+                        raise UserError(f"--set {key}: {'.'.join(parts[:i + 1])} is not set, so it has no index "
+                                        f"{parts[i + 1]}")
+                    node[part] = {}
+            else:
+                raise UserError(f"--set {key}: {above} is {shown(node)}, not a section or list")
+            if i == len(parts) - 1:
+                node[index] = value
+            else:
+                node = node[index]
+    return raw
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    return " ".join(f"{source}: {_error_line(err.errors()[0])}".split())
+
+
+# The shape fields `model.init_from_hf` takes from the checkpoint's config; the rest stays the run's choice.
+_HF_KEEPS_OURS = ("attention", "norm", "dropout", "attention_dropout", "nsp", "init_from_hf", "carry_pooler")
+
+
+def _with_hf_shape(raw: dict) -> dict:
+    """`model.init_from_hf`: the model's shape comes from the checkpoint's config, resolved here, before any
+    validation, so the stage transitions are checked against the real shape and nothing changes the config
+    after it loads. An MLM-only model carries the checkpoint's pooler untrained (model.carry_pooler), so the
+    export keeps it."""
+    model = raw.get("model")
+    source = model.get("init_from_hf") if isinstance(model, dict) else None
+    if not source:
+        return raw
+    from training.model.hf import checkpoint_has_pooler, model_config_from_hf
+
+    shape = model_config_from_hf(source).model_dump(exclude=set(_HF_KEEPS_OURS))
+    if not model.get("nsp", ModelConfig.model_fields["nsp"].default) and checkpoint_has_pooler(source):
+        shape["carry_pooler"] = True
+    return {**raw, "model": {**model, **shape}}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    raw: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            text = path.read_text()
+            raw = _yaml_load(text) or {}
+        except _DuplicateKey as err:
+            raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: not valid YAML ({_yaml_problem(err, text)})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides))
+    raw = _with_hf_shape(raw)
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_validation_error(err, source)) from None

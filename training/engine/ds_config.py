@@ -1,0 +1,66 @@
+"""The DeepSpeed JSON, generated from the run config: a template from `deepspeed_configs/` supplies the knobs we do
+not model (loss-scale window, bucket sizes, ...), and every key we own (batch sizes, precision, ZeRO stage,
+clipping, monitor) is filled from the config. A template that sets an owned key is an error, so the two can
+never disagree. It depends on the config and world size, not on the model: a run renders it once
+(StageRunner.ds_config) and every stage's engine uses it."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from training.config import RunConfig
+from training.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
+              "gradient_clipping", "optimizer", "scheduler", "tensorboard", "steps_per_print",
+              "wall_clock_breakdown")
+PRECISION_BLOCKS = ("bf16", "fp16")
+
+
+def _load_template(cfg: RunConfig) -> tuple[dict, str]:
+    name = cfg.deepspeed.template or f"deepspeed_configs/{cfg.train.precision}.json"
+    path = Path(name)
+    if not path.is_absolute() and not path.exists():
+        path = REPO_ROOT / name
+    if not path.is_file():
+        raise UserError(f"deepspeed.template: file not found: {name}")
+    try:
+        return json.loads(path.read_text()), str(path)
+    except json.JSONDecodeError as err:
+        raise UserError(f"deepspeed.template {name}: not valid JSON ({err})") from None
+
+
+def deepspeed_json(cfg: RunConfig, world_size: int, out_dir: str | Path | None = None) -> dict:
+    template, template_path = _load_template(cfg)
+    for source, mapping in ((template_path, template), ("deepspeed.extra", cfg.deepspeed.extra)):
+        clash = sorted(set(mapping) & set(OWNED_KEYS))
+        clash += [f"{k}.enabled" for k in PRECISION_BLOCKS if "enabled" in mapping.get(k, {})]
+        clash += ["zero_optimization.stage"] if "stage" in mapping.get("zero_optimization", {}) else []
+        if clash:
+            raise UserError(f"{source} sets {clash}, which the run config owns; set them in the YAML instead")
+    ds = copy.deepcopy(template)
+    ds.update(copy.deepcopy(cfg.deepspeed.extra))
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    ds["gradient_clipping"] = t.grad_clip
+    # The template may tune a precision block (fp16 loss-scale knobs); which one is on is ours to say.
+    for key in PRECISION_BLOCKS:
+        block = ds.pop(key, {})
+        if key == t.precision:
+            ds[key] = {**block, "enabled": True}
+    zero = dict(ds.get("zero_optimization", {}))
+    zero["stage"] = t.zero_stage
+    ds["zero_optimization"] = zero
+    if t.zero_stage > 0:
+        ds["zero_allow_untested_optimizer"] = True  # our client optimizer is elementwise-safe (AdamW)
+    ds["steps_per_print"] = 10**9  # progress is ours (tqdm + metrics.jsonl)
+    ds["wall_clock_breakdown"] = cfg.deepspeed.wall_clock_breakdown
+    if cfg.deepspeed.tensorboard and out_dir is not None:
+        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(out_dir) / "tensorboard"),
+                             "job_name": cfg.run.name}
+    return ds
