@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from tests.tiny_run import make_runner, tiny_config
-from training.model.bert import BertForPreTraining, eager_attention, locality_bias, sdpa_attention
+from training.model.bert import BertForPreTraining
+from training.model.ops import eager_attention, locality_bias, sdpa_attention
 from training.model.config import ModelConfig
 
 

@@ -10,7 +10,7 @@ import transformers
 
 from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig, count_parameters, flops_per_token
-from training.model import bert as bert_module
+from training.model import ops as model_ops
 from training.model import fused as fused_module
 
 BASE = dict(vocab_size=89, hidden_size=32, num_layers=3, num_heads=4, ffn_size=64, max_position=32,
@@ -291,7 +291,7 @@ def test_fused_residual_layernorm_needs_post_ln():
         ModelConfig(**BASE, fused_ops=["softmax"])
 
 
-def naive_linear_attention(q, k, v, key_padding, eps=bert_module.LINEAR_ATTENTION_EPS):
+def naive_linear_attention(q, k, v, key_padding, eps=model_ops.LINEAR_ATTENTION_EPS):
     """O(S^2) form: out_i = sum_j s_ij v_j / (sum_j s_ij + eps), s_ij = phi(q_i).phi(k_j) for real j."""
     phi_q, phi_k = F.elu(q) + 1, F.elu(k) + 1
     scores = phi_q @ phi_k.transpose(-1, -2)  # [B, H, S, S]
@@ -304,7 +304,7 @@ def test_linear_attention_matches_naive_formula():
     q, k, v = (torch.randn(2, 3, 7, 5, generator=gen, dtype=torch.float64) for _ in range(3))
     key_padding = torch.ones(2, 7, dtype=torch.bool)
     key_padding[1, 4:] = False
-    got = bert_module.linear_attention(q, k, v, key_padding)
+    got = model_ops.linear_attention(q, k, v, key_padding)
     torch.testing.assert_close(got, naive_linear_attention(q.float(), k.float(), v.float(), key_padding).double(),
                                atol=1e-5, rtol=1e-5)
 
