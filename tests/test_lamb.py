@@ -345,6 +345,13 @@ def _zero_worker(out_path):
     if dist.get_rank() == 0:
         results["straddles"] = straddles
         torch.save(results, out_path)
+    # Leave together and skip the interpreter's teardown: a rank whose gloo/store threads are destroyed while its
+    # peer still works can abort at exit ("terminate called without an active exception") after the results
+    # are written (as bench/mslt.py's spawned ranks do).
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.slow
