@@ -363,11 +363,14 @@ def test_throughput_end_to_end(tmp_path, tiny_data):
     cfg = _tiny_config(tmp_path, "tp", tiny_data, lr=1e-3)
     out = tmp_path / "tp"
     proc = subprocess.run([sys.executable, "-m", "training.bench", "throughput", "--config", str(cfg), "--out",
-                           str(out), "--steps", "2", "--warmup", "1", "--repeats", "2"],
+                           str(out), "--steps", "2", "--warmup", "1", "--repeats", "2", "--profile", "2"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "throughput.json").read_text())
     assert set(res["models"]) == {"ours", "hf"}
+    for name in ("ours", "hf"):  # --profile: the operators by self time
+        text = (out / f"profile-{name}.txt").read_text()
+        assert res["profiles"][name] == str(out / f"profile-{name}.txt") and "aten::" in text and "Self CPU" in text
     for m in res["models"].values():
         assert m["tokens_per_s"] > 0 and m["samples_per_s"] > 0
         assert m["forward_s"] > 0 and m["backward_s"] > 0 and m["optimizer_s"] > 0

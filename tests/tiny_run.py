@@ -23,14 +23,14 @@ def tiny_config(tmp_path: Path, data_dir: Path, overrides: list[str] = (), yaml_
     return load_config(path, base + list(overrides))
 
 
-def make_runner(cfg, seed: int = 0) -> StageRunner:
+def make_runner(cfg, seed: int = 0, device: str = "cpu") -> StageRunner:
     from training.data.loader import PretrainingData
     from training.model.bert import BertForPreTraining
 
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = PretrainingData(cfg.data.dir)
-    runner = StageRunner(cfg, data, out, rank=0, world_size=1, device=torch.device("cpu"), peak_tflops=1.0)
+    runner = StageRunner(cfg, data, out, rank=0, world_size=1, device=torch.device(device), peak_tflops=1.0)
     torch.manual_seed(seed)
     runner.set_model(BertForPreTraining(cfg.stage_model(0)), cfg.stage_model(0))
     return runner

@@ -56,7 +56,7 @@ def load_checkpoint_model(tag_dir: Path):
     from training.model.bert import BertForPreTraining
 
     meta = checkpoint.read_meta(tag_dir.parent, tag_dir.name)
-    cfg = ModelConfig.model_validate(meta["model"])
+    cfg = ModelConfig.model_validate({**meta["model"], "compile": False})  # evaluation and export run eagerly
     model = BertForPreTraining(cfg)
     missing, unexpected = model.load_state_dict(load_module_state(tag_dir), strict=False)
     if missing or unexpected:

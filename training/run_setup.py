@@ -45,6 +45,9 @@ def load_data(cfg: RunConfig):
                         f"--out {data_dir} ...` (or `make data`) first")
     data = PretrainingData(data_dir, mlm_probability=cfg.data.mlm_probability,
                            whole_word=cfg.data.whole_word_mask, nsp=cfg.model.nsp)
+    if cfg.model.nsp and data.stats.get("packed") is False:
+        raise UserError(f"model.nsp needs packed rows with two segments, but data.dir={data_dir} was prepared with "
+                        "--no-pack (one document per row); prepare it without --no-pack or set model.nsp=false")
     if data.num_heldout_rows == 0:  # every run evaluates (at least at its end): refuse now, not after training
         raise UserError(f"data.dir={data_dir}: the held-out split has no rows, so the run's held-out evaluation has "
                         "nothing to score; prepare the data with --heldout-fraction > 0 (and enough documents)")

@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--repeats", type=int, default=3, help="alternating blocks per model (default 3)")
     t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
                    "default: the top-level model at the data's seq_len")
-    t.add_argument("--models", nargs="+", choices=("ours", "hf"), default=["ours", "hf"])
+    t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_padded", "hf"),
+                   default=["ours", "hf"], help="ours_compiled: ours with model.compile (torch.compile of each "
+                   "layer); ours_padded: ours with model.unpad false; blocks alternate")
+    t.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the blocks, N more steps per model under torch.profiler: OUT/profile-MODEL.txt")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
 
     c = sub.add_parser("compare", help="train configs and compare time to the baseline's final held-out loss")
@@ -66,8 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     add_plateau_arguments(pl)
     args = p.parse_args(argv)
-    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1):
-        p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1")
+    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1
+                                         or not 0 <= args.profile <= args.steps + args.warmup):
+        p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1, 0 <= --profile <= --steps + --warmup")
     return args
 
 

@@ -4,7 +4,10 @@ Both models are built from the same config `model:` shape, wrapped by the same `
 config's precision, ZeRO stage, LAMB/AdamW, clipping), and trained on the *same* pre-built batches
 with the runner's own step (training/engine/step.py: token-normalised loss, the scalar all-reduces, the
 fault check). Blocks of `--steps` timed steps alternate ours, HF, ours, HF, ... (`--repeats` pairs), each
-block preceded by `--warmup` untimed steps, so machine drift hits both alike.
+block preceded by `--warmup` untimed steps, so machine drift hits both alike. `--models` adds variants of ours
+with the same weights to the rotation: `ours_compiled` (model.compile) and `ours_padded` (model.unpad: false: a
+padded batch, from `prepare --no-pack`, then runs its padding too; "real tok/s" counts the non-padding tokens).
+Each model's very first step, before any block, is timed on its own ("1st step s": compilation included).
 
 Per optimizer step the time is split into forward (model + loss), backward (`engine.backward`), optimizer
 (`engine.step`: clipping, LAMB, precision casts) and sync (the token-count and flags all-reduces and the
@@ -18,7 +21,8 @@ before each block, i.e. the whole process: both models, both optimizers and the 
 `rss_before` is the resident size when the block starts, so peak - before approximates the block's
 working memory). Where clear_refs is not writable, the lifetime `ru_maxrss` is reported instead.
 
-MFU = flops_per_token(model, seq_len) x tokens/s / peak. The same model FLOPs are charged to HF (its
+MFU = flops_per_token(model, seq_len) x real tokens/s / peak (real: not padding; every token of packed rows).
+The same model FLOPs are charged to HF (its
 MLM head projects every position onto the vocabulary, ours only masked ones: that extra work is HF's
 overhead, not useful FLOPs), so the MFU ratio equals the throughput ratio. Peak = run.peak_tflops
 when set, else the best rate of a large square matmul in the compute dtype measured in this run
@@ -185,10 +189,14 @@ class Subject:
         self.name, self.label, self.engine, self.params = name, label, engine, params
         self.forward_kwargs = forward_kwargs  # block step -> the stage's forward arguments (layer drop)
         self.blocks: list[dict] = []
+        self.first_step_s: Optional[float] = None  # its very first step (model.compile: compilation included)
 
 
 def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: torch.device,
               memory: MemoryProbe, tokens_per_step: int, samples_per_step: int, fp16: bool = False) -> dict:
+    if subject.first_step_s is None:  # untimed by the blocks: compilation and first-call costs
+        record = timed_step(subject.engine, steps[0], device, fp16=fp16, forward_kwargs=subject.forward_kwargs(0))
+        subject.first_step_s = record["step_s"]
     for i, micro in enumerate(steps[:warmup]):
         timed_step(subject.engine, micro, device, fp16=fp16, forward_kwargs=subject.forward_kwargs(i))
     before = memory.start()
@@ -220,7 +228,7 @@ def run_block(subject: Subject, steps: list[list[dict]], warmup: int, device: to
 
 
 def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, tokens_per_step: int,
-              samples_per_step: int) -> dict:
+              samples_per_step: int, real_tokens_per_step: float) -> dict:
     """Medians over every timed step of every block (robust to the stalls of a shared machine);
     `*_mean` is total tokens / total time, which a single stall drags down."""
     b = subject.blocks
@@ -231,6 +239,7 @@ def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, toke
     return {
         "label": subject.label,
         "parameters": subject.params,
+        "first_step_s": subject.first_step_s,
         "tokens_per_s": tokens_per_step / pooled["step_s"],
         "samples_per_s": samples_per_step / pooled["step_s"],
         "tokens_per_s_mean": tokens_per_step * steps / seconds,
@@ -239,7 +248,9 @@ def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, toke
         "peak_memory_bytes": max(x["peak_memory_bytes"] for x in b),
         "peak_memory_minus_start_bytes": statistics.median(x["peak_memory_bytes"] - x["memory_before_bytes"]
                                                            for x in b),
-        "mfu": flops_per_token * tokens_per_step / pooled["step_s"] / (peak_tflops * 1e12),
+        # useful FLOPs: the model's per-token FLOPs on the real tokens (padding is nobody's useful work)
+        "mfu": flops_per_token * real_tokens_per_step / pooled["step_s"] / (peak_tflops * 1e12),
+        "real_tokens_per_s": real_tokens_per_step / pooled["step_s"],
         "blocks": b,
     }
 
@@ -344,27 +355,31 @@ def run(args) -> dict:
     steps = [[{k: v.to(device) for k, v in next(stream).items()} for _ in range(t.grad_accum)]
              for _ in range(total_steps)]
     tokens_per_step = t.micro_batch_size * t.grad_accum * seq_len
+    # Real (non-padding) tokens: all of them in packed rows; fewer in `prepare --no-pack` rows.
+    real_tokens_per_step = statistics.mean(float(sum(b["attention_mask"].sum() for b in micro)) for micro in steps)
     samples_per_step = t.micro_batch_size * t.grad_accum
 
     subjects = []
     models = args.models
     caveats: list[str] = []
     stage_kwargs, trainable, keep_probs = (lambda step: {}), None, None
-    if "ours" in models:
+    for name in [m for m in models if m != "hf"]:  # ours, ours_compiled, ours_padded: the same weights
         torch.manual_seed(cfg.run.seed)
-        ours = BertForPreTraining(model_cfg)
+        variant = {"ours": {}, "ours_compiled": {"compile": True}, "ours_padded": {"unpad": False}}[name]
+        ours = BertForPreTraining(model_cfg.model_copy(update=variant))
         if stage_index is not None:  # the stage as the runner trains it: its hook's freezing, its layer drop
             stage_kwargs, trainable, keep_probs = stage_training(cfg, stage_index, ours, data.seq_len)
             if any(not p.requires_grad for p in ours.parameters()):
-                caveats.append(f"stage {stage_name}: ours trains only what the stage trains (frozen layers run "
+                caveats.append(f"stage {stage_name}: {name} trains only what the stage trains (frozen layers run "
                                "forward only); HF trains its whole model")
             if keep_probs is not None:
-                caveats.append(f"stage {stage_name}: ours drops layers with keep probabilities "
+                caveats.append(f"stage {stage_name}: {name} drops layers with keep probabilities "
                                f"{[round(p, 3) for p in keep_probs]} (the stage's first step); HF runs every layer")
         ours = ours.to(device)
         engine, _ = build_engine(ours, cfg, 1, None)
-        subjects.append(Subject("ours", f"ours (training.model.bert, attention={model_cfg.attention})", engine,
-                                count_parameters(ours), stage_kwargs))
+        label = f"ours (training.model.bert, attention={model_cfg.attention}" + "".join(
+            f", {k}={v}" for k, v in variant.items()) + ")"
+        subjects.append(Subject(name, label, engine, count_parameters(ours), stage_kwargs))
     if "hf" in models:
         torch.manual_seed(cfg.run.seed)
         hf, hf_caveats = build_hf_model(model_cfg)
@@ -390,6 +405,8 @@ def run(args) -> dict:
             log.info("repeat %d %s: %.0f tokens/s, step %.3f s (fwd %.3f bwd %.3f opt %.3f)", r, s.name,
                      b["tokens_per_s"], b["step_s_median"], b["forward_s_median"], b["backward_s_median"],
                      b["optimizer_s_median"])
+    profiles = {s.name: profile_steps(s, steps[:args.profile], out, device, cfg.train.precision == "fp16")
+                for s in subjects} if args.profile else {}
     if not cfg.run.peak_tflops:
         peaks.append(matmul_peak_tflops(device, dtype))
         peak = max(peaks)
@@ -423,56 +440,82 @@ def run(args) -> dict:
                   "synchronised on CUDA; reported values are medians over all timed steps of all blocks; "
                   "tokens_per_s = tokens_per_step / median step time; *_mean = total tokens / total time",
         "caveats": caveats,
-        "models": {s.name: summarise(s, fpt, peak, tokens_per_step, samples_per_step) for s in subjects},
+        "profiles": profiles,
+        "real_tokens_per_step": real_tokens_per_step,
+        "padding": 1 - real_tokens_per_step / tokens_per_step,
+        "models": {s.name: summarise(s, fpt, peak, tokens_per_step, samples_per_step, real_tokens_per_step)
+                   for s in subjects},
     }
     try:
         result["machine"]["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    if "ours" in result["models"] and "hf" in result["models"]:
-        o, h = result["models"]["ours"], result["models"]["hf"]
-        # per repeat: the two adjacent blocks' median step times (drift between repeats cancels)
-        paired = [b["step_s_median"] / a["step_s_median"] for a, b in zip(o["blocks"], h["blocks"])]
-        result["ratio_ours_over_hf"] = {
-            "tokens_per_s": o["tokens_per_s"] / h["tokens_per_s"],
-            "tokens_per_s_mean": o["tokens_per_s_mean"] / h["tokens_per_s_mean"],
-            "tokens_per_s_paired_median": statistics.median(paired),
-            "tokens_per_s_paired": paired,
-            "step_s": o["step_s"] / h["step_s"],
-            "forward_s": o["forward_s"] / h["forward_s"],
-            "backward_s": o["backward_s"] / h["backward_s"],
-            "optimizer_s": o["optimizer_s"] / h["optimizer_s"],
-            "peak_memory": o["peak_memory_bytes"] / h["peak_memory_bytes"],
-        }
+    for mine, theirs in (("ours", "hf"), ("ours_compiled", "hf"), ("ours_compiled", "ours"), ("ours_padded", "hf"),
+                         ("ours", "ours_padded")):
+        if mine in result["models"] and theirs in result["models"]:
+            result[f"ratio_{mine}_over_{theirs}"] = ratio(result["models"][mine], result["models"][theirs])
     (out / "throughput.json").write_text(json.dumps(result, indent=1))
     print(format_table(result))
     print(f"wrote {out / 'throughput.json'}")
     return result
 
 
+def profile_steps(subject: Subject, steps: list[list[dict]], out: Path, device: torch.device, fp16: bool) -> str:
+    """`--profile N`: N more steps under torch.profiler, after the timed blocks; the operators by self time go
+    to OUT/profile-NAME.txt (returned). Where a step's time goes, op by op: the first thing to read before
+    changing anything for speed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i, micro in enumerate(steps):
+            timed_step(subject.engine, micro, device, fp16=fp16, forward_kwargs=subject.forward_kwargs(i))
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path = out / f"profile-{subject.name}.txt"
+    path.write_text(f"{subject.label}: {len(steps)} steps\n" + prof.key_averages().table(sort_by=key, row_limit=30))
+    return str(path)
+
+
+def ratio(mine: dict, theirs: dict) -> dict:
+    """Each entry is mine / theirs: tokens/s above 1 and times below 1 mean mine is faster."""
+    # per repeat: the two adjacent blocks' median step times (drift between repeats cancels)
+    paired = [b["step_s_median"] / a["step_s_median"] for a, b in zip(mine["blocks"], theirs["blocks"])]
+    return {
+        "tokens_per_s": mine["tokens_per_s"] / theirs["tokens_per_s"],
+        "tokens_per_s_mean": mine["tokens_per_s_mean"] / theirs["tokens_per_s_mean"],
+        "tokens_per_s_paired_median": statistics.median(paired),
+        "tokens_per_s_paired": paired,
+        **{k: mine[k] / theirs[k] for k in ("step_s", "forward_s", "backward_s", "optimizer_s")},
+        "peak_memory": mine["peak_memory_bytes"] / theirs["peak_memory_bytes"],
+    }
+
+
 def format_table(result: dict) -> str:
-    rows = [("model", "tokens/s", "samples/s", "step s", "fwd s", "bwd s", "opt s", "peak mem MiB", "MFU")]
+    padded = result.get("padding", 0) > 0
+    rows = [("model", "tokens/s", *(("real tok/s",) if padded else ()), "samples/s", "step s", "fwd s", "bwd s",
+             "opt s", "peak mem MiB", "MFU", "1st step s")]
     for name, m in result["models"].items():
-        rows.append((name, f"{m['tokens_per_s']:,.0f}", f"{m['samples_per_s']:,.1f}", f"{m['step_s']:.4f}",
+        rows.append((name, f"{m['tokens_per_s']:,.0f}", *((f"{m['real_tokens_per_s']:,.0f}",) if padded else ()),
+                     f"{m['samples_per_s']:,.1f}", f"{m['step_s']:.4f}",
                      f"{m['forward_s']:.4f}", f"{m['backward_s']:.4f}", f"{m['optimizer_s']:.4f}",
-                     f"{m['peak_memory_bytes'] / 2**20:,.0f}", f"{m['mfu']:.1%}"))
-    ratio = result.get("ratio_ours_over_hf")
-    if ratio:
-        rows.append(("ours/HF", f"{ratio['tokens_per_s']:.2f}x", "", f"{ratio['step_s']:.2f}x",
-                     f"{ratio['forward_s']:.2f}x", f"{ratio['backward_s']:.2f}x", f"{ratio['optimizer_s']:.2f}x",
-                     f"{ratio['peak_memory']:.2f}x", ""))
+                     f"{m['peak_memory_bytes'] / 2**20:,.0f}", f"{m['mfu']:.1%}", f"{m['first_step_s']:.2f}"))
+    ratios = [(key[len("ratio_"):].replace("_over_", "/").replace("ours_compiled", "compiled").replace("hf", "HF"),
+               r) for key, r in result.items() if key.startswith("ratio_")]
+    for label, r in ratios:
+        rows.append((label, f"{r['tokens_per_s']:.2f}x", *(("",) if padded else ()), "", f"{r['step_s']:.2f}x",
+                     f"{r['forward_s']:.2f}x", f"{r['backward_s']:.2f}x", f"{r['optimizer_s']:.2f}x",
+                     f"{r['peak_memory']:.2f}x", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     head = (f"{result['config']}  {result['precision']}  {result['optimizer']}  seq {result['seq_len']}  "
             f"batch {result['micro_batch_size']}x{result['grad_accum']}  {result['machine']['device']}  "
             f"peak {result['peak_tflops']:.2f} TFLOPS ({'config' if 'config' in result['peak_source'] else 'measured'})"
             f"  median step of {result['repeats']} blocks x {result['steps_per_block']} steps")
-    tail = []
-    if ratio:
-        tail.append(f"paired ours/HF tokens/s per repeat: "
-                    + ", ".join(f"{x:.2f}" for x in ratio["tokens_per_s_paired"])
-                    + f" (median {ratio['tokens_per_s_paired_median']:.2f})")
+    tail = [f"paired {label} tokens/s per repeat: " + ", ".join(f"{x:.2f}" for x in r["tokens_per_s_paired"])
+            + f" (median {r['tokens_per_s_paired_median']:.2f})" for label, r in ratios]
     tail.append("mean tokens/s (total tokens / total time): " + ", ".join(
         f"{n} {m['tokens_per_s_mean']:,.0f}" for n, m in result["models"].items()))
+    if padded:
+        tail.append(f"padding: {result['padding']:.1%} of the positions; real tok/s counts the other tokens only")
     tail += [f"caveat: {c}" for c in result["caveats"]]
     return "\n".join([head, *lines, *tail])

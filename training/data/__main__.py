@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--max-docs", type=int, default=None)
     prep.add_argument("--overwrite", action="store_true")
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--no-pack", action="store_true",
+                      help="one document per row, padded ([CLS] doc [SEP] [PAD]...; a longer document continues in "
+                           "the next rows) instead of packed [CLS] A [SEP] B [SEP] rows")
 
     bd = sub.add_parser("build-default", help="build the default corpus from gensim's Wikipedia sample")
     bd.add_argument("--out", required=True, metavar="DIR")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(args.input, args.out, args.seq_len, args.tokenizer, heldout_fraction=args.heldout_fraction,
                 num_proc=args.num_proc, max_docs=args.max_docs, overwrite=args.overwrite, seed=args.seed,
-                text_column=args.text_column)
+                text_column=args.text_column, pack=not args.no_pack)
     else:
         from training.data.wiki import build_default
 

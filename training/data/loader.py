@@ -39,18 +39,22 @@ def _rows(ds) -> tuple[np.ndarray, np.ndarray]:
     return ids.reshape(len(seps), -1), seps
 
 
-def truncate(ids: torch.Tensor, sep: torch.Tensor, seq_len: int, sep_id: int):
+def truncate(ids: torch.Tensor, sep: torch.Tensor, seq_len: int, sep_id: int, pad_id: int | None = None):
     """Cut rows to seq_len, still `[CLS] A [SEP] B [SEP]`: rows whose A/B [SEP] would not leave room
-    for B get a new separator in the middle (content stays contiguous)."""
+    for B get a new separator in the middle (content stays contiguous). A padded row (`prepare --no-pack`)
+    whose content ends inside the window is only cut."""
     if seq_len >= ids.shape[1]:
         return ids, sep
     mid = (seq_len - 1) // 2
     keep = sep <= seq_len - 3
+    if pad_id is not None:
+        ends_inside = ids[:, seq_len - 1] == pad_id
+        keep = keep | ends_inside
     pos = torch.arange(seq_len)[None, :]
     moved = torch.where(pos < mid, ids[:, :seq_len], ids[:, (pos - 1).clamp(min=0).squeeze(0)])
     moved[:, mid] = sep_id
     out = torch.where(keep[:, None], ids[:, :seq_len], moved)
-    out[:, -1] = sep_id
+    out[:, -1] = torch.where(ends_inside, out[:, -1], sep_id) if pad_id is not None else sep_id
     return out, torch.where(keep, sep, torch.full_like(sep, mid))
 
 
@@ -66,7 +70,8 @@ def fixed_mask_batch(collator: MLMCollator, ids_np: np.ndarray, sep_np: np.ndarr
     (`collator` from fixed_mask_collator): positions drawn from FIXED_MASK_SEED and each row's index, so they do
     not depend on the batch a row is in. The held-out evaluation and `python -m training.evaluate` use this."""
     ids, sep = truncate(torch.from_numpy(ids_np[rows.numpy()].astype(np.int64)),
-                        torch.from_numpy(sep_np[rows.numpy()].astype(np.int64)), seq_len, collator.sep_id)
+                        torch.from_numpy(sep_np[rows.numpy()].astype(np.int64)), seq_len, collator.sep_id,
+                        collator.pad_id)
     return collator(ids, sep, sample_keys=rows, seed=FIXED_MASK_SEED)
 
 
@@ -262,9 +267,10 @@ class PretrainingData:
             j = (u * (n - 1)).long().clamp(max=max(n - 2, 0))
             j = j + (j >= rows).long() if n > 1 else rows
             return truncate(torch.from_numpy(ids_np[j.numpy()].astype(np.int64)),
-                            torch.from_numpy(sep_np[j.numpy()].astype(np.int64)), seq_len, self.collator.sep_id)
+                            torch.from_numpy(sep_np[j.numpy()].astype(np.int64)), seq_len, self.collator.sep_id,
+                            self.collator.pad_id)
 
-        ids, sep = truncate(ids, sep, seq_len, self.collator.sep_id)
+        ids, sep = truncate(ids, sep, seq_len, self.collator.sep_id, self.collator.pad_id)
         return self.collator(ids, sep, sample_keys=keys, seed=seed, partner_source=partners)
 
     def train_batches(self, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,

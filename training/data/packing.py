@@ -1,4 +1,5 @@
-"""Pack a stream of tokenised documents into fixed-length `[CLS] A [SEP] B [SEP]` rows.
+"""Pack a stream of tokenised documents into fixed-length `[CLS] A [SEP] B [SEP]` rows (or, for `prepare
+--no-pack`, one padded document per row: RowPerDocument at the end).
 
 The content stream is doc1 [SEP] doc2 [SEP] doc3 ... (RoBERTa full-sentences style, crossing
 document boundaries). Each row holds exactly seq_len tokens and exactly one A/B separator at
@@ -67,6 +68,39 @@ class Packer:
     def dropped_tokens(self) -> int:
         """Document tokens left in the unfinished tail (call after the last feed)."""
         return int(np.count_nonzero(self.buf != self.sep))
+
+
+class RowPerDocument:
+    """`prepare --no-pack`: one document per row, `[CLS] doc [SEP]` then [PAD]s to seq_len (the shape of
+    fine-tuning-style data). A document longer than a row continues in the next rows (nothing is dropped); only
+    its last row is padded. `sep_index` is the row's [SEP] (segment A is the whole row: no segment B). Same
+    interface as Packer."""
+
+    def __init__(self, seq_len: int, cls_id: int, sep_id: int, pad_id: int, dtype=np.int32):
+        if seq_len < 8:
+            raise ValueError("seq_len must be >= 8")
+        self.seq_len, self.cls, self.sep, self.pad, self.dtype = seq_len, cls_id, sep_id, pad_id, dtype
+        self.doc_tokens = 0
+        self.rows = 0
+        self.padding = 0  # [PAD] positions written
+
+    def feed(self, docs: Iterable[list[int]]) -> Iterator[tuple[np.ndarray, int]]:
+        width = self.seq_len - 2
+        for ids in docs:
+            ids = np.asarray(ids, dtype=np.int64)
+            self.doc_tokens += len(ids)
+            for start in range(0, len(ids), width):
+                chunk = ids[start: start + width]
+                row = np.full(self.seq_len, self.pad, dtype=self.dtype)
+                row[0] = self.cls
+                row[1: 1 + len(chunk)] = chunk
+                row[1 + len(chunk)] = self.sep
+                self.rows += 1
+                self.padding += width - len(chunk)
+                yield row, 1 + len(chunk)
+
+    def dropped_tokens(self) -> int:
+        return 0
 
 
 def content_tokens(row: np.ndarray, sep_index: int, sep_id: int, pad_id: int = 0) -> list[int]:

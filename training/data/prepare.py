@@ -71,11 +71,12 @@ def _ours(out: str) -> bool:
 def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
             num_proc: int | None = None, max_docs: int | None = None, overwrite: bool = False,
             seed: int = 0, move_in: dict[str, str] | None = None, extra_stats: dict | None = None,
-            quiet: bool = False, require_rows: bool = True, text_column: str = "text") -> dict:
+            quiet: bool = False, require_rows: bool = True, text_column: str = "text", pack: bool = True) -> dict:
     """Build OUT; returns the stats dict. `inputs`: files, globs and `hf:` datasets (training/data/hf_input.py,
     whose `text_column` holds the text). `move_in` maps names to paths moved into OUT (build-default's raw/).
     A split without rows (the train split; the held-out one when heldout_fraction > 0) is a UserError, before
-    anything reaches OUT, unless `require_rows` is False (pack_text, whose caller says so itself)."""
+    anything reaches OUT, unless `require_rows` is False (pack_text, whose caller says so itself). `pack`
+    False: one padded document per row (packing.RowPerDocument) instead of packed `[CLS] A [SEP] B [SEP]` rows."""
     start = time.time()
     if seq_len < 8:
         raise UserError(f"--seq-len {seq_len}: must be at least 8")
@@ -104,7 +105,7 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
-                       num_proc or default_num_proc(), max_docs, seed, quiet, text_column)
+                       num_proc or default_num_proc(), max_docs, seed, quiet, text_column, pack)
         if require_rows:
             _check_rows(stats, files, heldout_fraction)
         stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
@@ -198,7 +199,7 @@ def _encode(batch, tokenizer):
 
 
 def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet,
-           text_column="text"):
+           text_column="text", pack=True):
     import datasets
 
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
@@ -206,14 +207,14 @@ def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_pro
         datasets.disable_progress_bars()
     try:
         return _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc,
-                               max_docs, seed, quiet, text_column)
+                               max_docs, seed, quiet, text_column, pack)
     finally:
         if quiet and bars_were_on:
             datasets.enable_progress_bars()
 
 
 def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs,
-                    seed, quiet, text_column="text"):
+                    seed, quiet, text_column="text", pack=True):
     import datasets
 
     cache = os.path.join(staging, "cache")
@@ -252,11 +253,15 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
                    desc="tokenizing")
 
     stats = {"seq_len": seq_len, "vocab_size": vocab_size, "dtype": np.dtype(ids_dtype(vocab_size)).name,
-             "replaced_bytes": replaced, "documents": {}, "tokens": {}, "rows": {}, "dropped_tokens": {}}
+             "replaced_bytes": replaced, "documents": {}, "tokens": {}, "rows": {}, "dropped_tokens": {},
+             "packed": pack, **({} if pack else {"padding": {}})}
     for split, mask in (("train", ~is_heldout), ("heldout", is_heldout)):
         part = ids.select(np.nonzero(mask)[0])
-        packer = packing.Packer(seq_len, cls_id, sep_id, seed=[seed, int(split == "heldout")],
-                                dtype=ids_dtype(vocab_size))
+        if pack:
+            packer = packing.Packer(seq_len, cls_id, sep_id, seed=[seed, int(split == "heldout")],
+                                    dtype=ids_dtype(vocab_size))
+        else:
+            packer = packing.RowPerDocument(seq_len, cls_id, sep_id, pad_id, dtype=ids_dtype(vocab_size))
         arrow = os.path.join(cache, f"packed-{split}.arrow")
         _pack_to_arrow(part, packer, arrow, quiet, split)
         packed = datasets.Dataset.from_file(arrow)
@@ -266,6 +271,8 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
         stats["tokens"][split] = packer.doc_tokens
         stats["rows"][split] = packer.rows
         stats["dropped_tokens"][split] = packer.dropped_tokens()
+        if not pack:  # the share of positions that are [PAD]
+            stats["padding"][split] = round(packer.padding / max(packer.rows * seq_len, 1), 4)
     del docs, ids, part
     shutil.rmtree(cache, ignore_errors=True)
     return stats
@@ -282,7 +289,7 @@ def _heldout_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
     return mask
 
 
-def _pack_to_arrow(ds, packer: packing.Packer, path: str, quiet: bool, split: str) -> None:
+def _pack_to_arrow(ds, packer, path: str, quiet: bool, split: str) -> None:
     from tqdm.auto import tqdm
 
     seq_len = packer.seq_len

@@ -28,9 +28,11 @@ from torch import nn
 
 from training.errors import UserError
 from training.model import fused
+from training.model.compiled import compile_layers
 from training.model.config import ModelConfig
-from training.model.ops import (eager_attention, fused_attention, linear_attention, linear_gelu, locality_bias,
-                                mlm_loss_eager, residual_layernorm, sdpa_attention)
+from training.model.ops import (Dropout, eager_attention, fused_attention, linear_attention, linear_gelu,
+                                locality_bias, mlm_loss_eager, residual_layernorm, sdpa_attention)
+from training.model.unpad import Packed, pack
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,11 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor],
+                packed: Optional[Packed] = None) -> torch.Tensor:
+        """[B, S, hidden]; with `packed`, the real tokens only: [total, hidden]."""
         seq_len = input_ids.shape[1]
         if seq_len > self.position_embeddings.num_embeddings:
             raise UserError(f"sequence length {seq_len} exceeds model.max_position "
@@ -59,6 +63,9 @@ class Embeddings(nn.Module):
         positions = torch.arange(seq_len, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        if packed is not None:  # each real token keeps its position in its row
+            input_ids, token_type_ids = packed.gather(input_ids), packed.gather(token_type_ids)
+            positions = packed.indices % seq_len
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(positions)
         return self.dropout(self.LayerNorm(x))
@@ -81,27 +88,50 @@ class SelfAttention(nn.Module):
         if cfg.slimming:  # EarlyBERT: one coefficient per head scales that head's context output
             self.head_coef = nn.Parameter(torch.ones(num_heads))
 
-    def forward(self, x: torch.Tensor, key_padding: Optional[torch.Tensor]) -> torch.Tensor:
+    def _attend(self, q, k, v, key_padding):
+        """The configured backend on [B, H, S, D] with a bool or additive key mask."""
+        dropout_p = self.dropout_p if self.training else 0.0
+        scale = self.head_dim ** -0.5
+        if self.backend == "eager":
+            return eager_attention(q, k, v, key_padding, dropout_p, scale)
+        if self.backend == "sdpa":
+            return sdpa_attention(q, k, v, key_padding, dropout_p, scale)
+        if self.backend == "fused":
+            return fused_attention(q, k, v, key_padding, dropout_p, scale)
+        return linear_attention(q, k, v, key_padding)  # "linear"
+
+    def _attend_packed(self, q, k, v, packed: Packed):
+        """[total, H, D] real tokens: the varlen kernel where it runs (CUDA, attention fused), else per bucket."""
+        if self.backend == "fused":
+            dropout_p = self.dropout_p if self.training else 0.0
+
+            def per_bucket(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale):
+                return packed.attention(q, k, v, self._attend)
+
+            return fused.ATTENTION_VARLEN(q, k, v, packed.cu_seqlens, packed.max_seqlen, dropout_p,
+                                          self.head_dim ** -0.5, fallback=per_bucket)
+        return packed.attention(q, k, v, self._attend)
+
+    def forward(self, x: torch.Tensor, key_padding: Union[torch.Tensor, Packed, None]) -> torch.Tensor:
+        """x [B, S, hidden] with key_padding a [B, S] bool mask, an additive mask or None; or x [total, hidden]
+        (real tokens only) with key_padding the batch's Packed form."""
+        if isinstance(key_padding, Packed):
+            q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in (self.query(x), self.key(x), self.value(x)))
+            out = self._attend_packed(q, k, v, key_padding)  # [total, H, D]
+            if hasattr(self, "head_coef"):
+                out = out * self.head_coef.to(out.dtype)[:, None]
+            return out.reshape(-1, self.num_heads * self.head_dim)
         batch, seq, _ = x.shape
 
         def heads(t):  # [B, S, H*D] -> [B, H, S, D]
             return t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-        dropout_p = self.dropout_p if self.training else 0.0
         if key_padding is not None and key_padding.is_floating_point():
             if self.backend not in ("eager", "sdpa"):
                 raise UserError(f"the locality bias needs model.attention eager or sdpa, not {self.backend}")
             key_padding = key_padding[:, : self.num_heads]  # a pruned layer keeps its first heads' slopes
-        scale = self.head_dim ** -0.5
-        if self.backend == "eager":
-            out = eager_attention(q, k, v, key_padding, dropout_p, scale)
-        elif self.backend == "sdpa":
-            out = sdpa_attention(q, k, v, key_padding, dropout_p, scale)
-        elif self.backend == "fused":
-            out = fused_attention(q, k, v, key_padding, dropout_p, scale)
-        else:  # "linear"
-            out = linear_attention(q, k, v, key_padding)
+        out = self._attend(q, k, v, key_padding)
         if hasattr(self, "head_coef"):
             out = out * self.head_coef.to(out.dtype)[:, None, None]
         return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
@@ -112,7 +142,7 @@ class AttentionOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(num_heads * cfg.head_dim, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
 
 class Attention(nn.Module):
@@ -162,7 +192,7 @@ class Output(nn.Module):
             self.dense_u = nn.Linear(ffn_size, cfg.ffn_rank, bias=False)
             self.dense_v = nn.Linear(cfg.ffn_rank, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def projected(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense(x) if hasattr(self, "dense") else self.dense_v(self.dense_u(x))
@@ -286,10 +316,23 @@ class Bert(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
                 layer_drop_generator=None, locality: float = 0.0):
+        """The last hidden states [B, S, hidden] at every position, padding included, as Hugging Face's."""
+        return self.encode(input_ids, attention_mask, token_type_ids, layer_keep_prob, layer_drop_generator,
+                           locality)[0]
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, layer_keep_prob=None,
+               layer_drop_generator=None, locality: float = 0.0, unpad: bool = False
+               ) -> tuple[torch.Tensor, Optional[Packed]]:
+        """(hidden, packed): with `unpad` and a batch that has padding, hidden is [total, hidden] over the real
+        tokens and `packed` says where they sit (training/model/unpad.py); else [B, S, hidden] and None."""
         key_padding = attention_mask.bool() if attention_mask is not None else None
+        packed = None
         if locality > 0:  # one additive mask for every layer (see locality_bias)
             key_padding = locality_bias(key_padding, input_ids.shape[1], self.encoder.max_heads(), locality,
                                         self.embeddings.word_embeddings.weight.dtype, input_ids.device)
+        elif unpad and key_padding is not None:
+            packed = pack(key_padding)
+            key_padding = packed if packed is not None else key_padding
         # Frozen bottom (MSLT): when the embeddings and the leading layers train no parameter, they run
         # forward-only; the first trainable layer gets an input without grad history. Checked per call
         # from requires_grad (a few flag reads), so freezing/unfreezing needs no extra bookkeeping.
@@ -297,10 +340,10 @@ class Bert(nn.Module):
         if torch.is_grad_enabled() and not any(p.requires_grad for p in self.embeddings.parameters()):
             frozen = self.encoder.frozen_prefix()
             with torch.no_grad():
-                x = self.embeddings(input_ids, token_type_ids)
+                x = self.embeddings(input_ids, token_type_ids, packed)
         else:
-            x = self.embeddings(input_ids, token_type_ids)
-        return self.encoder(x, key_padding, layer_keep_prob, layer_drop_generator, no_grad_layers=frozen)
+            x = self.embeddings(input_ids, token_type_ids, packed)
+        return self.encoder(x, key_padding, layer_keep_prob, layer_drop_generator, no_grad_layers=frozen), packed
 
 
 class PredictionHeadTransform(nn.Module):
@@ -362,6 +405,8 @@ class BertForPreTraining(nn.Module):
             with torch.no_grad():
                 self.bert.embeddings.position_embeddings.weight.copy_(
                     sinusoidal_positions(cfg.max_position, cfg.hidden_size, cfg.initializer_range))
+        if cfg.compile:
+            compile_layers(self.bert.encoder.layer)
 
     def _init_weights(self, module: nn.Module) -> None:
         """As HF: N(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero pad row."""
@@ -426,16 +471,19 @@ class BertForPreTraining(nn.Module):
         if next_sentence_label is not None and not self.cfg.nsp:
             raise UserError("next_sentence_label given but model.nsp is false (no NSP head)")
 
-        hidden = self.bert(input_ids, attention_mask, token_type_ids, layer_keep_prob, layer_drop_generator, locality)
+        # Unpadded only for the loss (masked positions, all real tokens): logits keep every position, as HF's.
+        hidden, packed = self.bert.encode(input_ids, attention_mask, token_type_ids, layer_keep_prob,
+                                          layer_drop_generator, locality, unpad=self.cfg.unpad and labels is not None)
         out: dict = {}
         losses = []
         if labels is None:
             out["logits"] = self.cls.predictions(hidden)
-        else:
-            out.update(self._masked_lm(hidden, labels))
+        else:  # masked positions only: unpadded, the labels are gathered like the tokens
+            out.update(self._masked_lm(hidden, packed.gather(labels) if packed is not None else labels))
             losses.append(out["mlm_loss"])
         if self.cfg.nsp:
-            nsp_logits = self.cls.seq_relationship(self.bert.pooler(hidden))
+            nsp_logits = self.cls.seq_relationship(self.bert.pooler(packed.scatter(hidden) if packed is not None
+                                                                    else hidden))
             out["nsp_logits"] = nsp_logits
             if next_sentence_label is not None:
                 out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))

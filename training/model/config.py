@@ -98,6 +98,14 @@ class ModelConfig(BaseModel):
     # (post-LN add + dropout + LayerNorm), mlm_loss (vocab projection + cross-entropy without the logits).
     fused_ops: list[Literal["bias_gelu", "residual_layernorm", "mlm_loss"]] = []
     nsp: bool = False
+    # torch.compile (inductor) each encoder layer in place (training/model/compiled.py): the layers are where
+    # the time goes, compiling them one by one keeps layer drop, MSLT's frozen prefix and growth in Python,
+    # and parameter names stay as they are. Compilation happens in the first step of each stage (logged).
+    compile: bool = False
+    # A batch with padding (not packed pre-training rows: `prepare --no-pack`, fine-tuning-style data) computes
+    # its loss on its real tokens only (training/model/unpad.py): gathered once before the encoder. Hidden
+    # states and logits (no labels) keep every position, padding included, as Hugging Face's do.
+    unpad: bool = True
     # Per-layer head counts / FFN sizes after structured pruning (EarlyBERT); None means uniform.
     heads_per_layer: Optional[list[PositiveInt]] = None
     ffn_per_layer: Optional[list[PositiveInt]] = None

@@ -79,4 +79,7 @@ BIAS_GELU = FusedOp("bias_gelu", "kernels.bias_gelu", "fused_bias_gelu", "bias_g
 RESIDUAL_LAYERNORM = FusedOp("residual_layernorm", "kernels.layernorm", "fused_add_dropout_layernorm",
                              "layernorm_available")
 MLM_LOSS = FusedOp("mlm_loss", "kernels.mlm_loss", "fused_mlm_loss", "mlm_loss_available")
-ALL_OPS = (ATTENTION, BIAS_GELU, RESIDUAL_LAYERNORM, MLM_LOSS)
+# Unpadded batches (training/model/unpad.py): attention over packed sequences; else per length bucket.
+ATTENTION_VARLEN = FusedOp("attention_varlen", "kernels.attention", "fused_attention_varlen",
+                           "fused_attention_available", "attention per length bucket")
+ALL_OPS = (ATTENTION, ATTENTION_VARLEN, BIAS_GELU, RESIDUAL_LAYERNORM, MLM_LOSS)

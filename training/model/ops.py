@@ -15,6 +15,62 @@ LINEAR_ATTENTION_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------------------------------
+# Dropout. On CPU, PyTorch's dropout draws one Mersenne-Twister number per element through bernoulli_;
+# profiled on this project's 2-core CPU it was 27% of a training step of configs/baseline.yaml (BENCHMARKS
+# §1). Here one 64-bit draw gives four 16-bit thresholds: the keep decision is `bits >= t` with
+# t = round(p * 2**16) - 2**15, so p is rounded to a multiple of 2**-16 (0.1 -> 0.100006) and the kept values
+# are scaled by 1 / (the rounded keep rate), keeping the expectation exact. Same generator (torch's default
+# CPU one), so torch.manual_seed and checkpoint/resume reproduce it. On CUDA, PyTorch's own (Philox) dropout;
+# inside torch.compile (model.compile), F.dropout, which inductor lowers to its own generator.
+# --------------------------------------------------------------------------------------------------
+
+_DROP_BITS = 16
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, float]:
+    """(keep mask of `shape` on the CPU as uint8 0/1, scale = 1 / keep rate) for drop probability p in (0, 1).
+    uint8, not bool: a product with a uint8 tensor is vectorised on CPU, a bool one is not (measured 5x)."""
+    n = 1
+    for size in shape:
+        n *= size
+    threshold = round(p * 2 ** _DROP_BITS)
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, generator=generator)
+    keep = words.view(torch.int16)[:n] >= threshold - 2 ** (_DROP_BITS - 1)
+    return keep.view(torch.uint8).view(shape), 2 ** _DROP_BITS / (2 ** _DROP_BITS - threshold)
+
+
+class _CpuDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, p):
+        keep, scale = dropout_keep_mask(x.shape, p)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return (x * keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale), None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """F.dropout, with the faster keep-mask draw above for CPU tensors."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0 or round(p * 2 ** _DROP_BITS) == 0:
+        return F.dropout(x, p, training=True)  # (compiled: inductor draws its own mask, fused into the graph)
+    return _CpuDropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same attributes, no state) that calls `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+# --------------------------------------------------------------------------------------------------
 # Attention backends. All take q, k, v as [B, H, S, D] and key_padding [B, S] bool (True = real
 # token) or None, and return [B, H, S, D]. eager and sdpa also take an additive float mask [B|1, H, S, S]
 # in its place (the locality bias, which folds the padding in as -inf).
@@ -50,11 +106,22 @@ def eager_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> tor
         bias.masked_fill_(~key_padding, torch.finfo(scores.dtype).min)
         scores = scores + bias[:, None, None, :]
     probs = F.softmax(scores, dim=-1)
-    probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
+    probs = dropout(probs, dropout_p, training=dropout_p > 0)
     return torch.matmul(probs, v)
 
 
+# Up to this length the [S, S] probabilities of the math path are cheap to keep for backward.
+CPU_MATH_ATTENTION_MAX_SEQ = 512
+
+
 def sdpa_attention(q, k, v, key_padding, dropout_p: float, scale: float) -> torch.Tensor:
+    if q.device.type == "cpu" and (dropout_p > 0 or q.dtype in (torch.bfloat16, torch.float16)) \
+            and q.shape[-2] <= CPU_MATH_ATTENTION_MAX_SEQ:
+        # Measured on this project's CPU (BENCHMARKS §1): SDPA's CPU flash kernel has no dropout, so with
+        # dropout SDPA runs its math path (eager_attention's matmuls and softmax, plus mask checks) with
+        # PyTorch's slow dropout draw; and in bf16 the flash kernel's forward + backward takes 2x the math
+        # path's time (whose matmuls use the CPU's bf16 matrix units). So: the math path, with our dropout.
+        return eager_attention(q, k, v, key_padding, dropout_p, scale)
     # Boolean mask: True = may attend. Broadcast over heads and query positions. A float mask is additive.
     if key_padding is not None and key_padding.is_floating_point():
         mask = key_padding.to(q.dtype)
@@ -100,7 +167,7 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear, use_kernel: bool) -> torch.T
 
 
 def _residual_layernorm_eager(x, r, weight, bias, dropout_p, eps):
-    return F.layer_norm(x + F.dropout(r, dropout_p, training=dropout_p > 0), (x.shape[-1],), weight, bias, eps)
+    return F.layer_norm(x + dropout(r, dropout_p, training=dropout_p > 0), (x.shape[-1],), weight, bias, eps)
 
 
 def residual_layernorm(x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm, dropout: nn.Dropout,

@@ -50,6 +50,7 @@ class StageRunner:
         self.model: Optional[torch.nn.Module] = None
         self.model_cfg: Optional[ModelConfig] = None  # the current stage's model (after hooks resolved it)
         self.engine = None
+        self._compiling = False  # set by _engine_for when model.compile is on
         self.metrics: Optional[MetricsWriter] = None
         self.state = TrainState()
         self.plan = Plan(cfg, data.seq_len, world_size, cfg.data.dir)  # what will happen when (stages/plan.py)
@@ -87,6 +88,7 @@ class StageRunner:
         if hook is not None:
             hook.prepare(model, stage)
         model.to(self.device)
+        self._compiling = model.cfg.compile  # the first step on this module compiles its layers
         engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir, self.ds_config)
         if self.metrics is None:
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
@@ -117,8 +119,10 @@ class StageRunner:
         """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition."""
         meta = self.check_resume(tag)
         stage_index = meta["train_state"]["stage_index"]
-        # The saved model config is the truth: a hook may have resolved per-layer sizes at run time.
-        model_cfg = ModelConfig.model_validate(meta["model"])
+        # The saved model config is the truth: a hook may have resolved per-layer sizes at run time. Whether to
+        # compile is not the model's: the config resumed with says.
+        compile_layers = self.cfg.stage_model(stage_index).compile
+        model_cfg = ModelConfig.model_validate({**meta["model"], "compile": compile_layers})
         self.state.stage_index = stage_index
         self.set_model(BertForPreTraining(model_cfg), model_cfg)
         self._build()
@@ -255,6 +259,12 @@ class StageRunner:
         """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (layerdrop.py)."""
         return layerdrop.forward_kwargs(stage.layer_drop, self.state.step, self.model_cfg.num_layers, self.cfg.run.seed)
 
+    def _record_compile(self, stage: str, seconds: float) -> None:
+        """model.compile: the stage's first step, compilation included, is part of its transition cost."""
+        self._compiling = False
+        self.metrics.write({"kind": "compile", "step": self.state.step + 1, "stage": stage, "seconds": seconds})
+        log.info("stage %s: first step with model.compile took %.1f s (compiling the layers)", stage, seconds)
+
     def run(self) -> TrainState:
         if self.engine is None:
             self._build()
@@ -279,7 +289,10 @@ class StageRunner:
                 lr = self._lr(self.state.step)
                 set_lr(self.engine, lr)
                 drop = self._layer_drop(stage)
+                step_start = time.perf_counter()
                 result = self.train_step(micro, **drop, **self._locality(stage, plan))
+                if self._compiling:
+                    self._record_compile(plan.name, time.perf_counter() - step_start)
                 self.state.step += 1
                 self.state.stage_step += 1
                 self.state.tokens += result.tokens
