@@ -35,5 +35,13 @@ def dist_single():
 
     if not dist.is_initialized():
         from training.dist import init_distributed
+        before = dict(os.environ)
         init_distributed(timeout_s=300)
+        # The group exists now. The launcher variables the init exported must not leak into the subprocesses
+        # later tests start: with RANK/WORLD_SIZE/MASTER_PORT they would all take this process's store port
+        # (held: EADDRINUSE). DeepSpeed's engine still reads LOCAL_RANK in this process; alone, it makes no
+        # subprocess a launched rank (training/dist/discovery.py).
+        for key in set(os.environ) - set(before) - {"LOCAL_RANK"}:
+            del os.environ[key]
+        os.environ.update(before)
     yield

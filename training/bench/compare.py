@@ -234,7 +234,7 @@ def run(args) -> dict:
         notes.append("--stop-at-target: a method stopped at target reports its final loss/accuracy at the "
                      "stopping eval, not at the end of its budget")
     report["notes"] = notes + list(args.note or [])
-    from training.bench.throughput import machine_info
+    from training.bench.machine import machine_info
     import torch
 
     report["machine"] = machine_info(torch.device("cuda" if torch.cuda.is_available() else "cpu"))

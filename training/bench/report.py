@@ -366,7 +366,7 @@ def markdown_table(report: dict) -> str:
 
 def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
     target = report.get("target_heldout_loss")
-    text = [f"# Method comparison\n", preamble.strip() + "\n" if preamble.strip() else "",
+    text = ["# Method comparison\n", preamble.strip() + "\n" if preamble.strip() else "",
             f"Target: the baseline (`{report['baseline']}`) final held-out MLM loss = "
             f"{_fmt(target)}.\n",
             "Held-out loss: the fixed evaluation mask (15% of the held-out positions, every one [MASK], the same for "

@@ -33,152 +33,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
-import re
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from training.bench.hf_reference import build_hf_model
+from training.bench.machine import MemoryProbe, machine_info, matmul_peak_tflops
 from training.bench.steptime import timed_step
 
 log = logging.getLogger("training.bench.throughput")
-
-IGNORE_INDEX = -100
-
-
-# ------------------------------------------------------------------------------------------ HF model
-
-class HFPretrainingAdapter(nn.Module):
-    """transformers.BertForPreTraining behind our model's interface: takes our batch dict, returns
-    {"loss", "mlm_loss", "mlm_count", ["nsp_loss"]}. The MLM loss is computed exactly as HF computes
-    it (cross entropy over all positions' logits with ignore_index=-100, in the logits' dtype)."""
-
-    def __init__(self, hf_model: nn.Module, nsp: bool):
-        super().__init__()
-        self.hf = hf_model
-        self.nsp = nsp
-
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, next_sentence_label=None):
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                      return_dict=True)
-        logits = out.prediction_logits
-        vocab = logits.shape[-1]
-        mlm_loss = F.cross_entropy(logits.view(-1, vocab), labels.view(-1), ignore_index=IGNORE_INDEX)
-        result = {"mlm_loss": mlm_loss, "mlm_count": (labels != IGNORE_INDEX).sum(), "loss": mlm_loss}
-        if self.nsp and next_sentence_label is not None:
-            result["nsp_loss"] = F.cross_entropy(out.seq_relationship_logits.float(), next_sentence_label.view(-1))
-            result["loss"] = result["loss"] + result["nsp_loss"]
-        return result
-
-
-def build_hf_model(mcfg) -> tuple[nn.Module, list[str]]:
-    """HF BertForPreTraining (sdpa attention) with our config's shape; returns (adapter, caveats)."""
-    from transformers import BertConfig, BertForPreTraining
-
-    caveats = []
-    if mcfg.norm != "post":
-        caveats.append(f"model.norm={mcfg.norm}: HF BERT is Post-LN; HF runs Post-LN")
-    if mcfg.attention != "sdpa":
-        caveats.append(f"model.attention={mcfg.attention}: HF runs sdpa")
-    if mcfg.ffn_rank is not None or mcfg.heads_per_layer or mcfg.ffn_per_layer:
-        caveats.append("low-rank / pruned shapes: HF runs the uniform full-rank shape")
-    hf_cfg = BertConfig(
-        vocab_size=mcfg.vocab_size, hidden_size=mcfg.hidden_size, num_hidden_layers=mcfg.num_layers,
-        num_attention_heads=mcfg.num_heads, intermediate_size=mcfg.ffn_size, hidden_act="gelu",
-        hidden_dropout_prob=mcfg.dropout, attention_probs_dropout_prob=mcfg.attention_dropout,
-        max_position_embeddings=mcfg.max_position, type_vocab_size=mcfg.type_vocab_size,
-        initializer_range=mcfg.initializer_range, layer_norm_eps=mcfg.layer_norm_eps,
-        pad_token_id=mcfg.pad_token_id)
-    hf = BertForPreTraining._from_config(hf_cfg, attn_implementation="sdpa")
-    if not mcfg.nsp:
-        # Our MLM-only model has no pooler / NSP head; HF always runs them. Freeze them so the optimizer
-        # does not see parameters that never get a gradient (their forward cost stays in HF's time).
-        for module in (hf.bert.pooler, hf.cls.seq_relationship):
-            if module is not None:
-                for p in module.parameters():
-                    p.requires_grad_(False)
-    return HFPretrainingAdapter(hf, mcfg.nsp), caveats
-
-
-# ------------------------------------------------------------------------------------------ memory
-
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
-        return int(m.group(1)) if m else None
-    except OSError:
-        return None
-
-
-class MemoryProbe:
-    """Peak memory over a block; see the module docstring for what is measured on each device."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.can_reset_rss = False
-        if device.type != "cuda":
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-                self.can_reset_rss = _proc_status_kb("VmHWM") is not None
-            except OSError:
-                self.can_reset_rss = False
-
-    @property
-    def description(self) -> str:
-        if self.device.type == "cuda":
-            return "torch.cuda.max_memory_allocated per block (reset_peak_memory_stats before it)"
-        if self.can_reset_rss:
-            return ("CPU process peak RSS per block: VmHWM from /proc/self/status, reset via /proc/self/clear_refs "
-                    "before the block (whole process: both models and optimizers resident)")
-        return "CPU process lifetime peak RSS (resource.getrusage ru_maxrss; cannot be reset per block)"
-
-    def start(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return torch.cuda.memory_allocated(self.device)
-        if self.can_reset_rss:
-            Path("/proc/self/clear_refs").write_text("5")
-        return (_proc_status_kb("VmRSS") or 0) * 1024
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated(self.device)
-        if self.can_reset_rss:
-            return (_proc_status_kb("VmHWM") or 0) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# ------------------------------------------------------------------------------------------ peak
-
-def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: Optional[int] = None,
-                       seconds: float = 1.0) -> float:
-    """Best observed rate of a square matmul (2 n^3 FLOPs) in `dtype`, over ~`seconds` of trials."""
-    size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    best = float("inf")
-    deadline = time.perf_counter() + seconds
-    trials = 0
-    while trials < 3 or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        trials += 1
-    return 2 * size**3 / best / 1e12
-
 
 # ------------------------------------------------------------------------------------------ timing
 
@@ -253,32 +120,6 @@ def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, toke
         "real_tokens_per_s": real_tokens_per_step / pooled["step_s"],
         "blocks": b,
     }
-
-
-def machine_info(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
-    try:
-        import deepspeed
-        import transformers
-
-        info["deepspeed"], info["transformers"] = deepspeed.__version__, transformers.__version__
-    except Exception:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        info["loadavg_start"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
 
 
 # ------------------------------------------------------------------------------------------ main
