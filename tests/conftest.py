@@ -29,19 +29,25 @@ def tiny_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def dist_single():
-    """A one-process gloo group, as `python -m training.pretrain` makes without a launcher."""
+def _dist_group():
+    """The one-process gloo group, made once per session. The launcher variables its init exported are taken
+    back out of os.environ at once: left there, every subprocess a later test starts (or a Slurm daemon a
+    fixture starts) would see RANK/WORLD_SIZE/MASTER_PORT, a launched rank on this process's held store port
+    (EADDRINUSE), or LOCAL_RANK, a distributed run to transformers' Trainer."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
         from training.dist import init_distributed
         before = dict(os.environ)
         init_distributed(timeout_s=300)
-        # The group exists now. The launcher variables the init exported must not leak into the subprocesses
-        # later tests start: with RANK/WORLD_SIZE/MASTER_PORT they would all take this process's store port
-        # (held: EADDRINUSE). DeepSpeed's engine still reads LOCAL_RANK in this process; alone, it makes no
-        # subprocess a launched rank (training/dist/discovery.py).
-        for key in set(os.environ) - set(before) - {"LOCAL_RANK"}:
+        for key in set(os.environ) - set(before):
             del os.environ[key]
         os.environ.update(before)
+
+
+@pytest.fixture
+def dist_single(_dist_group, monkeypatch):
+    """A one-process gloo group, as `python -m training.pretrain` makes without a launcher. DeepSpeed's engine
+    reads LOCAL_RANK in this process: set for the test only."""
+    monkeypatch.setenv("LOCAL_RANK", "0")
     yield
