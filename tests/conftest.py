@@ -51,3 +51,16 @@ def dist_single(_dist_group, monkeypatch):
     reads LOCAL_RANK in this process: set for the test only."""
     monkeypatch.setenv("LOCAL_RANK", "0")
     yield
+
+
+@pytest.fixture
+def fresh_fused_ops():
+    """Each FusedOp forgets what it imported, disabled and logged, before and after the test; yields
+    training.model.fused."""
+    from training.model import fused
+
+    for op in fused.ALL_OPS:
+        op.reset()
+    yield fused
+    for op in fused.ALL_OPS:
+        op.reset()

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from tests.kernels_testing import rel_err
 from tests.tiny_run import make_runner, tiny_config
 from training.engine import checkpoint
 
@@ -21,22 +22,6 @@ needs_cuda_engine = pytest.mark.skipif(
     reason="needs a CUDA GPU and DS_ACCELERATOR=cuda (DeepSpeed binds its accelerator at import)")
 
 ALL_OPS = ["bias_gelu", "residual_layernorm", "mlm_loss"]
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """||got - ref|| / max(||ref||, 1e-3), in float64."""
-    got, ref = got.detach().double(), ref.detach().double()
-    return ((got - ref).norm() / ref.norm().clamp_min(1e-3)).item()
-
-
-@pytest.fixture
-def fresh_fused_ops():
-    from training.model import fused
-    for op in fused.ALL_OPS:
-        op.reset()
-    yield fused
-    for op in fused.ALL_OPS:
-        op.reset()
 
 
 def _model_pair(seed: int, dtype: torch.dtype, **shape):

@@ -112,16 +112,6 @@ def test_eager_and_sdpa_agree_forward_and_backward_with_padding(other):
         torch.testing.assert_close(eager.bert(ids, mask), alt.bert(ids, mask), atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture
-def fresh_fused_ops():
-    """Each FusedOp forgets what it imported, disabled and logged, before and after the test."""
-    for op in fused_module.ALL_OPS:
-        op.reset()
-    yield
-    for op in fused_module.ALL_OPS:
-        op.reset()
-
-
 def test_fused_falls_back_to_sdpa_on_cpu_and_logs_once(caplog, monkeypatch, fresh_fused_ops):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = make(seed=13, attention="fused").eval()

@@ -22,7 +22,9 @@ BUCKET_ROUND = 16  # rows whose lengths round up to the same multiple share a bu
 
 @dataclass
 class Bucket:
-    gather: torch.Tensor  # [rows, L] packed index of each row's j-th real token; `total` (a zero row) past its end
+    # [rows, L] packed index of each row's j-th real token; past its end 0, any token: those keys are masked and
+    # those queries' outputs never read
+    gather: torch.Tensor
     key_padding: torch.Tensor  # [rows, L] bool, True = real token
     real: torch.Tensor  # flat indices into rows*L of the real tokens, in packed order within the bucket
 
@@ -52,8 +54,6 @@ class Packed:
                   attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """q, k, v [total, H, D] -> [total, H, D]; `attend(q, k, v, key_padding)` takes [rows, H, L, D] and a bool
         [rows, L] mask (True = real) and returns [rows, H, L, D]."""
-        pad = q.new_zeros(1, *q.shape[1:])
-        q, k, v = (torch.cat([t, pad]) for t in (q, k, v))  # index `total`: a zero row for the bucket padding
         outs = []
         for b in self.buckets:
             rows, length = b.gather.shape
@@ -90,7 +90,7 @@ def pack(attention_mask: torch.Tensor) -> Optional[Packed]:
         length = max(lengths_host[r] for r in by_bucket[key])
         j = torch.arange(length, device=device)
         real = j[None, :] < lengths[rows][:, None]  # [rows, L]
-        gather = torch.where(real, starts[rows][:, None] + j[None, :], torch.full_like(real, total, dtype=torch.long))
+        gather = torch.where(real, starts[rows][:, None] + j[None, :], torch.zeros_like(real, dtype=torch.long))
         flat_real = real.reshape(-1).nonzero().squeeze(1)
         buckets.append(Bucket(gather=gather, key_padding=real, real=flat_real))
         dests.append(gather.reshape(-1).index_select(0, flat_real))
