@@ -197,7 +197,7 @@ def test_run_names():
 
 def test_planned_steps_counts_token_budget_stages(tmp_path):
     from training.bench.compare import planned_steps
-    from training.config import load_config
+    from training.stages.plan import load_config
 
     data = tmp_path / "data"
     data.mkdir()
@@ -212,7 +212,7 @@ def test_planned_steps_counts_token_budget_stages(tmp_path):
 
 
 def test_shipped_bench_configs_load():
-    from training.config import load_config
+    from training.stages.plan import load_config
 
     configs = sorted((REPO / "configs" / "bench").glob("*/*.yaml"))
     assert any(c.name == "baseline.yaml" for c in configs)

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from training.config import RunConfig, apply_overrides, load_config
+from training.config import RunConfig, apply_overrides
+from training.stages.plan import load_config
 from training.engine.ds_config import deepspeed_json
 from training.errors import UserError
 

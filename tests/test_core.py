@@ -11,7 +11,8 @@ from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig
 from training.model.flops import count_parameters, flops_per_token
 from training.stages import core, transfer
-from training.stages.hooks import HookContext, get_hook
+from training.stages.hooks import HOOKS
+from training.stages.protocol import HookContext
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=32,
              dropout=0.0, attention_dropout=0.0)
@@ -67,7 +68,7 @@ def test_exp_avg_sq_of_the_factors_is_dropped():
     full = cfg.model_copy(update={"attention": "sdpa", "ffn_rank": None})
     names = dict(BertForPreTraining(cfg).named_parameters())
     moments = {k: torch.ones_like(p) for k, p in names.items()}
-    hook = get_hook("core_refine")
+    hook = HOOKS["core_refine"]()
     ctx = HookContext(step=0, out_dir=None)
     second = hook.transform(moments, cfg, full, 2, ctx)
     assert not any(".intermediate.dense" in k or ".output.dense." in k and "attention" not in k for k in second)
@@ -106,7 +107,7 @@ def test_refine_schedule_checks(tmp_path, tiny_data, stages, needle):
 
 
 def test_shipped_configs_load():
-    from training.config import load_config
+    from training.stages.plan import load_config
 
     for name in ("core_default", "core_bert_base"):
         cfg = load_config(f"configs/{name}.yaml")
@@ -178,7 +179,7 @@ def test_two_phase_run_resumes_and_exports_to_hf(tmp_path, tiny_data, dist_singl
 
 
 def test_a_relaxed_checkpoint_is_not_exportable(tmp_path):
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
 
     cfg = ModelConfig(**SMALL, attention="linear", ffn_rank=8)
     with pytest.raises(UserError, match="linear attention"):

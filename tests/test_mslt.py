@@ -89,7 +89,7 @@ def test_train_top_defaults_to_the_added_layers(tmp_path, tiny_data):
 
 
 def test_shipped_configs_load():
-    from training.config import load_config
+    from training.stages.plan import load_config
 
     for name, layers, k in (("mslt_default", [1, 2, 3, 4, 4], 1), ("mslt_bert_base", [3, 6, 9, 12, 12], 3)):
         cfg = load_config(REPO / "configs" / f"{name}.yaml")
@@ -146,10 +146,10 @@ def test_exactly_the_expected_parameters_train_in_a_frozen_stage():
 def test_prepare_reads_the_stage_and_refuses_an_unresolved_one():
     model = BertForPreTraining(_cfg(4))
     stage = _stage(train_top=2)
-    mslt.prepare(model, stage)
+    mslt.Mslt(stage.hook_args).prepare(model)
     assert model.bert.encoder.frozen_prefix() == 2
     with pytest.raises(ValueError, match="train_top"):
-        mslt.prepare(model, _stage())
+        mslt.Mslt(_stage().hook_args).prepare(model)
 
 
 # -------------------------------------------------------------------------- forward-only prefix

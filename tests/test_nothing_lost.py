@@ -430,7 +430,7 @@ def test_export_needs_overwrite_and_replaces_an_earlier_export_whole(tmp_path, g
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_failed_export_leaves_no_partial_out(tmp_path, good_run, monkeypatch, existing):
-    import training.model.hf as hf_mod
+    import training.model.hf_export as hf_mod
 
     hf = tmp_path / "hf"
     if existing:

@@ -2,7 +2,7 @@
 start steps, sequence lengths checked once, LR segments, and a boundary moved by an early-ended stage."""
 import pytest
 
-from training.config import load_config
+from training.stages.plan import load_config
 from training.engine.schedule import lr_at
 from training.errors import UserError
 from training.stages.plan import Plan, planned_steps, seq_lens

@@ -109,7 +109,8 @@ def boundary(tmp_path_factory, tiny_data):
 @pytest.mark.slow
 @pytest.mark.parametrize("label", list(CASES))
 def test_zero12_bf16_boundary_keeps_fp32_masters_bit_for_bit(boundary, label):
-    from training.stages.hooks import HookContext, get_hook
+    from training.stages.hooks import HOOKS
+    from training.stages.protocol import HookContext
 
     runs = [rank[label] for rank in boundary]
     before = _assemble([r["before"] for r in runs])
@@ -127,7 +128,7 @@ def test_zero12_bf16_boundary_keeps_fp32_masters_bit_for_bit(boundary, label):
 
     old_cfg, new_cfg = runs[0]["old_cfg"], runs[0]["new_cfg"]
     assert (old_cfg.num_layers, new_cfg.num_layers) == (1, 2)
-    expected = get_hook("stack").transform(before, old_cfg, new_cfg, 1, HookContext(step=2, out_dir=Path(".")))
+    expected = HOOKS["stack"]().transform(before, old_cfg, new_cfg, 1, HookContext(step=2, out_dir=Path(".")))
     assert set(after) == set(expected)
     for name, want in expected.items():
         assert torch.equal(after[name], want), f"new engine's fp32 master {name} is not the transformed old master"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from training.config import load_config
+from training.stages.plan import load_config
 from training.stages.runner import StageRunner
 
 TINY_MODEL = {"vocab_size": 512, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_size": 64,

@@ -96,7 +96,7 @@ def write_atomically(out: Path, write) -> None:
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
 
     p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path)

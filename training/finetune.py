@@ -23,287 +23,31 @@ OUT/results.json (every task x seed's metrics, their means over seeds, the comma
 after each seed; a table is printed at the end. OUT (default runs/finetune/<model dir name>) is never
 overwritten without --overwrite, which replaces only a directory this command wrote (its .bert-finetune
 marker); the previous one is moved aside and deleted when the new sweep completes (put back if it fails).
+
+This module is the command: the model and tokenizer checks, the output dir, the Trainer loop and results.json.
+What each --task reads and how it is scored (GLUE_TASKS, the local-file readers, the metrics) is in
+training/finetune_tasks.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import socket
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from training import outdir
 from training.errors import UserError, exit_on_user_error
+from training.finetune_tasks import Task, _first_line, jsonable, load_tasks, score
 
 MARKER = ".bert-finetune"
-GLUE_DATASET = "nyu-mll/glue"
-HOLDOUT_FRACTION, HOLDOUT_SEED = 0.1, 0
 WEIGHT_DECAY = 0.01  # BERT's fine-tuning setting
-
-
-@dataclass(frozen=True)
-class GlueTask:
-    columns: tuple[str, ...]  # (text,) or (text, text_pair)
-    num_labels: int  # 1: regression
-    eval_splits: tuple[str, ...]
-    metrics: tuple[str, ...]
-
-
-# From the GLUE definition (Wang et al. 2019, and the `nyu-mll/glue` dataset card): inputs, labels, metrics.
-GLUE_TASKS = {
-    "cola": GlueTask(("sentence",), 2, ("validation",), ("matthews_correlation",)),
-    "sst2": GlueTask(("sentence",), 2, ("validation",), ("accuracy",)),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2, ("validation",), ("f1", "accuracy")),
-    "qqp": GlueTask(("question1", "question2"), 2, ("validation",), ("f1", "accuracy")),
-    "stsb": GlueTask(("sentence1", "sentence2"), 1, ("validation",), ("pearson", "spearmanr")),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, ("validation_matched", "validation_mismatched"), ("accuracy",)),
-    "qnli": GlueTask(("question", "sentence"), 2, ("validation",), ("accuracy",)),
-    "rte": GlueTask(("sentence1", "sentence2"), 2, ("validation",), ("accuracy",)),
-    "wnli": GlueTask(("sentence1", "sentence2"), 2, ("validation",), ("accuracy",)),
-}
-
-
-# ------------------------------------------------------------------ metrics
-# Written here in numpy rather than taken from scikit-learn (not a dependency of this project) or the `evaluate`
-# library (it downloads its metric scripts from the hub); Pearson and Spearman come from scipy, which gensim
-# (a dependency) requires. Definitions and degenerate cases follow scikit-learn's.
-
-def accuracy(preds, labels) -> float:
-    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
-
-
-def f1_binary(preds, labels) -> float:
-    """F1 of class 1; 0.0 when there is no positive in either (scikit-learn's zero_division result)."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
-    denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom else 0.0
-
-
-def matthews_corr(preds, labels) -> float:
-    """Matthews correlation, multi-class form (Gorodkin 2004, as scikit-learn); 0.0 when undefined."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes = np.union1d(preds, labels)
-    conf = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(conf, (np.searchsorted(classes, labels), np.searchsorted(classes, preds)), 1)
-    t, p = conf.sum(axis=1), conf.sum(axis=0)
-    c, s = np.trace(conf), conf.sum()
-    denom = math.sqrt((s * s - p @ p) * (s * s - t @ t))
-    return float((c * s - t @ p) / denom) if denom else 0.0
-
-
-def _correlation(fn, preds, labels) -> float:
-    import warnings
-
-    with warnings.catch_warnings():  # a constant prediction: undefined (nan), reported as null, not a warning
-        warnings.simplefilter("ignore")
-        return float(fn(np.asarray(preds, dtype=np.float64), np.asarray(labels, dtype=np.float64))[0])
-
-
-def pearson(preds, labels) -> float:
-    from scipy.stats import pearsonr
-    return _correlation(pearsonr, preds, labels)
-
-
-def spearman(preds, labels) -> float:
-    from scipy.stats import spearmanr
-    return _correlation(spearmanr, preds, labels)
-
-
-METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews_correlation": matthews_corr,
-           "pearson": pearson, "spearmanr": spearman}
-
-
-def score(metric_names, predictions, labels) -> dict:
-    """Logits [N, K] (argmax) or regression outputs [N, 1] -> {metric: value}."""
-    predictions = np.asarray(predictions)
-    preds = predictions[:, 0] if predictions.shape[-1] == 1 else predictions.argmax(axis=-1)
-    return {name: METRICS[name](preds, labels) for name in metric_names}
-
-
-# ------------------------------------------------------------------ tasks
-
-@dataclass
-class Task:
-    spec: str  # as given to --task
-    name: str  # OUT/<name>
-    train: object  # datasets.Dataset with columns text[, text_pair], label
-    evals: dict  # split name -> datasets.Dataset
-    num_labels: int  # 1: regression
-    metrics: tuple[str, ...]
-    label_names: list = field(default_factory=list)  # id -> original label (local string labels)
-    source: dict = field(default_factory=dict)
-
-    @property
-    def regression(self) -> bool:
-        return self.num_labels == 1
-
-
-def _offline() -> bool:
-    import datasets
-
-    flags = [os.environ.get(k, "") for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
-    return any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags) or bool(
-        getattr(datasets.config, "HF_HUB_OFFLINE", False))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
-def load_glue(spec: str, name: str) -> Task:
-    import datasets
-
-    if name not in GLUE_TASKS:
-        raise UserError(f"--task {spec}: unknown GLUE task {name!r} (known: {', '.join(GLUE_TASKS)})")
-    info = GLUE_TASKS[name]
-    try:
-        ds = datasets.load_dataset(GLUE_DATASET, name)
-    except Exception as err:  # datasets raises many types here (connection, not found, offline, cache)
-        if _offline():
-            raise UserError(f"--task {spec}: cannot load {GLUE_DATASET} {name} offline (HF_DATASETS_OFFLINE or "
-                            "HF_HUB_OFFLINE is set and it is not in the datasets cache): load it once with network "
-                            f"access, or use csv:PATH ({_first_line(err)})") from None
-        raise UserError(f"--task {spec}: cannot load {GLUE_DATASET} {name} ({_first_line(err)}; without network "
-                        "access, a cached copy loads with HF_DATASETS_OFFLINE=1)") from None
-    names = ("text", "text_pair")[:len(info.columns)]
-    rename = dict(zip(info.columns, names))
-
-    def prepared(split):
-        keep = [*info.columns, "label"]
-        return ds[split].select_columns(keep).rename_columns(rename)
-
-    return Task(spec, name, prepared("train"), {s: prepared(s) for s in info.eval_splits}, info.num_labels,
-                info.metrics, source={"dataset": GLUE_DATASET, "config": name})
-
-
-def _local_files(spec: str) -> tuple[str, list[Path]]:
-    """(datasets builder, [TRAIN] or [TRAIN, EVAL]) of csv:/jsonl: specs and bare .csv/.jsonl/.json paths."""
-    kind, _, rest = spec.partition(":")
-    if kind in ("csv", "jsonl", "json") and rest:
-        builder = "csv" if kind == "csv" else "json"
-    else:
-        rest, builder = spec, ("csv" if spec.split(",")[0].endswith(".csv") else "json")
-    files = [Path(p) for p in rest.split(",")]
-    if len(files) > 2 or not all(str(p) for p in files):
-        raise UserError(f"--task {spec}: want {builder}:TRAIN or {builder}:TRAIN,EVAL")
-    for path in files:
-        if not path.is_file():
-            raise UserError(f"--task {spec}: no such file {path}")
-    return builder, files
-
-
-def _label_kind(spec: str, column) -> str:
-    """'int', 'float' or 'str' from the Arrow type datasets inferred for the label column."""
-    import pyarrow as pa
-
-    t = column.type
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_boolean(t):
-        return "str"
-    raise UserError(f"--task {spec}: column `label` has type {t}; want integers, strings or floats")
-
-
-def load_local(spec: str) -> Task:
-    import datasets
-
-    builder, files = _local_files(spec)
-    data_files = {"train": str(files[0]), **({"eval": str(files[1])} if len(files) > 1 else {})}
-    try:
-        # Read into memory through a throw-away cache: a local file is small, and datasets' default cache
-        # (~/.cache/huggingface/datasets) would keep a copy of every file ever given.
-        with tempfile.TemporaryDirectory(prefix="finetune-load-") as cache:
-            raw = datasets.load_dataset(builder, data_files=data_files, cache_dir=cache, keep_in_memory=True)
-    except Exception as err:  # a malformed file: pyarrow / pandas parse errors of many types
-        raise UserError(f"--task {spec}: cannot read {' '.join(map(str, files))} as {builder} "
-                        f"({_first_line(err)})") from None
-    for split, path in zip(raw, files):
-        missing = [c for c in ("text", "label") if c not in raw[split].column_names]
-        if missing:
-            raise UserError(f"--task {spec}: {path} has no column {' or '.join(f'`{c}`' for c in missing)} "
-                            f"(it has {', '.join(raw[split].column_names) or 'none'}); want text, "
-                            "optional text_pair, label")
-        if len(raw[split]) == 0:
-            raise UserError(f"--task {spec}: {path} has no rows")
-    pair = all("text_pair" in raw[s].column_names for s in raw)
-    texts = ["text", "text_pair"] if pair else ["text"]
-    raw = datasets.DatasetDict({s: d.select_columns([*texts, "label"]) for s, d in raw.items()})
-    for split, path in zip(raw, files):
-        for column in [*texts, "label"]:
-            empty = raw[split].data.column(column).null_count
-            if empty:
-                raise UserError(f"--task {spec}: {path} has {empty} rows without a `{column}`")
-    for column in texts:  # a column of numbers is text too
-        raw = raw.cast_column(column, datasets.Value("string"))
-    if "eval" not in raw:
-        if len(raw["train"]) < 2:
-            raise UserError(f"--task {spec}: {files[0]} has {len(raw['train'])} row; want at least 2 to hold out "
-                            "an evaluation split, or give TRAIN,EVAL")
-        raw = raw["train"].train_test_split(test_size=HOLDOUT_FRACTION, seed=HOLDOUT_SEED)
-        raw = datasets.DatasetDict(train=raw["train"].flatten_indices(keep_in_memory=True),
-                                   eval=raw["test"].flatten_indices(keep_in_memory=True))
-
-    kinds = {_label_kind(spec, d.data.column("label")) for d in raw.values()}
-    kind = "str" if "str" in kinds else "float" if "float" in kinds else "int"
-    names: list = []
-    if kind == "float":
-        num_labels, metrics = 1, ("pearson", "spearmanr")
-        raw = raw.cast_column("label", datasets.Value("float32"))
-    elif kind == "str":  # casting strings to a ClassLabel maps each to its index in `names`
-        raw = raw.cast_column("label", datasets.Value("string"))
-        names = sorted({v for d in raw.values() for v in d.unique("label")})
-        raw = raw.cast_column("label", datasets.ClassLabel(names=names))
-        num_labels = len(names)
-    else:
-        values = np.concatenate([d.data.column("label").to_numpy() for d in raw.values()])
-        if values.min() < 0:
-            raise UserError(f"--task {spec}: integer label {values.min()} is negative; want class ids 0..K-1")
-        num_labels = int(values.max()) + 1
-    if kind != "float":
-        seen = {v for d in raw.values() for v in d.unique("label")}
-        if len(seen) < 2:
-            raise UserError(f"--task {spec}: every label is {names[0] if names else next(iter(seen))}; want at "
-                            "least two classes")
-        metrics = ("accuracy", "f1", "matthews_correlation") if num_labels == 2 else ("accuracy",)
-    name = files[0].stem
-    return Task(spec, name, raw["train"], {"eval": raw["eval"]}, num_labels, metrics, names,
-                source={"files": [str(p.absolute()) for p in files], "format": builder,
-                        "held_out": None if len(files) > 1 else {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}})
-
-
-def load_task(spec: str) -> Task:
-    if spec.startswith(("glue/", "glue:")):
-        return load_glue(spec, spec[5:])
-    kind, _, rest = spec.partition(":")
-    if (kind in ("csv", "jsonl", "json") and rest) or spec.split(",")[0].endswith((".csv", ".jsonl", ".json")):
-        return load_local(spec)
-    raise UserError(f"--task {spec}: unknown task; want glue/NAME ({', '.join(GLUE_TASKS)}), csv:PATH[,EVAL] "
-                    "or jsonl:PATH[,EVAL]")
-
-
-def load_tasks(specs: list[str]) -> list[Task]:
-    tasks, seen = [], {}
-    for spec in specs:
-        task = load_task(spec)
-        if task.name in seen:
-            raise UserError(f"--task {spec}: writes OUT/{task.name}, as --task {seen[task.name]} does; rename "
-                            "one of the files")
-        seen[task.name] = spec
-        tasks.append(task)
-    return tasks
 
 
 # ------------------------------------------------------------------ the model
@@ -427,17 +171,6 @@ class OutClaim:
     def failed(self) -> None:
         self.lock.release()
         self._put_back()
-
-
-def jsonable(obj):
-    """JSON has no NaN: an undefined value (a correlation of a constant prediction, a diverged loss) is null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def write_json(path: Path, obj) -> None:

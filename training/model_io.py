@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from training.engine import checkpoint
+from training.engine import checkpoint_verify
 from training.errors import UserError
 from training.model.config import ModelConfig
 
@@ -24,7 +24,7 @@ def resolve_tag_dir(path: Path, flag: str = "--checkpoint") -> Path:
     if not path.exists():
         raise UserError(f"{flag} {path}: no such directory")
     for ckpt_dir in (path / "checkpoints", path):
-        tag = checkpoint.latest_good_tag(ckpt_dir)  # verified; a corrupt newest one: the newest good (warning)
+        tag = checkpoint_verify.latest_good_tag(ckpt_dir)  # verified; a corrupt newest one: the newest good (warning)
         if tag is not None:
             return ckpt_dir / tag
     if (path / "meta.json").is_file():
@@ -55,7 +55,7 @@ def load_checkpoint_model(tag_dir: Path):
     """(BertForPreTraining in fp32 with the checkpoint's weights, its ModelConfig, meta.json)."""
     from training.model.bert import BertForPreTraining
 
-    meta = checkpoint.read_meta(tag_dir.parent, tag_dir.name)
+    meta = checkpoint_verify.read_meta(tag_dir.parent, tag_dir.name)
     cfg = ModelConfig.model_validate({**meta["model"], "compile": False})  # evaluation and export run eagerly
     model = BertForPreTraining(cfg)
     missing, unexpected = model.load_state_dict(load_module_state(tag_dir), strict=False)

@@ -27,8 +27,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from training import outdir  # noqa: E402
-from training.config import RunConfig, load_config  # noqa: E402
-from training.engine import checkpoint  # noqa: E402
+from training.config import RunConfig  # noqa: E402
+from training.stages.plan import load_config  # noqa: E402
+from training.engine import checkpoint_verify  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 from training.metrics import measure_peak_tflops  # noqa: E402
@@ -210,7 +211,7 @@ def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
 
 
 def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
-    from training.model.hf import export_hf
+    from training.model.hf_export import export_hf
 
     try:
         export_hf(runner.engine.module, runner.model_cfg, out / "hf", tokenizer_dir=data.tokenizer_dir)
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
     # The checkpoint to resume from, verified (sizes and checksums) before anything is touched; a corrupt
     # newest one is passed over for the newest that verifies, with a warning naming the bad file.
-    tag, bad_tags = checkpoint.resume_tag(out / "checkpoints") if args.resume else (None, [])
+    tag, bad_tags = checkpoint_verify.resume_tag(out / "checkpoints") if args.resume else (None, [])
     if tag is not None:
         runner.check_resume(tag)  # the same model, precision, seq_len and data as it was trained with
     claimed = prepare_out_dir(out, args.resume, args.overwrite, env.rank, inputs=inputs)  # accepted: now claim
@@ -308,7 +309,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
         runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
         if env.rank == 0:
             if bad_tags:
-                checkpoint.quarantine(out / "checkpoints", bad_tags, tag)
+                checkpoint_verify.quarantine(out / "checkpoints", bad_tags, tag)
             truncate_metrics(out / "metrics.jsonl", runner.state.step)
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -329,7 +330,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
     watchdog = start_watchdog(env, cfg.dist.heartbeat_timeout_s) if use_watchdog else contextlib.nullcontext()
     with watchdog:
         code = train(runner, cfg, data, out, env.rank)
-    if claimed is not None and not claimed.done and checkpoint.latest_tag(out / "checkpoints", check=False):
+    if claimed is not None and not claimed.done and checkpoint_verify.latest_tag(out / "checkpoints", check=False):
         claimed.trained()  # e.g. pre-empted before its first step, but checkpointed: this run goes on
     elif claimed is not None and not claimed.done:
         claimed.failed()  # ended before training anything: the previous run goes back
@@ -363,7 +364,7 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
     if runner.preempted:
         if rank == 0:
             print(f"pre-empted ({runner.preempted}): checkpoint {out / 'checkpoints'}/"
-                  f"{checkpoint.latest_tag(out / 'checkpoints')} at step {state.step}; exit {EXIT_REQUEUE} "
+                  f"{checkpoint_verify.latest_tag(out / 'checkpoints')} at step {state.step}; exit {EXIT_REQUEUE} "
                   "(requeue, then --resume)", flush=True)
         torch.distributed.barrier()
         return EXIT_REQUEUE
@@ -376,7 +377,7 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
                  f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "
                  f"{ev['heldout_below_unigram']:+.3f} nats below it)" if ev else ""))
         print(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
-        print(f"  checkpoint: {out / 'checkpoints'}/{checkpoint.latest_tag(out / 'checkpoints')}")
+        print(f"  checkpoint: {out / 'checkpoints'}/{checkpoint_verify.latest_tag(out / 'checkpoints')}")
         print(f"  HF model:   {exported}")
     torch.distributed.barrier()
     return 0

@@ -4,7 +4,7 @@ Each config is an opaque `python -m training.pretrain` config: it runs in its ow
 `python -m training.pretrain --config X --out DIR/runs/<name> --overwrite --set ...`, with the common
 `--set`s (data dir, seed, eval cadence) applied to all. The first config is the baseline. Progress is
 a tqdm bar per run that follows the run's metrics.jsonl; the child's own output goes to
-DIR/logs/<name>.log. The analysis is in training.bench.report.
+DIR/logs/<name>.log. The analysis is in training.bench.report (on training.bench.curves).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from training.bench.report import compare_runs, read_jsonl, split_records, summarise_run, write_report
+from training.bench.curves import read_jsonl, split_records
+from training.bench.report import compare_runs, summarise_run, write_report
 from training.errors import UserError
 from training.stages.plan import planned_steps
 
@@ -48,7 +49,7 @@ def _config_info(config: str, sets: list[str]) -> dict:
     """Total steps, eval cadence and last stage, if the config loads here (the child validates it again)."""
     info = {"total_steps": None, "eval_every": None, "error": None, "final_stage": None}
     try:
-        from training.config import load_config
+        from training.stages.plan import load_config
 
         cfg = load_config(config, sets)
         info.update(total_steps=planned_steps(cfg), eval_every=cfg.run.eval_every,

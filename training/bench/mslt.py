@@ -189,10 +189,10 @@ def summarise(subject: Subject, timed_steps: int) -> dict:
 
 def _stage_subjects(cfg, seq_len_default: int):
     """[(stage index, name, model_cfg, seq_len, hook)] of the config's stages."""
-    from training.stages.hooks import get_hook
+    from training.stages.hooks import make_hook
     from training.stages.plan import seq_lens
 
-    return [(i, stage.name, cfg.stage_model(i), seq, get_hook(stage.hook))
+    return [(i, stage.name, cfg.stage_model(i), seq, make_hook(stage))
             for i, (stage, seq) in enumerate(zip(cfg.stages, seq_lens(cfg, seq_len_default)))]
 
 
@@ -203,7 +203,7 @@ def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: 
     torch.manual_seed(seed)
     model = BertForPreTraining(model_cfg)
     if frozen and hook is not None:
-        hook.prepare(model, stage)
+        hook.prepare(model)
     model.to(device)
     stats = trainable_stats(model)
     engine, _ = build_engine(model, cfg, world, None)
@@ -213,7 +213,7 @@ def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: 
 
 def measure(args, rank: int, world: int) -> Optional[dict]:
     from training.bench.machine import MemoryProbe, machine_info
-    from training.config import load_config
+    from training.stages.plan import load_config
     from training.run_setup import load_data, resolve_model
 
     overrides = list(args.set) + ["deepspeed.tensorboard=false"]
@@ -315,7 +315,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
 
 
 def _run_rank(args) -> None:
-    from training.config import load_config
+    from training.stages.plan import load_config
     from training.dist import init_distributed
 
     if args.threads:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
-from training.bench.report import read_jsonl, split_records
+from training.bench.curves import read_jsonl, split_records
 from training.errors import UserError
 
 THRESHOLDS = (0.25, 0.5, 1.0)  # nats below the unigram reference

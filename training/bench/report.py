@@ -1,8 +1,11 @@
-"""Time-to-target analysis of finished runs and the compare report (JSON, Markdown, PNG).
+"""Time-to-target analysis of finished runs (run summaries, the comparison against the baseline) and the
+compare report (JSON, Markdown, PNG).
 
 Everything here is a pure function of each run's `metrics.jsonl` (plus, as a fallback for FLOPs, its
 `config.resolved.json` and the data dir's `stats.json`), so a report can be rebuilt from run
-directories at any time (`python -m training.bench compare ... --report-only`).
+directories at any time (`python -m training.bench compare ... --report-only`). The arithmetic on one run's
+curves (reading metrics.jsonl, cumulative FLOPs, the interpolated crossing of the target) is in
+training/bench/curves.py.
 
 Definitions (also in BENCHMARKS.md):
 
@@ -28,10 +31,11 @@ Definitions (also in BENCHMARKS.md):
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+from training.bench.curves import Crossing, cumulative_flops, flops_at, read_jsonl, split_records, time_to_target
 
 NOT_REACHED = "not reached"
 
@@ -44,119 +48,6 @@ FLOPS_COUNTING = (
     "the word embeddings train; under progressive layer dropping each layer counts by that step's keep "
     "probability. Each train line's flops_per_token is its logging window's token-weighted mean, and FLOPs to "
     "target integrate it over tokens. Embedding lookups, LayerNorm, softmax and GELU are not counted.")
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """metrics.jsonl records; a torn last line (run still writing / killed) is skipped."""
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
-def split_records(records: Sequence[dict]) -> tuple[list[dict], list[dict]]:
-    """(train lines, eval lines), each sorted by step; a step logged twice (a resumed run appends to
-    the same file) keeps its last record."""
-    by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    for r in records:
-        kind = r.get("kind", "train")
-        if kind in by_kind and "step" in r:
-            by_kind[kind][int(r["step"])] = r
-    return ([by_kind["train"][s] for s in sorted(by_kind["train"])],
-            [by_kind["eval"][s] for s in sorted(by_kind["eval"])])
-
-
-# ------------------------------------------------------------------------------------------ FLOPs
-
-def cumulative_flops(train: Sequence[dict], default_fpt: Optional[float]) -> tuple[list[tuple[int, float]], str]:
-    """[(tokens, cumulative FLOPs)] at each train line, starting with (0, 0), and the source used.
-
-    The segment ending at a train line is charged that line's `flops_per_token` (tokens of one logging
-    window all belong to the line's stage: the runner always logs the last step of a stage), or
-    `default_fpt` when the line has none.
-    """
-    points = [(0, 0.0)]
-    sources = set()
-    total = 0.0
-    prev_tokens = 0
-    for r in train:
-        tokens = int(r.get("tokens", prev_tokens))
-        fpt = r.get("flops_per_token")
-        if fpt is None:
-            fpt = default_fpt
-            sources.add("config")
-        else:
-            sources.add("metrics")
-        if fpt is None:
-            return [], "unknown"
-        total += max(tokens - prev_tokens, 0) * float(fpt)
-        prev_tokens = max(tokens, prev_tokens)
-        points.append((prev_tokens, total))
-    source = "+".join(sorted(sources)) or ("config" if default_fpt is not None else "unknown")
-    return points, source
-
-
-def flops_at(tokens: float, points: Sequence[tuple[int, float]], last_fpt: Optional[float]) -> Optional[float]:
-    """Cumulative FLOPs after `tokens` tokens, linear within a segment; beyond the last train line at
-    `last_fpt` per token."""
-    if not points:
-        return None
-    for (t0, f0), (t1, f1) in zip(points, points[1:]):
-        if tokens <= t1:
-            if t1 == t0:
-                return f1
-            return f0 + (f1 - f0) * (tokens - t0) / (t1 - t0)
-    t_last, f_last = points[-1]
-    if last_fpt is None:
-        return f_last if tokens <= t_last else None
-    return f_last + (tokens - t_last) * last_fpt
-
-
-# ------------------------------------------------------------------------------------ time to target
-
-@dataclass
-class Crossing:
-    reached: bool
-    wall_s: Optional[float] = None
-    tokens: Optional[float] = None
-    flops: Optional[float] = None
-    step: Optional[float] = None
-
-
-def time_to_target(evals: Sequence[dict], target: float, flops_of_tokens=None) -> Crossing:
-    """First crossing of `target` by the held-out loss curve, interpolated linearly (see module doc).
-
-    `evals` are eval records (keys wall_s, tokens, step, heldout_loss) sorted by step;
-    `flops_of_tokens(tokens)` maps tokens to cumulative FLOPs (None: FLOPs not reported).
-    """
-    prev = None
-    for e in evals:
-        loss = e.get("heldout_loss")
-        if loss is None or not math.isfinite(loss):
-            prev = None
-            continue
-        if loss <= target:
-            if prev is None or prev["heldout_loss"] == loss:
-                frac = 1.0
-                prev = e
-            else:
-                frac = (prev["heldout_loss"] - target) / (prev["heldout_loss"] - loss)
-            def lerp(key):
-                return prev[key] + frac * (e[key] - prev[key])
-            tokens = lerp("tokens")
-            return Crossing(True, wall_s=lerp("wall_s"), tokens=tokens, step=lerp("step"),
-                            flops=flops_of_tokens(tokens) if flops_of_tokens else None)
-        prev = e
-    return Crossing(False)
 
 
 # ---------------------------------------------------------------------------------------- summaries

@@ -130,14 +130,12 @@ def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
     trainable parts, keep probabilities at the first step or None)."""
     from training.model.flops import trainable_parts
     from training.stages import layerdrop
-    from training.stages.hooks import get_hook
     from training.stages.plan import Plan
 
-    stage = cfg.stages[index]
-    hook = get_hook(stage.hook)
-    if hook is not None:
-        hook.prepare(model, stage)
-    start = Plan(cfg, data_seq_len, world_size=1)[index].start_step
+    planned, stage = Plan(cfg, data_seq_len, world_size=1)[index], cfg.stages[index]
+    if planned.hook is not None:
+        planned.hook.prepare(model)
+    start = planned.start_step
     layers = cfg.stage_model(index).num_layers
 
     def kwargs(step: int) -> dict:
@@ -167,7 +165,7 @@ def select_stage(cfg, stage: Optional[str], data_seq_len: int):
 
 
 def run(args) -> dict:
-    from training.config import load_config
+    from training.stages.plan import load_config
     from training.dist import init_distributed
     from training.engine.build import build_engine, compute_dtype
     from training.model.flops import count_parameters, flops_per_token

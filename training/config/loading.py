@@ -1,5 +1,6 @@
-"""Loading a run config: YAML (duplicate keys refused, errors with their line), `--set KEY=VALUE` overrides,
-the HF shape of `model.init_from_hf`, then validation into a frozen RunConfig; every problem is one line."""
+"""Reading a run config: YAML (duplicate keys refused, errors with their line), `--set KEY=VALUE` overrides,
+the HF shape of `model.init_from_hf`, then validation into a frozen RunConfig; every problem is one line.
+(A run loads its config with stages/plan.load_config: this, then the stage hooks' checks.)"""
 from __future__ import annotations
 
 import copy
@@ -128,7 +129,10 @@ def _with_hf_shape(raw: dict) -> dict:
     return {**raw, "model": {**model, **shape}}
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """The config file with its overrides, validated section by section (UserError, one line). Whether the
+    stages may follow one another is the stage hooks' business: a run loads with stages/plan.load_config,
+    which reads the config here, then resolves and checks its hooks."""
     raw: dict = {}
     source = "config"
     if path is not None:

@@ -13,8 +13,8 @@ from training.model.config import (ModelConfig, NonNegativeFloat, NonNegativeInt
 
 
 class _Strict(BaseModel):
-    # Frozen: a loaded config is resolved once (load_config: the HF shape, hook_args defaults, the default
-    # stage) and then never changes; derive a changed one with model_copy(update=...).
+    # Frozen: a loaded config is resolved once (stages/plan.load_config: the HF shape, hook_args defaults, the
+    # default stage) and then never changes; derive a changed one with model_copy(update=...).
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -80,7 +80,7 @@ class OptimizerSection(_Strict):
 
 
 class LocalityScheduleSection(_Strict):
-    """The locality bias over the run's first `steps` optimizer steps, whatever the stages (training/model/bert.py
+    """The locality bias over the run's first `steps` optimizer steps, whatever the stages (training/model/ops.py
     locality_bias): its strength falls linearly from `start` at step 0 to `end` at step `steps`, then stops. Use
     this when stage boundaries (a growth, a freeze, a pruning) fall inside the anneal: every method of a
     comparison then gets the same aid at the same steps. Each stage it covers needs eager or sdpa attention."""
@@ -192,7 +192,7 @@ class LayerDropSection(_Strict):
 
 
 class LocalityBiasSection(_Strict):
-    """A training-time attention bias toward near tokens (training/model/bert.py locality_bias), its strength
+    """A training-time attention bias toward near tokens (training/model/ops.py locality_bias), its strength
     falling linearly from `start` at the stage's first step to `end` after its last; 0 is plain attention."""
     start: NonNegativeFloat = 1.0  # a strength, not a probability: any finite value >= 0
     end: NonNegativeFloat = 0.0
@@ -250,9 +250,7 @@ class RunConfig(_Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stages: names must be unique, got {names}")
-        self._resolve_hook_args()
-        self._check_stage_transitions()
-        self._check_warmups()
+        self._check_stage_sections()
         if self.optimizer.name == "lamb" and self.optimizer.fused and self.train.zero_stage > 0:
             raise ValueError(
                 f"optimizer.fused=true with train.zero_stage={self.train.zero_stage}: the fused LAMB kernel cannot "
@@ -267,50 +265,11 @@ class RunConfig(_Strict):
         except ValidationError as err:
             raise ValueError(f"stage '{stage.name}': {_error_line(err.errors()[0], ('model',))}") from None
 
-    def _resolve_hook_args(self) -> None:
-        """Each hook fills in its hook_args' defaults from the shapes (MSLT: train_top = the added layers), once
-        and here, so that validation (below) and the hooks at run time change nothing."""
-        from training.stages.hooks import HOOKS
-        from training.stages.protocol import parse_hook_args
-
-        stages = list(self.stages)
-        for i, stage in enumerate(stages[1:], start=1):
-            hook = HOOKS.get(stage.hook) if stage.hook else None
-            if hook is not None:
-                try:
-                    args = stage.hook_args
-                    if hook.args is not None:  # typed: parsed (and its defaults filled in) once, here
-                        args = parse_hook_args(hook.args, args).model_dump()
-                    args = hook.resolve_args(self.stage_model(i - 1), self.stage_model(i), args)
-                except ValueError as err:
-                    raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
-                stages[i] = stage.model_copy(update={"hook_args": args})
-        object.__setattr__(self, "stages", stages)  # still resolving: the config is frozen once loaded
-
-    def _check_stage_transitions(self) -> None:
-        from training.stages.hooks import get_hook  # hooks import the model package, not this module
-
-        prev_model, prev_seq = None, None
+    def _check_stage_sections(self) -> None:
+        """What each stage asks of the run's settings. Whether one stage's model may follow another's (the
+        hooks) is stages/plan.py's check, made when the config loads (plan.load_config)."""
         for i, stage in enumerate(self.stages):
             model = self.stage_model(i)
-            seq = stage.seq_len
-            if seq is not None and seq > model.max_position:
-                raise ValueError(f"stage '{stage.name}': seq_len {seq} exceeds model.max_position "
-                                 f"{model.max_position}")
-            hook = get_hook(stage.hook) if stage.hook else None
-            if i == 0:
-                if hook is not None:
-                    raise ValueError(f"stage '{stage.name}': the first stage has no previous stage to hook from")
-            elif hook is None and model != prev_model:
-                raise ValueError(f"stage '{stage.name}': the model shape changes but the stage names no hook")
-            elif hook is not None:
-                try:
-                    hook.validate(prev_model, model, stage)
-                except ValueError as err:
-                    raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
-                if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
-                    raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences "
-                                     f"({prev_seq} -> {seq})")
             if stage.locality_bias is not None and self.train.locality_bias is not None:
                 raise ValueError(f"stage '{stage.name}': give either train.locality_bias (the run's schedule) or "
                                  "stages[].locality_bias, not both")
@@ -322,29 +281,6 @@ class RunConfig(_Strict):
             if stage.optimizer_state == "carry" and i > 0 and self.train.zero_stage > 0:
                 raise ValueError(f"stage '{stage.name}': optimizer_state carry needs train.zero_stage 0 "
                                  "(ZeRO 1/2 state lives in flat partitions); use reset")
-            prev_model, prev_seq = model, seq if seq is not None else prev_seq
-
-    def _check_warmups(self) -> None:
-        """Each stage's LR warmup must fit in the stage (training/engine/schedule.py refuses it otherwise).
-        Checked where the steps are known now; a stage given in tokens gets its steps at run time."""
-        first = self.stages[0]
-        if first.steps is not None:
-            where = (f"train.max_steps={first.steps}" if self.train.max_steps is not None and len(self.stages) == 1
-                     and first.name == "main" else f"stages.0.steps={first.steps} (stage '{first.name}')")
-            if self.optimizer.warmup_steps is not None and self.optimizer.warmup_steps > first.steps:
-                raise ValueError(f"optimizer.warmup_steps={self.optimizer.warmup_steps} exceeds {where}: the "
-                                 "first stage's LR warmup must fit in it")
-            if self.optimizer.warmup_steps is None and all(s.steps is not None for s in self.stages):
-                total = sum(s.steps for s in self.stages)
-                warmup = self.warmup_steps(total)
-                if warmup > first.steps:
-                    raise ValueError(f"optimizer.warmup_fraction={self.optimizer.warmup_fraction:g} of the run's "
-                                     f"{total} steps is {warmup} warmup steps, more than {where}; set "
-                                     "optimizer.warmup_steps")
-        for i, stage in enumerate(self.stages[1:], 1):
-            if stage.steps is not None and stage.warmup_steps > stage.steps:
-                raise ValueError(f"stages.{i}.warmup_steps={stage.warmup_steps} exceeds stages.{i}.steps="
-                                 f"{stage.steps} (stage '{stage.name}'): its LR warmup must fit in it")
 
     def warmup_steps(self, total_steps: int) -> int:
         if self.optimizer.warmup_steps is not None:

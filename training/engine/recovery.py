@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from training.engine import checkpoint
+from training.engine import checkpoint_verify
 from training.engine.faults import NumericalFault, RestoreRequested
 
 log = logging.getLogger(__name__)
@@ -20,7 +20,7 @@ def run_with_recovery(runner, max_restores: int = 3):
         try:
             return runner.run()
         except RestoreRequested as req:
-            tag = checkpoint.latest_tag(runner.ckpt_dir)
+            tag = checkpoint_verify.latest_tag(runner.ckpt_dir)
             if tag is None:
                 raise NumericalFault(f"{req}; no checkpoint to restore yet (run.on_nan=restore)") from None
             if tag in restored or len(restored) >= max_restores:

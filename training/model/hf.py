@@ -1,43 +1,26 @@
-"""Hugging Face interop: read a BERT config/checkpoint, export to `transformers.BertForPreTraining` (Post-LN)
-or `transformers.RobertaPreLayerNormForMaskedLM` (Pre-LN, `model.norm: pre`).
+"""Hugging Face import: a BERT config.json -> ModelConfig (`model_config_from_hf`), and a BERT checkpoint
+(BertModel, BertForMaskedLM, BertForPreTraining) or our Pre-LN export (RobertaPreLayerNormForMaskedLM) -> our
+model's weights (`load_hf_weights`). The export is training/model/hf_export.py (`export_hf`).
 
-Only local directories are read (no hub access). transformers is imported lazily, in export only.
+Only local directories are read (no hub access). transformers is not imported here.
 
 Every tensor of an imported checkpoint that the model has survives import -> train -> export under its HF
 name: trained ones as trained, and the pooler (`bert.pooler.dense`) of an MLM-only model (nsp false) as
 imported. MLM never uses that pooler, so `model.init_from_hf` sets `model.carry_pooler` when the checkpoint
-has one: the model then holds it as fp32 buffers (bert.CarriedPooler), which no optimizer, gradient or bf16
+has one: the model then holds it as fp32 buffers (encoder.CarriedPooler), which no optimizer, gradient or bf16
 cast touches, which checkpoints and stage transitions carry, and which `export_hf` writes back instead of a
 freshly drawn pooler. With nsp true the pooler is a trained parameter like any other. Checkpoint tensors
 the model has no place for (an NSP classifier `cls.seq_relationship` when nsp is false) are dropped at
 import; the export then draws that classifier fresh (seeded), as HF's pre-training class needs one.
 
-Pre-LN export. transformers' RoBERTa-PreLayerNorm is the same network as our `norm: pre` model: embeddings
-(word + position + token type, then LayerNorm, dropout), layers x + attn(LN(x)) and x + ffn(LN(x)), a final
-LayerNorm, and the MLM head dense -> erf GeLU -> LayerNorm -> decoder tied to the word embeddings, all with
-one layer_norm_eps. The tensors only move (`_PRE_LN_RENAMES`): per layer, `attention.output.LayerNorm` (ours,
-before attention) -> `attention.LayerNorm`, `output.LayerNorm` (ours, before the FFN) -> `intermediate.LayerNorm`;
-`bert.encoder.final_layer_norm` -> `roberta_prelayernorm.LayerNorm`; `cls.predictions.transform.{dense,
-LayerNorm}` -> `lm_head.{dense,layer_norm}`, `cls.predictions.bias` -> `lm_head.bias`; every other `bert.` name
--> `roberta_prelayernorm.`. Positions: RoBERTa numbers the tokens of a row from input_ids, as padding_idx +
-(count of non-pad tokens up to and including this one), so padding_idx + 1 first, and gives pad tokens padding_idx.
-So our position row p is written at their row p + pad_token_id + 1 (rows 0..pad_token_id are zeros and
-never read by a real token), and max_position_embeddings = max_position + pad_token_id + 1. That equals our
-`arange` positions exactly for every real token when padding is at the end of the row (our collator pads at
-the end) and no real token has the pad id; pad positions themselves get another position row, but they are
-masked keys, so no real token's output changes. Left-padded or interleaved pad tokens would shift the real
-tokens' positions: pass `position_ids` explicitly (ours + pad_token_id + 1) for such inputs. RoBERTa's MLM
-class has no pooler and no NSP head: an `nsp` model's pooler and `cls.seq_relationship` are left out of the
-export (logged). The tokenizer is still our WordPiece (vocab.txt), not RoBERTa's BPE: the export's
-tokenizer_config.json names `BertTokenizer`, so `AutoTokenizer.from_pretrained(out_dir)` loads it
-(equivalently `BertTokenizerFast.from_pretrained(out_dir)`).
+A Pre-LN checkpoint is read back with the inverse of the export's renames (`_PRE_LN_IMPORTS`), its position
+table shifted back by pad_token_id + 1 rows (hf_export.py's module doc says why).
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
-import shutil
 from pathlib import Path
 from typing import Union
 
@@ -51,8 +34,6 @@ from training.model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")
 # In HF the decoder shares these tensors; checkpoints may hold either name (or both).
 TIED_ALIASES = {
     "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -62,21 +43,7 @@ TIED_ALIASES = {
 IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
 POOLER_KEYS = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")
 
-# Pre-LN export: our name -> RobertaPreLayerNormForMaskedLM's, first matching pattern wins (see the docstring).
-_PRE_LN_RENAMES = (
-    (r"^bert\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
-     r"roberta_prelayernorm.encoder.layer.\1.attention.LayerNorm."),
-    (r"^bert\.encoder\.layer\.(\d+)\.output\.LayerNorm\.",
-     r"roberta_prelayernorm.encoder.layer.\1.intermediate.LayerNorm."),
-    (r"^bert\.encoder\.final_layer_norm\.", "roberta_prelayernorm.LayerNorm."),
-    (r"^bert\.(embeddings|encoder)\.", r"roberta_prelayernorm.\1."),
-    (r"^cls\.predictions\.transform\.dense\.", "lm_head.dense."),
-    (r"^cls\.predictions\.transform\.LayerNorm\.", "lm_head.layer_norm."),
-    (r"^cls\.predictions\.bias$", "lm_head.bias"),
-)
 PRE_LN_TYPE = "roberta-prelayernorm"  # transformers' model_type of RobertaPreLayerNormForMaskedLM
-_PRE_LN_DROPPED = ("bert.pooler.", "cls.seq_relationship.")  # no NSP head in RobertaPreLayerNormForMaskedLM
-PRE_LN_POSITIONS = "roberta_prelayernorm.embeddings.position_embeddings.weight"
 
 
 def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
@@ -101,7 +68,8 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=hf["num_attention_heads"],
         ffn_size=hf["intermediate_size"],
-        # RoBERTa numbers real positions from pad_token_id + 1 (see _pre_ln_tensors): the rows before are not ours.
+        # RoBERTa numbers real positions from pad_token_id + 1 (see hf_export._pre_ln_tensors): the rows before
+        # are not ours.
         max_position=hf.get("max_position_embeddings", 512) - ((hf.get("pad_token_id") or 0) + 1 if pre else 0),
         type_vocab_size=hf.get("type_vocab_size", 2),
         pad_token_id=hf.get("pad_token_id") or 0,
@@ -163,7 +131,7 @@ def _normalise_keys(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _PRE_LN_PREFIX = "roberta_prelayernorm."
-# The inverse of _PRE_LN_RENAMES: RobertaPreLayerNormForMaskedLM's names -> ours, first matching pattern wins.
+# The inverse of hf_export._PRE_LN_RENAMES: RobertaPreLayerNormForMaskedLM's names -> ours, first matching pattern wins.
 _PRE_LN_IMPORTS = (
     (r"^roberta_prelayernorm\.encoder\.layer\.(\d+)\.attention\.LayerNorm\.",
      r"bert.encoder.layer.\1.attention.output.LayerNorm."),
@@ -272,167 +240,3 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
     if missing:
         log.info("kept initial values for tensors absent from %s: %s", hf_dir, ", ".join(missing))
     return missing
-
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    target = "RobertaPreLayerNorm" if cfg.norm == "pre" else "BERT"  # the HF architecture export_hf writes
-    if cfg.attention == "linear":
-        raise UserError(f"cannot export to HF: HF {target} has softmax attention only, not linear attention")
-    if cfg.ffn_rank is not None:
-        raise UserError(f"cannot export to HF: HF {target} has no low-rank FFN (model.ffn_rank); "
-                        "multiply the factors out into a full-rank model first")
-    if cfg.heads_per_layer is not None and any(h != cfg.num_heads for h in cfg.heads_per_layer):
-        pruned = ", ".join(f"layer {i}: {h}" for i, h in enumerate(cfg.heads_per_layer) if h != cfg.num_heads)
-        raise UserError(f"cannot export to HF: pruned heads ({pruned} of {cfg.num_heads} heads; "
-                        f"model.heads_per_layer={cfg.heads_per_layer}) are not representable: transformers 5 "
-                        f"{target}Config has no pruned_heads and fixes head_dim = hidden/heads, so a layer with "
-                        f"fewer heads of head_dim {cfg.head_dim} cannot be written, even when every layer "
-                        "has the same count")
-    if cfg.ffn_per_layer is not None and len(set(cfg.ffn_per_layer)) > 1:
-        raise UserError(f"cannot export to HF: HF {target} has one intermediate_size for all layers; "
-                        f"model.ffn_per_layer is non-uniform {cfg.ffn_per_layer}")
-
-
-def _pre_ln_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our Pre-LN tensors under RobertaPreLayerNormForMaskedLM's names; our position row p at their row
-    p + pad_token_id + 1 (RoBERTa's first real position id is pad_token_id + 1), rows before it zero; pooler and
-    NSP head left out (no place there)."""
-    out, dropped = {}, []
-    for name, tensor in tensors.items():
-        if name.startswith(_PRE_LN_DROPPED):
-            dropped.append(name)
-            continue
-        for pattern, replacement in _PRE_LN_RENAMES:
-            hf_name, hits = re.subn(pattern, replacement, name)
-            if hits:
-                break
-        else:
-            raise UserError(f"cannot export to HF: tensor {name} has no place in RobertaPreLayerNormForMaskedLM")
-        out[hf_name] = tensor
-    if dropped:
-        log.warning("HF RobertaPreLayerNormForMaskedLM has no pooler or NSP head: the export leaves out %s",
-                    ", ".join(dropped))
-    positions = out[PRE_LN_POSITIONS]
-    offset = cfg.pad_token_id + 1
-    shifted = torch.zeros(positions.shape[0] + offset, positions.shape[1], dtype=positions.dtype)
-    shifted[offset:] = positions
-    out[PRE_LN_POSITIONS] = shifted
-    return out
-
-
-def _token_id(tokenizer_dir: Path, token: str) -> int | None:
-    """The id of `token` in the tokenizer files of `tokenizer_dir` (tokenizer.json or vocab.txt), None if absent."""
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-        return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(token)
-    if (tokenizer_dir / "vocab.txt").is_file():
-        vocab = (tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        return vocab.index(token) if token in vocab else None
-    return None
-
-
-def _name_bert_tokenizer(out: Path) -> None:
-    """Make the exported tokenizer_config.json name BertTokenizer: a roberta-prelayernorm config.json would
-    otherwise make AutoTokenizer look for RoBERTa's BPE files. A bare vocab.txt gets the casing our own loader
-    assumes for it (training.data.tokenizer: a sibling tokenizer_config.json's do_lower_case, else lowercase)."""
-    path = out / "tokenizer_config.json"
-    conf = json.loads(path.read_text()) if path.is_file() else {"do_lower_case": True}
-    if not str(conf.get("tokenizer_class", "")).startswith("Bert"):
-        conf["tokenizer_class"] = "BertTokenizer"
-        path.write_text(json.dumps(conf, indent=2) + "\n")
-
-
-def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
-              tokenizer_dir: PathLike | None = None) -> Path:
-    """Write `out_dir` loadable by `transformers.BertForPreTraining.from_pretrained(out_dir)` (Post-LN) or by
-    `transformers.RobertaPreLayerNormForMaskedLM.from_pretrained(out_dir)` (Pre-LN, `model.norm: pre`; also
-    AutoModelForMaskedLM). `cfg.norm` picks the architecture; what neither can represent raises UserError.
-
-    Weights are written as float32 safetensors. The tied decoder tensors are left out (HF re-ties
-    them). Post-LN: a model without NSP gets a freshly initialised pooler and NSP classifier (seeded, so
-    exports are reproducible) because HF's pre-training class always has them; a pooler it carries
-    (cfg.carry_pooler: imported with model.init_from_hf) is written as imported instead. Pre-LN: the
-    tensors are renamed and the position table offset as the module docstring describes; an NSP model's pooler
-    and NSP classifier are left out (logged), since RoBERTa's MLM class has neither. Feed the Pre-LN export
-    end-padded batches (as our collator makes) or explicit position_ids. The tokenizer files are copied;
-    for Pre-LN, tokenizer_config.json names BertTokenizer (our WordPiece vocab.txt, not RoBERTa's BPE), so
-    AutoTokenizer / BertTokenizerFast load it.
-    """
-    from safetensors.torch import save_file
-
-    _check_exportable(cfg)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
-               for name, p in model.named_parameters()}  # de-duplicated: no decoder aliases
-    if cfg.slimming:  # EarlyBERT coefficients are folded into the next Linear: same function, HF names
-        from training.model.slimming import fold_slimming
-        tensors = fold_slimming(tensors, cfg)
-    if cfg.norm == "pre":
-        tensors = _pre_ln_tensors(tensors, cfg)
-        hf_cfg = _pre_ln_config(cfg, Path(tokenizer_dir) if tokenizer_dir is not None else None)
-    else:
-        _add_post_ln_heads(tensors, model, cfg)
-        hf_cfg = _post_ln_config(cfg)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_cfg.save_pretrained(str(out))
-
-    if tokenizer_dir is not None:
-        copied = [name for name in TOKENIZER_FILES if (Path(tokenizer_dir) / name).is_file()]
-        if not copied:
-            raise UserError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-        for name in copied:
-            shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-        if cfg.norm == "pre":
-            _name_bert_tokenizer(out)
-    return out
-
-
-def _add_post_ln_heads(tensors: dict[str, torch.Tensor], model: BertForPreTraining, cfg: ModelConfig) -> None:
-    """The pooler and NSP classifier BertForPreTraining needs, for a model without NSP (see export_hf)."""
-    if cfg.nsp:
-        return
-    gen = torch.Generator().manual_seed(0)
-    std, hidden = cfg.initializer_range, cfg.hidden_size
-    tensors["bert.pooler.dense.weight"] = torch.randn(hidden, hidden, generator=gen) * std
-    tensors["bert.pooler.dense.bias"] = torch.zeros(hidden)
-    tensors["cls.seq_relationship.weight"] = torch.randn(2, hidden, generator=gen) * std
-    tensors["cls.seq_relationship.bias"] = torch.zeros(2)
-    tensors.update({name: b.detach().to("cpu", torch.float32).contiguous()  # carried: as imported
-                    for name, b in model.named_buffers() if name in POOLER_KEYS})
-
-
-def _shape_kwargs(cfg: ModelConfig) -> dict:
-    """The config fields BERT and RoBERTa-PreLN share, from ours (positions: see _pre_ln_config)."""
-    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads, intermediate_size=cfg.layer_ffn(0),  # uniform (checked above)
-                hidden_act="gelu", hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.attention_dropout,
-                type_vocab_size=cfg.type_vocab_size, initializer_range=cfg.initializer_range,
-                layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, tie_word_embeddings=True)
-
-
-def _post_ln_config(cfg: ModelConfig):
-    from transformers import BertConfig
-
-    return BertConfig(**_shape_kwargs(cfg), max_position_embeddings=cfg.max_position,
-                      architectures=["BertForPreTraining"])
-
-
-def _pre_ln_config(cfg: ModelConfig, tokenizer_dir: Path | None):
-    from transformers import RobertaPreLayerNormConfig
-
-    special = {}
-    if tokenizer_dir is not None:  # RoBERTa's bos / eos are BERT's [CLS] / [SEP]
-        special = {"bos_token_id": _token_id(tokenizer_dir, "[CLS]"), "eos_token_id": _token_id(tokenizer_dir, "[SEP]")}
-        pad = _token_id(tokenizer_dir, "[PAD]")
-        if pad is not None and pad != cfg.pad_token_id:
-            log.warning("tokenizer %s has [PAD] = %d but model.pad_token_id = %d: RoBERTa derives positions from "
-                        "pad_token_id, so inputs padded with [PAD] number their pads as real tokens",
-                        tokenizer_dir, pad, cfg.pad_token_id)
-    return RobertaPreLayerNormConfig(
-        **_shape_kwargs(cfg),
-        max_position_embeddings=cfg.max_position + cfg.pad_token_id + 1,  # real positions start at pad + 1
-        bos_token_id=special.get("bos_token_id"), eos_token_id=special.get("eos_token_id"),
-        architectures=["RobertaPreLayerNormForMaskedLM"],
-    )

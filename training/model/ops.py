@@ -1,4 +1,4 @@
-"""The functional pieces the BERT modules call (training/model/bert.py): the attention backends with the
+"""The functional pieces the BERT modules call (training/model/encoder.py, bert.py): the attention backends with the
 locality bias, and the eager or fused (Triton, training/model/fused.py) bias+GeLU, residual+LayerNorm and
 masked-LM loss."""
 from __future__ import annotations

@@ -89,11 +89,16 @@ def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int
     return out
 
 
-def _transform(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int, ctx: HookContext) -> Tensors:
-    return refine_ffn(tensors, old, new, moment)
+class CoreRefine(Hook):
+    """The relaxed model (linear attention, low-rank FFN) becomes full BERT: the FFN factors are multiplied."""
+    name = "core_refine"
 
+    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
+        _validate(old, new, stage)
 
-HOOKS = [Hook(name="core_refine", validate=_validate, transform=_transform)]
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        return refine_ffn(tensors, old, new, moment)
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -127,7 +132,7 @@ def describe(run_cfg, seq_len: int | None = None) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from training.config import load_config
+    from training.config import read_config
     from training.errors import UserError
 
     p = argparse.ArgumentParser(prog="python -m training.stages.core",
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set)
+        cfg = read_config(args.config, args.set)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """MSLT, multi-stage layerwise training (Yang et al. 2020, arXiv 2011.13635): grow the encoder k layers at a
 time on top and train only the new top layers; the lower, already-trained layers are frozen.
 
-Two stage hooks (see training/stages/hooks.py for the Hook record) and a stage-list builder:
+Two stage hooks (classes `Mslt`, `MsltJoint`; training/stages/protocol.py for the Hook protocol) and a stage-list builder:
 
 ``mslt`` — enter a stage whose model has ``num_layers = previous + k`` (1 <= k <= previous layers):
 
@@ -164,13 +164,6 @@ def unfreeze(model: torch.nn.Module) -> None:
         p.requires_grad_(True)
 
 
-def prepare(model: torch.nn.Module, stage) -> None:
-    args = stage.hook_args
-    if "train_top" not in args:  # the config loader fills it in; a hand-built StageSection may not have
-        raise ValueError(f"stage '{stage.name}': mslt needs hook_args.train_top (set by load_config)")
-    freeze(model, int(args["train_top"]), bool(args.get("freeze_embeddings", True)))
-
-
 # ---------------------------------------------------------------------------------------- mslt_joint
 
 def validate_joint(old: ModelConfig, new: ModelConfig, stage) -> None:
@@ -181,19 +174,40 @@ def validate_joint(old: ModelConfig, new: ModelConfig, stage) -> None:
         raise ValueError(f"mslt_joint takes no hook_args, got {sorted(stage.hook_args)}")
 
 
-def _identity(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int, ctx: HookContext) -> Tensors:
-    return tensors
+class Mslt(Hook):
+    """Grow by k layers copied from the top; only the top `train_top` layers (and the head) train."""
+    name, Args = "mslt", MsltArgs
+
+    @classmethod
+    def resolve_args(cls, old: ModelConfig, new: ModelConfig, args: dict) -> dict:
+        return resolve_args(old, new, args)
+
+    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
+        validate(old, new, stage)
+
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        return copy_top_layers(tensors, old, new, moment)
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        if self.args.train_top is None:  # the config loader fills it in; a hand-built stage may not have
+            raise ValueError("mslt needs hook_args.train_top (set by load_config)")
+        freeze(model, self.args.train_top, self.args.freeze_embeddings)
 
 
-def prepare_joint(model: torch.nn.Module, stage) -> None:
-    unfreeze(model)
+class MsltJoint(Hook):
+    """The last stage: every layer trains again, same model."""
+    name = "mslt_joint"
 
+    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
+        validate_joint(old, new, stage)
 
-HOOKS = [
-    Hook("mslt", validate=validate, transform=copy_top_layers, prepare=prepare, resolve_args=resolve_args,
-         args=MsltArgs),
-    Hook("mslt_joint", validate=validate_joint, transform=_identity, prepare=prepare_joint, reshapes=False),
-]
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        return tensors
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        unfreeze(model)
 
 
 # ---------------------------------------------------------------------------------------- stage list

@@ -8,6 +8,10 @@ of the whole run (a warmup per stage, one decay: engine/schedule.py), and the st
 The sequence-length rules live here once (`seq_lens`): a stage's length is its own `seq_len` or the prepared
 data's; it may not exceed the data's, nor the stage model's `max_position`. `planned_steps` is the same
 arithmetic for tools that plan a run before it starts (the compare tool's progress bars).
+
+A run's config is loaded here too (`load_config`): the file as training.config reads it, then each hook's
+arguments resolved once (`resolve_hook_args`) and every stage transition checked (`check_transitions`), so
+that nothing after the load changes the config. Each stage's hook instance lives on its StagePlan.
 """
 from __future__ import annotations
 
@@ -16,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from training.config import RunConfig
+from training.config import RunConfig, read_config
 from training.engine.schedule import staged_segments
 from training.errors import UserError
 from training.model.config import ModelConfig
+from training.stages.hooks import hook_class, make_hook
+from training.stages.protocol import Hook
 
 
 @dataclass
@@ -31,7 +37,85 @@ class StagePlan:
     start_step: int
     seq_len: int
     model: ModelConfig  # as declared; a hook may resolve per-layer sizes at run time
+    hook: Optional[Hook] = None  # the instance that enters this stage (none for the first stage)
     ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
+
+
+def load_config(path, overrides: list[str] = ()) -> RunConfig:
+    """The run's config, resolved and checked once (UserError, one line naming the file and the stage):
+    training.config.read_config, then the hooks' argument defaults, the stage transitions and the warmups."""
+    cfg = read_config(path, overrides)
+    try:
+        cfg = resolve_hook_args(cfg)
+        check_transitions(cfg)
+        check_warmups(cfg)
+    except ValueError as err:
+        raise UserError(f"{path if path is not None else 'config'}: {err}") from None
+    return cfg
+
+
+def resolve_hook_args(cfg: RunConfig) -> RunConfig:
+    """Each hook's hook_args with their defaults filled in from the shapes (MSLT: train_top = the added
+    layers), once, here: validation and the hooks at run time then change nothing. A new frozen config."""
+    stages = list(cfg.stages)
+    for i, stage in enumerate(stages[1:], start=1):
+        if not stage.hook:
+            continue
+        try:
+            args = hook_class(stage.hook).resolve_args(cfg.stage_model(i - 1), cfg.stage_model(i), stage.hook_args)
+        except ValueError as err:
+            raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
+        stages[i] = stage.model_copy(update={"hook_args": args})
+    return cfg.model_copy(update={"stages": stages})
+
+
+def check_transitions(cfg: RunConfig) -> None:
+    """Whether each stage may follow the one before it: a hook names the change (ValueError otherwise), the
+    hook accepts it (`Hook.validate`), grow_seq lengthens the rows, no stage declares more positions than its
+    model has. Changes nothing."""
+    prev_model, prev_seq = None, None
+    for i, stage in enumerate(cfg.stages):
+        model = cfg.stage_model(i)
+        seq = stage.seq_len
+        if seq is not None and seq > model.max_position:
+            raise ValueError(f"stage '{stage.name}': seq_len {seq} exceeds model.max_position {model.max_position}")
+        if i == 0:
+            if stage.hook:
+                raise ValueError(f"stage '{stage.name}': the first stage has no previous stage to hook from")
+        elif not stage.hook and model != prev_model:
+            raise ValueError(f"stage '{stage.name}': the model shape changes but the stage names no hook")
+        elif stage.hook:
+            try:
+                make_hook(stage).validate(prev_model, model, stage)
+            except ValueError as err:
+                raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
+            if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
+                raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences ({prev_seq} -> {seq})")
+        prev_model, prev_seq = model, seq if seq is not None else prev_seq
+
+
+def check_warmups(cfg: RunConfig) -> None:
+    """Each stage's LR warmup must fit in the stage (training/engine/schedule.py refuses it otherwise).
+    Checked when the config loads where the steps are known then; a stage given in tokens gets its steps at run
+    time (Plan)."""
+    first = cfg.stages[0]
+    if first.steps is not None:
+        where = (f"train.max_steps={first.steps}" if cfg.train.max_steps is not None and len(cfg.stages) == 1
+                 and first.name == "main" else f"stages.0.steps={first.steps} (stage '{first.name}')")
+        if cfg.optimizer.warmup_steps is not None and cfg.optimizer.warmup_steps > first.steps:
+            raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds {where}: the "
+                             "first stage's LR warmup must fit in it")
+        if cfg.optimizer.warmup_steps is None and all(s.steps is not None for s in cfg.stages):
+            total = sum(s.steps for s in cfg.stages)
+            warmup = cfg.warmup_steps(total)
+            if warmup > first.steps:
+                raise ValueError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction:g} of the run's "
+                                 f"{total} steps is {warmup} warmup steps, more than {where}; set "
+                                 "optimizer.warmup_steps")
+    for i, stage in enumerate(cfg.stages[1:], 1):
+        if stage.steps is not None and stage.warmup_steps > stage.steps:
+            raise ValueError(f"stages.{i}.warmup_steps={stage.warmup_steps} exceeds stages.{i}.steps="
+                             f"{stage.steps} (stage '{stage.name}'): its LR warmup must fit in it")
 
 
 def seq_lens(cfg: RunConfig, data_seq_len: int, data_dir: Optional[str] = None) -> list[int]:
@@ -68,7 +152,7 @@ class Plan:
         self.stages: list[StagePlan] = []
         start = 0
         for i, (stage, steps, seq_len) in enumerate(zip(cfg.stages, _steps(cfg, world_size, lengths), lengths)):
-            self.stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i)))
+            self.stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i), make_hook(stage)))
             start += steps
         self._check_locality_schedule()
         self.lr_segments = self._lr_segments()

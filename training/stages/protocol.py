@@ -1,10 +1,10 @@
-"""The stage-hook protocol (stages/hooks.py lists the hooks): the record every hook is, and the context
-it gets at a boundary. Method modules (growth, mslt, core, earlybert) import this, never the registry."""
+"""The stage-hook protocol (stages/hooks.py lists the hooks): the base class every hook is (one instance per
+stage), and what it gets at a boundary. Method modules (growth, mslt, core, earlybert) import this, never the registry."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -17,12 +17,10 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class HookContext:
+    """Where a boundary happens: what a hook's `resolve` and `transform` may need besides the tensors (a file
+    under the run's output dir, the step to record)."""
     step: int  # global step at the boundary
     out_dir: Path
-    args: dict[str, Any] = field(default_factory=dict)  # the stage's hook_args
-    # What `resolve` decided that every `transform` of the same boundary needs (EarlyBERT: the ticket and the
-    # slimming coefficients, which the moments do not carry). Filled by the hook, for this boundary only.
-    drawn: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,7 +37,7 @@ class Boundary:
     write_metrics: Callable[[dict], None] = lambda record: None
 
     def context(self) -> HookContext:
-        return HookContext(step=self.step, out_dir=self.out_dir, args=self.stage.hook_args)
+        return HookContext(step=self.step, out_dir=self.out_dir)
 
 
 @dataclass
@@ -52,8 +50,8 @@ class Entered:
 
 class HookArgs(BaseModel):
     """Base of a hook's typed `hook_args` (pydantic, like the rest of the config): unknown keys refused, types
-    strict, frozen. Parsed once when the config loads (config._resolve_hook_args); a hook that declares one
-    (`Hook.args`) may read its arguments back with `parse_hook_args`."""
+    strict, frozen. Parsed when the config loads (plan.resolve_hook_args) and again, into `Hook.args`, when
+    the stage's hook instance is made."""
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -77,37 +75,61 @@ def parse_hook_args(model: type[HookArgs], raw: Optional[dict]) -> HookArgs:
         raise ValueError(f"{where}: {e['msg']} (got {e.get('input')!r})") from None
 
 
-def _keep_declared(old: ModelConfig, new: ModelConfig, tensors: Tensors, ctx: HookContext) -> ModelConfig:
-    return new
-
-
-def _no_prepare(model: torch.nn.Module, stage) -> None:
-    return None
-
-
-def _same_args(old: ModelConfig, new: ModelConfig, args: dict) -> dict:
-    return dict(args)
-
-
-@dataclass(frozen=True)
 class Hook:
-    name: str
-    validate: Callable[[ModelConfig, ModelConfig, Any], None]
-    transform: Callable[[Tensors, ModelConfig, ModelConfig, int, HookContext], Tensors]
-    resolve: Callable[[ModelConfig, ModelConfig, Tensors, HookContext], ModelConfig] = _keep_declared
-    prepare: Callable[[torch.nn.Module, Any], None] = _no_prepare
-    # Whether the stage's declared shape may equal the previous one (a freeze does not reshape).
-    reshapes: bool = True
-    # The stage's hook_args with defaults filled in, once, when the config loads (before validate, which
-    # then changes nothing): resolve_args(old, new, args) -> a new dict.
-    resolve_args: Callable[[ModelConfig, ModelConfig, dict], dict] = _same_args
-    # The hook's typed hook_args (a HookArgs subclass), parsed when the config loads; None: the hook checks
-    # its own (most take none).
-    args: Optional[type[HookArgs]] = None
+    """A stage hook: one instance per stage that names it (`hooks.make_hook(stage)`), holding that stage's
+    typed arguments (`self.args`, an instance of the class's `Args`) and whatever the method decides at its
+    boundary (EarlyBERT's ticket). A method subclasses it and is listed once in `hooks.HOOKS`.
+
+    Class attributes: `name` (what a stage's `hook:` says), `Args` (a HookArgs subclass, or None for a hook
+    that takes no arguments).
+
+    Load time (the config is checked before anything runs; both must change nothing):
+    - `resolve_args(old, new, args)` (class method): the stage's hook_args with defaults filled in, a new dict;
+    - `validate(old, new, stage)`: raise ValueError (one line) for a change the method cannot make.
+    Boundary time (`enter`):
+    - `resolve(old, declared, weights, ctx)`: the new stage's model config (most hooks: as declared);
+    - `transform(tensors, old, new, moment, ctx)`: the old model's tensors as the new model's, for the weights
+      (moment 0) and each carried optimizer moment (1: exp_avg, 2: exp_avg_sq; moments follow their
+      gradients, transfer.MOMENT_POWER); a moment may drop a tensor it has no rule for (fresh state then).
+    Build time: `prepare(model)` once the new module holds its weights, before the optimizer sees it (MSLT
+    freezes layers here; also on resume). Watching: `watch(ctx, write_metrics, rank)` may return an object
+    that watches the stage *before* this one (EarlyBERT's early-bird search; see StageRunner.run)."""
+
+    name: ClassVar[str]
+    Args: ClassVar[Optional[type[HookArgs]]] = None
+
+    def __init__(self, hook_args: Optional[dict] = None):
+        raw = dict(hook_args or {})
+        if self.Args is not None:
+            self.args = parse_hook_args(self.Args, raw)
+        elif raw:
+            raise ValueError(f"{self.name} takes no hook_args, got {sorted(raw)}")
+        else:
+            self.args = None
+
+    @classmethod
+    def resolve_args(cls, old: ModelConfig, new: ModelConfig, args: dict) -> dict:
+        return parse_hook_args(cls.Args, args).model_dump() if cls.Args is not None else dict(args)
+
+    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
+        return None
+
+    def resolve(self, old: ModelConfig, declared: ModelConfig, weights: Tensors, ctx: HookContext) -> ModelConfig:
+        return declared
+
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        raise NotImplementedError(f"hook {self.name} has no transform")
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        return None
+
+    def watch(self, ctx: HookContext, write_metrics: Callable[[dict], None], rank: int):
+        return None
 
     def enter(self, boundary: Boundary) -> Entered:
         """The boundary's one call: resolve the new model, then transform the weights and each carried moment
-        with the same context (moments follow their gradients: transfer.MOMENT_POWER)."""
+        with the same context."""
         ctx = boundary.context()
         new = self.resolve(boundary.old, boundary.declared, boundary.weights, ctx)
         weights = self.transform(boundary.weights, boundary.old, new, WEIGHTS, ctx)

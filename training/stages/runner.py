@@ -28,8 +28,7 @@ from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
 from training.model.flops import flops_per_token, trainable_parts
 from training.stages import layerdrop, transfer
-from training.stages.hooks import HookContext, get_hook
-from training.stages.protocol import Boundary, enter_without_hook
+from training.stages.protocol import Boundary, HookContext, enter_without_hook
 from training.stages.plan import Plan, StagePlan
 from training.signals import preemption
 
@@ -66,12 +65,10 @@ class StageRunner:
 
     def _stage_watch(self, index: int):
         """The watcher the next stage's hook puts on stage `index` (EarlyBERT's search), or None."""
-        nxt = self.cfg.stages[index + 1] if index + 1 < len(self.plan) else None
-        factory = getattr(get_hook(nxt.hook), "watch", None) if nxt is not None else None
-        if factory is None:
+        hook = self.plan[index + 1].hook if index + 1 < len(self.plan) else None
+        if hook is None:
             return None
-        ctx = HookContext(step=self.state.step, out_dir=self.out_dir, args=nxt.hook_args)
-        return factory(ctx, self.metrics.write, self.rank)
+        return hook.watch(HookContext(step=self.state.step, out_dir=self.out_dir), self.metrics.write, self.rank)
 
     def set_model(self, model: torch.nn.Module, model_cfg: ModelConfig) -> None:
         self.model, self.model_cfg = model, model_cfg
@@ -83,10 +80,9 @@ class StageRunner:
     def _engine_for(self, model: torch.nn.Module, stage_index: int):
         """A DeepSpeed engine for `model` as stage `stage_index` trains it (its hook prepares the module first,
         e.g. freezes layers: before the optimizer sees the parameters)."""
-        stage = self.cfg.stages[stage_index]
-        hook = get_hook(stage.hook)
+        hook = self.plan[stage_index].hook
         if hook is not None:
-            hook.prepare(model, stage)
+            hook.prepare(model)
         model.to(self.device)
         self._compiling = model.cfg.compile  # the first step on this module compiles its layers
         engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir, self.ds_config)
@@ -138,8 +134,7 @@ class StageRunner:
         transfer.rebuild makes the new module and engine from them. Same process, same process group.
         Returns seconds taken."""
         start = time.perf_counter()
-        stage = self.cfg.stages[index]
-        hook = get_hook(stage.hook)
+        stage, hook = self.cfg.stages[index], self.plan[index].hook
         moments, steps = transfer.optimizer_moments(self.engine) if stage.optimizer_state == "carry" else ({}, {})
         boundary = Boundary(step=self.state.step, rank=self.rank, out_dir=self.out_dir, stage=stage,
                             old=self.model_cfg, declared=self.plan[index].model,
@@ -242,7 +237,7 @@ class StageRunner:
         self._saved_step = self.state.step
 
     def _locality(self, stage, plan: StagePlan) -> dict:
-        """Forward kwargs for the locality bias (training/model/bert.py locality_bias): the stage's own, its
+        """Forward kwargs for the locality bias (training/model/ops.py locality_bias): the stage's own, its
         strength falling linearly from `start` at the stage's first step to `end` after its last, or the run's
         (train.locality_bias), falling from `start` at global step 0 to `end` at step `steps`, then off.
         Evaluations never get it: they score the plain BERT the run delivers."""

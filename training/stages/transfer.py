@@ -127,8 +127,10 @@ def rebuild(entered, steps: dict[str, object], build: Callable[[torch.nn.Module]
     received carried state)."""
     from training.model.bert import BertForPreTraining
 
-    model = BertForPreTraining(entered.model)
-    model.load_state_dict(entered.weights)  # the module's (maybe bf16) copy; the masters are written below
+    # The module's copy of the weights (built without a random initialisation to overwrite), which DeepSpeed
+    # casts to bf16/fp16; the fp32 masters it builds from that cast copy are rounded, so the weights are written
+    # into them too (load_into_engine): the only two writes.
+    model = BertForPreTraining.from_weights(entered.model, entered.weights)
     engine = build(model)
     step_value = max(steps.values(), default=0) if steps else 0
     carried = load_into_engine(engine, entered.weights, entered.moments if steps else None, step_value)
