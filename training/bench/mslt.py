@@ -196,7 +196,7 @@ def _stage_subjects(cfg, seq_len_default: int):
             for i, (stage, seq) in enumerate(zip(cfg.stages, seq_lens(cfg, seq_len_default)))]
 
 
-def _build(model_cfg, stage, hook, frozen: bool, cfg, world: int, device, seed: int):
+def _build(model_cfg, hook, frozen: bool, cfg, world: int, device, seed: int):
     from training.engine.build import build_engine
     from training.model.bert import BertForPreTraining
 
@@ -237,8 +237,7 @@ def measure(args, rank: int, world: int) -> Optional[dict]:
                      for _ in range(total)]
             subjects = []
             for variant in ("full", "mslt"):
-                engine, stats, snapshot = _build(model_cfg, stage, hook, variant == "mslt", cfg, world, device,
-                                                 cfg.run.seed)
+                engine, stats, snapshot = _build(model_cfg, hook, variant == "mslt", cfg, world, device, cfg.run.seed)
                 if variant == "mslt" and stats["frozen_tensors"] == 0:
                     del engine
                     break  # nothing frozen in this stage: the full subject is the MSLT stage
