@@ -65,7 +65,8 @@ def test_overrides_parse_yaml_values():
 
 
 def test_deepspeed_json_is_generated_from_the_yaml(tmp_path):
-    cfg = load_config(_write(tmp_path, "train: {max_steps: 5, micro_batch_size: 8, grad_accum: 2, grad_clip: 0.5}\n"))
+    cfg = load_config(_write(tmp_path, "train: {max_steps: 5, micro_batch_size: 8, grad_accum: 2, grad_clip: 0.5, "
+                                       "precision: bf16}\n"))
     ds = deepspeed_json(cfg, world_size=2, out_dir=tmp_path)
     assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 32 and ds["gradient_clipping"] == 0.5

@@ -184,3 +184,26 @@ def test_tokens_per_s_leaves_eval_and_checkpoint_time_out_of_the_window(tmp_path
     assert len(rates) == 2
     for rate in rates:  # 1000 tokens per 0.05 s step: 20,000/s; the eval time inside the window is not counted
         assert 12_000 < rate < 21_000, rates
+
+
+def test_stop_below_unigram_stops_at_the_first_eval_that_reaches_it(tmp_path, tiny_data, dist_single):
+    """run.stop_below_unigram: the run stops (after a checkpoint) at the first held-out eval at least that far
+    below the unigram reference, and trains exactly as the run without it up to there."""
+    over = ["run.eval_every=1", "train.max_steps=8", "optimizer.lr=1e-2"]
+    make_runner(tiny_config(tmp_path / "full", tiny_data, over)).run()
+    full = [m for m in _metrics(tmp_path / "full" / "out") if m["kind"] == "eval"]
+    below = [m["heldout_below_unigram"] for m in full]
+    assert len(below) == 8 and len(set(below)) > 1
+    target = max(below[:4])  # reached at or before step 4; a fresh number, not a hard-coded one
+    expected = next(m["step"] for m in full if m["heldout_below_unigram"] >= target)
+    assert expected < 8
+
+    runner = make_runner(tiny_config(tmp_path / "stop", tiny_data, over + [f"run.stop_below_unigram={target!r}"]))
+    state = runner.run()
+    assert state.step == expected and runner.stopped_below == pytest.approx(target, abs=1e-9)
+    stopped = [m for m in _metrics(tmp_path / "stop" / "out") if m["kind"] == "eval"]
+    assert [m["heldout_loss"] for m in stopped] == [m["heldout_loss"] for m in full[:expected]]
+    assert checkpoint.latest_tag(tmp_path / "stop" / "out" / "checkpoints") is not None
+
+    never = make_runner(tiny_config(tmp_path / "never", tiny_data, over + ["run.stop_below_unigram=50"]))
+    assert never.run().step == 8 and never.stopped_below is None

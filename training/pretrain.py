@@ -3,9 +3,9 @@
 The entry point only wires things together: config -> process group -> data -> model -> stage runner.
 It runs the same as one process or under any launcher (deepspeed, torchrun, mpirun, srun).
 
-Exit codes: 0 done (or paused at run.stop_at_step); 2 bad input (one `error: ...` line, nothing written);
-3 stopped on repeated non-finite losses/gradients (training/engine/faults.py); 75 checkpointed after
-SIGTERM/SIGUSR1, requeue and --resume (training/signals.py); anything else is a crash.
+Exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram); 2 bad input (one
+`error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients (training/engine/faults.py);
+75 checkpointed after SIGTERM/SIGUSR1, requeue and --resume (training/signals.py); anything else is a crash.
 """
 from __future__ import annotations
 
@@ -197,6 +197,19 @@ def _is_replaced_of(path: Path, out: Path) -> bool:
         path.name.startswith(f"{out.name}.replaced-")
 
 
+def log_precision(precision: str, rank: int) -> None:
+    """Say which precision trains and why; warn where bf16 was asked for on a device that only emulates it."""
+    from training.engine.precision import device_bf16
+
+    native, why = device_bf16()
+    if rank != 0 or precision == "fp16":
+        return
+    if precision == "bf16" and not native:
+        log.warning("train.precision=bf16 although %s; train.precision=auto (or fp32) trains faster here", why)
+    else:
+        log.info("train.precision=%s (%s)", precision, why)
+
+
 def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
     """What this run reads (an --overwrite of run.out_dir may not delete it)."""
     items = [("--config", str(config_path)), ("data.dir", cfg.data.dir),
@@ -276,6 +289,7 @@ def main(argv=None) -> int:
     inputs = run_inputs(cfg, args.config)
     prepare_out_dir(out, args.resume, args.overwrite, env.rank, claim=False, inputs=inputs)
     check_precision_supported(cfg.train.precision)
+    log_precision(cfg.train.precision, env.rank)
 
     data = load_data(cfg)
     resolve_model(cfg, data.vocab_size)
@@ -372,6 +386,9 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
     exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
     if rank == 0:
         ev = runner.last_eval
+        if runner.stopped_below is not None:
+            print(f"stopped at step {state.step} of {runner.total_steps}: {runner.stopped_below:+.3f} nats below the "
+                  f"unigram reference reaches run.stop_below_unigram={cfg.run.stop_below_unigram:g}", flush=True)
         print(f"done: {state.step} steps, {state.tokens:,} tokens, {state.wall_s:.0f} s"
               + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f} (fixed all-[MASK] "
                  f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "

@@ -35,6 +35,11 @@ class RunSection(_Strict):
     # Stop (after a checkpoint) once this global step is done, without changing the schedule: a planned
     # pause, and how tests interrupt a run to check that resume continues it exactly.
     stop_at_step: Optional[PositiveInt] = None
+    # Stop (after a checkpoint, as at stop_at_step) at the first held-out evaluation that is at least this many
+    # nats below the unigram reference (`heldout_below_unigram`): a search run that has left the plateau has
+    # answered its question (BENCHMARKS.md section 0). Negative: stop once within that many nats above it.
+    # None = train to the end of the schedule.
+    stop_below_unigram: Optional[float] = None
     # Non-finite loss/gradient (see training/engine/faults.py): bf16/fp32 skip the step; after this many
     # consecutive bad steps, restore the last good checkpoint in-process or stop (exit code 3).
     max_bad_steps: PositiveInt = 5
@@ -90,7 +95,9 @@ class LocalityScheduleSection(_Strict):
 
 
 class TrainSection(_Strict):
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    # auto: bf16 where the device computes it natively (CUDA with bf16; a CPU with AMX, AVX512-BF16 or Arm BF16),
+    # else fp32; resolved once at load (stages/plan.load_config, training/engine/precision.py).
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     micro_batch_size: PositiveInt = 32  # per rank
     grad_accum: PositiveInt = 1
     grad_clip: NonNegativeFloat = 1.0  # 0 disables (NaN would too, silently: hence finite)

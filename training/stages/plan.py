@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from training.config import RunConfig, read_config
+from training.engine.precision import resolve_precision
 from training.engine.schedule import staged_segments
 from training.errors import UserError
 from training.model.config import ModelConfig
@@ -43,8 +44,12 @@ class StagePlan:
 
 def load_config(path, overrides: list[str] = ()) -> RunConfig:
     """The run's config, resolved and checked once (UserError, one line naming the file and the stage):
-    training.config.read_config, then the hooks' argument defaults, the stage transitions and the warmups."""
+    training.config.read_config, then train.precision=auto, the hooks' argument defaults, the stage transitions
+    and the warmups."""
     cfg = read_config(path, overrides)
+    if cfg.train.precision == "auto":  # the device's, once: every consumer then sees bf16 or fp32
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+            update={"precision": resolve_precision(cfg.train.precision)})})
     try:
         cfg = resolve_hook_args(cfg)
         check_transitions(cfg)

@@ -167,6 +167,17 @@ class StageRunner:
 
     _bad_streak: int = 0  # consecutive non-finite steps (see training/engine/faults.py)
     preempted: Optional[str] = None  # the signal's name once the run stopped for a pre-emption
+    stopped_below: Optional[float] = None  # nats below unigram at the eval that stopped it (run.stop_below_unigram)
+
+    def _reached_target(self, target: Optional[float]) -> Optional[float]:
+        """The fresh eval's distance below the unigram reference if it reaches `target` (every rank holds the same
+        all-reduced eval, so all ranks stop at the same step), else None."""
+        below = self.last_eval["heldout_below_unigram"]
+        if target is None or below < target:
+            return None
+        log.info("step %d: held-out loss %.3f is %.3f nats below the unigram reference (run.stop_below_unigram=%g): "
+                 "stopping after a checkpoint", self.state.step, self.last_eval["heldout_loss"], below, target)
+        return below
 
     def train_step(self, micro_batches: list[dict], **forward_kwargs) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches (training/engine/step.py: the global token-mean
@@ -326,7 +337,8 @@ class StageRunner:
                                         "tokens": self.state.tokens, **self.last_eval,
                                         "wall_s": time.perf_counter() - start_wall})
                     window_start += time.perf_counter() - paused  # eval time is not training throughput
-                pause = self.state.step == run.stop_at_step or result.preempt
+                    self.stopped_below = self._reached_target(run.stop_below_unigram)
+                pause = self.state.step == run.stop_at_step or result.preempt or self.stopped_below is not None
                 periodic = run.save_every and self.state.step % run.save_every == 0 and not self._bad_streak
                 if periodic or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
