@@ -201,9 +201,9 @@ def log_precision(precision: str, rank: int) -> None:
     """Say which precision trains and why; warn where bf16 was asked for on a device that only emulates it."""
     from training.engine.precision import device_bf16
 
-    native, why = device_bf16()
     if rank != 0 or precision == "fp16":
         return
+    native, why = device_bf16()
     if precision == "bf16" and not native:
         log.warning("train.precision=bf16 although %s; train.precision=auto (or fp32) trains faster here", why)
     else:

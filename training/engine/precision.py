@@ -35,9 +35,9 @@ def cpu_bf16_flags(cpuinfo: Optional[str] = None) -> list[str]:
 def device_bf16(cuda: Optional[bool] = None, cpuinfo: Optional[str] = None) -> tuple[bool, str]:
     """Whether the training device (CUDA when there is one, as pretrain picks it) computes bf16 natively,
     and why, in words."""
-    if cuda if cuda is not None else torch.cuda.is_available():
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CUDA"
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if torch.cuda.is_available() if cuda is None else cuda:
+        name = torch.cuda.get_device_name()
+        if not torch.cuda.is_bf16_supported():
             return False, f"{name} has no bf16 (compute capability below 8.0)"
         return True, f"{name} computes bf16 natively"
     flags = cpu_bf16_flags(cpuinfo)
