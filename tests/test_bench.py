@@ -106,6 +106,34 @@ def test_compare_runs_speedup_and_not_reached(tmp_path):
     assert slow["final_loss"] == 6.0 and slow["final_acc"] == 0.15
 
 
+def test_speedups_against_a_control_run_and_the_as_trained_curve(tmp_path):
+    """--control: each run's tokens/FLOPs to the baseline's target over the control's own (No Train No Gain's
+    same-budget baseline); eval lines' *_as_trained scores travel into the curve and the plot."""
+    _write_run(tmp_path / "base", [(10, 7.0, 0.1), (20, 6.0, 0.2), (30, 5.0, 0.3)])
+    _write_run(tmp_path / "control", [(10, 7.0, 0.1), (20, 5.0, 0.3), (30, 4.5, 0.3)])
+    _write_run(tmp_path / "fast", [(10, 5.0, 0.3), (20, 4.0, 0.4)])
+    lines = (tmp_path / "fast" / "metrics.jsonl").read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if '"eval"' in line)
+    ev = json.loads(lines[first])
+    lines[first] = json.dumps({**ev, "locality": 0.5, "heldout_loss_as_trained": 4.5})
+    (tmp_path / "fast" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    runs = [R.summarise_run(n, f"{n}.yaml", tmp_path / n) for n in ("base", "control", "fast")]
+    rep = R.compare_runs(runs, 0, control_index=1)
+    base, control, fast = rep["runs"]
+    assert rep["control"] == "control"
+    assert control["target"]["tokens"] == pytest.approx(2000)  # crosses 5.0 at its step-20 eval
+    assert fast["target"]["tokens"] == pytest.approx(1000)
+    assert fast["target"]["speedup_tokens"] == pytest.approx(3.0)
+    assert fast["target"]["speedup_tokens_vs_control"] == pytest.approx(2.0)
+    assert fast["target"]["speedup_flops_vs_control"] == pytest.approx(2.0)
+    assert control["target"]["speedup_tokens_vs_control"] == pytest.approx(1.0)
+    assert [c["loss_as_trained"] for c in fast["curve"]] == [4.5, None]
+    paths = R.write_report(rep, tmp_path / "out")
+    md = paths["md"].read_text()
+    assert "vs control (tokens / FLOPs)" in md and "| 2.00x / 2.00x |" in md
+    assert paths["png_flops"].stat().st_size > 5000
+
+
 def test_each_stage_reports_its_tokens_per_second_and_token_weighted_mfu(tmp_path):
     """Stage speed: its tokens over its seconds (from the previous stage's end), MFU weighted by each line's tokens."""
     lines = [{"kind": "train", "step": 1, "stage": "small", "tokens": 100, "wall_s": 1.0, "mfu": 0.2},
@@ -338,6 +366,52 @@ def test_compare_stop_at_target_ends_a_method_at_the_baseline_loss(tmp_path, tin
     assert (out / "runs" / "long" / "checkpoints").is_dir()  # SIGTERM: it checkpointed on the way out
 
 
+@pytest.mark.slow
+def test_compare_pause_at_target_scores_blimp_there_and_at_the_end(tmp_path, tiny_data):
+    """--pause-at-target: the method is checkpointed at its target crossing, BLiMP is scored there, and it is
+    resumed to the end of its budget (bit-identical continuation: tests/test_resume.py); BLiMP at every kept
+    checkpoint (--blimp-every) with the count models beside it, in the report and its plot."""
+    base = _tiny_config(tmp_path, "base", tiny_data, lr=1e-3)
+    fast = _tiny_config(tmp_path, "fast", tiny_data, lr=1e-2)
+    cfg = yaml.safe_load(fast.read_text())
+    cfg["train"]["max_steps"] = 30
+    fast.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "cmp"
+    blimp = REPO / "tests" / "data" / "blimp"
+    proc = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(fast),
+                           "--out", str(out), "--eval-every", "3", "--pause-at-target", "--control", "base",
+                           "--blimp", str(blimp), "--blimp-per-paradigm", "2", "--blimp-every", "6",
+                           "--no-progress"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    base_run, fast_run = rep["runs"]
+    assert fast_run["status"].startswith("ok (paused at target, step ")
+    paused = int(fast_run["status"].split("step ")[1].rstrip(")"))
+    assert fast_run["target"]["reached"] and fast_run["target"]["step"] <= paused < 30
+    assert fast_run["final_step"] == 30  # resumed to the end of its budget
+    steps = [c["step"] for c in fast_run["curve"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 30
+    points = json.loads((out / "blimp" / "fast.json").read_text())
+    labelled = [p for p in points["points"] if p["label"] == "target"]
+    at = json.loads((out / "logs" / "fast.json").read_text())["target_checkpoint_step"]
+    # The checkpoint the signal wrote: at the crossing's eval or the few steps before the signal arrived.
+    assert len(labelled) == 1 and labelled[0]["step"] == at and paused <= at < paused + 6
+    assert [p["step"] for p in points["points"]] == sorted({6, 12, 18, 24, 30, at})
+    assert all(0 <= p["mean"] <= 1 and p["tokens"] > 0 for p in points["points"])
+    assert 0 <= points["count_models"]["unigram"] <= 1 and 0 <= points["count_models"]["bigram"] <= 1
+    assert points["per_paradigm"] == 2 and points["source"] == str(blimp)
+    assert all(p["flops"] > 0 for p in fast_run["blimp"]["points"])
+    md = (out / "report.md").read_text()
+    assert "BLiMP at target | BLiMP at end |" in md and "bigram" in md
+    assert (out / "blimp_vs_flops.png").stat().st_size > 5000
+    # The report again, without training or scoring: every point is cached.
+    again = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(fast),
+                            "--out", str(out), "--report-only", "--blimp", str(blimp), "--blimp-per-paradigm", "2",
+                            "--control", "base"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((out / "blimp" / "fast.json").read_text()) == points
+
+
 def test_compare_only_with_an_unknown_name_fails_before_touching_out(tmp_path):
     from training.bench.__main__ import main
 
@@ -356,6 +430,7 @@ def test_compare_status_names_the_stop():
     assert _status("m", 0, 40) == "stopped at target (step 40)"  # it ended on its own before the signal
     assert _status("m", -15, 40) == "stopped at target (step 40), exit -15 after the signal"  # e.g. via torchrun
     assert _status("m", 75, None).startswith("failed (exit 75")
+    assert _status("m", 0, None, 40) == "ok (paused at target, step 40)"
 
 
 @pytest.mark.slow

@@ -250,3 +250,34 @@ def test_a_loaded_config_is_frozen(tmp_path):
         cfg.stages = []
     assert cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 5})}).train.max_steps == 5
     assert cfg.train.max_steps == 3 and [s.steps for s in cfg.stages] == [3]
+
+
+# -- base: one config built on another
+
+def test_a_config_builds_on_its_base_and_overrides_only_what_it_says(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "base.yaml").write_text("run: {seed: 7, eval_every: 50}\nmodel: {num_layers: 4, hidden_size: 64, "
+                                        "num_heads: 2}\ntrain: {max_steps: 100}\n")
+    (tmp_path / "bench" / "child.yaml").write_text(
+        "base: ../base.yaml\nrun: {eval_every: 25}\ntrain: {max_steps: null}\n"
+        "stages:\n  - {name: a, steps: 10, model: {num_layers: 2}}\n  - {name: b, steps: 20, hook: stack}\n")
+    cfg = load_config(tmp_path / "bench" / "child.yaml")
+    assert (cfg.run.seed, cfg.run.eval_every) == (7, 25)  # a mapping merges key by key
+    assert (cfg.model.num_layers, cfg.model.hidden_size) == (4, 64)
+    assert cfg.train.max_steps is None and [s.name for s in cfg.stages] == ["a", "b"]  # null and lists replace
+    (tmp_path / "grandchild.yaml").write_text("base: bench/child.yaml\nrun: {seed: 8}\n")
+    cfg = load_config(tmp_path / "grandchild.yaml", ["run.eval_every=5"])
+    assert (cfg.run.seed, cfg.run.eval_every, len(cfg.stages)) == (8, 5, 2)  # --set still comes last
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: missing.yaml\n", r"x.yaml: base missing.yaml: config file not found: .*missing.yaml"),
+    ("base: x.yaml\n", "x.yaml: base x.yaml leads back to itself"),
+    ("base: [a.yaml]\n", "base must be the path of another config file"),
+    ("base: y.yaml\n", r"x.yaml: base y.yaml: .*y.yaml: base x.yaml leads back to itself"),
+])
+def test_a_bad_base_is_one_line(tmp_path, text, message):
+    (tmp_path / "x.yaml").write_text(text)
+    (tmp_path / "y.yaml").write_text("base: x.yaml\n")
+    with pytest.raises(UserError, match=message):
+        load_config(tmp_path / "x.yaml")

@@ -223,3 +223,57 @@ def test_the_command_runs_as_a_module(tiny_run, tiny_data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(tmp_path / "nowhere"), "--data",
                            str(tiny_data)], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and len(proc.stderr.splitlines()) == 1
+
+
+# -- BLiMP: minimal pairs by pseudo-log-likelihood, beside the count models of the training split
+
+BLIMP = Path(__file__).parent / "data" / "blimp"
+
+
+def test_blimp_of_a_run_with_the_count_models_of_its_training_split(tiny_run, tiny_data, tmp_path, capsys):
+    r = evaluate(tmp_path, "--model", str(tiny_run), "--blimp", str(BLIMP), "--per-paradigm", "3", "--pll", "both")
+    line = capsys.readouterr().out.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"evaluated {tiny_run.absolute()} BLiMP ")
+    assert "(pll_word; pll_token " in line[0] and "unigram" in line[0] and "over 4 paradigms, 12 pairs" in line[0]
+    b = r["blimp"]
+    assert "loss" not in r and r["model"]["kind"] == "checkpoint"
+    assert b["scorers"] == ["pll_word", "pll_token", "unigram", "bigram"] and b["primary"] == "pll_word"
+    assert (b["paradigms"], b["pairs"]) == (4, 12)
+    assert Path(b["count_models_reference"]["path"]) == tiny_data.absolute()  # the run's data.dir
+    assert set(b["fields"]) == {"morphology", "semantics", "syntax"} and b["fields"]["morphology"]["paradigms"] == 2
+    assert set(b["phenomena"]) == {"anaphor_agreement", "determiner_noun_agreement", "island_effects", "quantifiers"}
+    for s in b["scorers"]:  # the headline is the mean over paradigms, each a share of 3 pairs (ties: half)
+        per = [p[s] for p in b["per_paradigm_scores"].values()]
+        assert b["mean"][s] == pytest.approx(sum(per) / 4)
+        assert all(round(6 * v) == 6 * v for v in per)
+    # With --data too: the held-out score and BLiMP in one result; the same pairs score the same.
+    both = evaluate(tmp_path, "--model", str(tiny_run), "--data", str(tiny_data), "--max-rows", "8", "--blimp",
+                    str(BLIMP), "--per-paradigm", "3", name="both.json")
+    assert "loss" in both and both["blimp"]["mean"]["pll_word"] == b["mean"]["pll_word"]
+    assert both["blimp"]["mean"]["bigram"] == b["mean"]["bigram"]
+
+
+def test_blimp_of_an_hf_dir_without_training_data_leaves_the_count_models_out(tiny_run, tmp_path, capsys):
+    r = evaluate(tmp_path, "--model", str(tiny_run / "hf"), "--blimp", str(BLIMP), "--per-paradigm", "2")
+    b = r["blimp"]
+    assert b["scorers"] == ["pll_word"] and b["count_models_reference"] is None
+    assert "no count models" in b["note"] and "--reference" in b["note"]
+    ckpt = evaluate(tmp_path, "--model", str(tiny_run), "--blimp", str(BLIMP), "--per-paradigm", "2", name="c.json")
+    assert ckpt["blimp"]["mean"]["pll_word"] == pytest.approx(b["mean"]["pll_word"])  # the export is the model
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--blimp", "nowhere"], "--blimp nowhere: no such directory"),
+    ([], "give --data (held-out score), --blimp (minimal pairs), or both"),
+    (["--blimp", str(BLIMP), "--per-paradigm", "0"], "--per-paradigm 0: must be at least 1"),
+    (["--blimp", str(BLIMP), "--reference", "nowhere"], "--reference nowhere: not a prepared data dir"),
+])
+def test_blimp_bad_input_is_one_line(tiny_run, tmp_path, capsys, argv, message):
+    from training.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(tiny_run), *argv, "--out", str(tmp_path / "x.json")])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "x.json").exists()

@@ -1,6 +1,8 @@
 """The training-time locality bias: its values, both attention backends against a reference, the stage schedule."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -70,7 +72,8 @@ def test_a_fused_or_linear_attention_stage_refuses_the_bias(tmp_path, tiny_data)
         tiny_config(tmp_path, tiny_data, yaml_text="stages:\n  - {name: a, steps: 2, locality_bias: {start: -1}}\n")
 
 
-def _train_strengths(runner) -> list[float]:
+def _strengths(runner) -> tuple[list[float], list[float]]:
+    """(the strength of each training forward, of each evaluation forward) over the run."""
     seen, forward = [], BertForPreTraining.forward
 
     def spy(module, *args, locality=0.0, **kwargs):
@@ -82,15 +85,32 @@ def _train_strengths(runner) -> list[float]:
         runner.run()
     finally:
         BertForPreTraining.forward = forward
-    assert {s for training, s in seen if not training} == {0.0}  # every eval scores the plain model
-    return [s for training, s in seen if training]
+    return [s for training, s in seen if training], [s for training, s in seen if not training]
 
 
-def test_the_strength_falls_linearly_over_its_stage_and_evaluation_never_gets_it(tmp_path, tiny_data, dist_single):
+def _train_strengths(runner) -> list[float]:
+    train, evals = _strengths(runner)
+    assert 0.0 in evals  # the plain model is scored at every eval (test below: beside the as-trained score)
+    return train
+
+
+def test_the_strength_falls_linearly_over_its_stage_and_evaluation_scores_the_plain_model(tmp_path, tiny_data,
+                                                                                          dist_single):
     text = ("stages:\n  - {name: local, steps: 4, locality_bias: {start: 2.0, end: 0.0}}\n"
             "  - {name: plain, steps: 2}\n")
     runner = make_runner(tiny_config(tmp_path, tiny_data, ["run.eval_every=2"], yaml_text=text))
-    assert _train_strengths(runner) == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]  # (and every eval scores the plain model)
+    train, evals = _strengths(runner)
+    assert train == [2.0, 1.5, 1.0, 0.5, 0.0, 0.0]
+    # Evals at steps 2, 4 (the stage's end) and 6, one batch each: the plain model every time, and at step 2,
+    # while the bias is still on, also the model as it trains (the strength of step 3).
+    assert evals == [0.0, 1.0, 0.0, 0.0]
+    records = [json.loads(line) for line in (runner.out_dir / "metrics.jsonl").read_text().splitlines()]
+    ev = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in ev] == [2, 4, 6]
+    assert ev[0]["locality"] == 1.0 and "heldout_loss_as_trained" not in ev[1] and "locality" not in ev[2]
+    assert ev[0]["heldout_loss_as_trained"] != ev[0]["heldout_loss"]
+    assert ev[0]["heldout_below_unigram_as_trained"] == pytest.approx(
+        ev[0]["heldout_unigram_loss"] - ev[0]["heldout_loss_as_trained"])
 
 
 def test_the_runs_schedule_falls_by_global_step_across_a_stack_growth(tmp_path, tiny_data, dist_single):

@@ -1,8 +1,9 @@
 """Score a trained model at the held-out yardstick: masked-LM loss and accuracy at the fixed all-[MASK] mask,
-beside the unigram table's cross-entropy on the same positions.
+beside the unigram table's cross-entropy on the same positions; and on BLiMP's minimal pairs.
 
     python -m training.evaluate --model RUN_DIR|CHECKPOINT_DIR|HF_DIR --data DATA_DIR | TEXT_FILE... \
         [--reference DATA_DIR] [--out FILE.json [--overwrite]] [--batch-size N] [--max-rows N] [--seq-len N]
+    python -m training.evaluate --model M --blimp DIR|hf:nyu-mll/blimp [--per-paradigm N] [--pll word|token|both]
 
 --model: a run dir (its latest checkpoint), a checkpoint tag dir, or a Hugging Face model dir (config.json +
 model.safetensors, as `training.export` or a run's OUT/hf writes it); read in fp32 on the CPU, no DeepSpeed.
@@ -12,6 +13,8 @@ sequence length: the run's prepared data's, else the reference's; --seq-len over
 FIXED_MASK_*): the same for every model, so two evaluations of one model are bit-identical and two models are
 scored on the same targets. The unigram table comes from the train split of --reference, else of a prepared
 --data dir, else of the run's own data dir (its config.resolved.json). `below_unigram` = unigram - loss, nats.
+--blimp: BLiMP's pairs scored by pseudo-log-likelihood, beside a unigram and a bigram count model of that same
+train split (training/blimp); without a known train split the count models are left out, with a note.
 """
 from __future__ import annotations
 
@@ -133,22 +136,84 @@ def _load_rows(args, loaded, model_tok: Path, vocab: list[str], text_seq_len: in
 
 
 def evaluate(args) -> dict:
-    from tqdm import tqdm
+    """The held-out score (with --data) and the BLiMP score (with --blimp) of --model, as one JSON-ready dict."""
+    from training.model_io import load_model
 
-    from training.data.loader import FIXED_MASK_PROBABILITY, FIXED_MASK_SEED, PretrainingData, fixed_mask_batch
-    from training.model_io import load_model, run_data_dir
-
-    prepared = _prepared_data_dir(args)  # cheap input checks first
+    prepared = _prepared_data_dir(args) if args.data else None  # cheap input checks first
     loaded = load_model(args.model, "--model")
-    cfg = loaded.cfg
+    result = _heldout(args, loaded, prepared) if args.data else _model_info(args, loaded)
+    if args.blimp:
+        result["blimp"] = _blimp(args, loaded)
+    return result
+
+
+def _model_info(args, loaded) -> dict:
+    model_tok = _model_tokenizer(args, loaded)
+    return {"model": {"path": str(Path(args.model).absolute()), "kind": loaded.kind,
+                      "checkpoint": str(loaded.tag_dir.absolute()) if loaded.tag_dir else None, "step": loaded.step,
+                      "config": loaded.cfg.model_dump(mode="json")},
+            "tokenizer": {"path": str(Path(model_tok).absolute()), "vocab_size": loaded.cfg.vocab_size},
+            "precision": "fp32", "device": "cpu"}
+
+
+def _model_tokenizer(args, loaded) -> Path:
+    """The model's tokenizer dir, once its vocabulary is known to be the model's."""
     model_tok = loaded.tokenizer_dir
     if model_tok is None:
         raise UserError(f"--model {args.model}: no tokenizer found (want the run's tokenizer/ dir, or vocab.txt in "
                         "the Hugging Face dir)")
     vocab = _vocab(model_tok, f"--model {args.model}")
-    if len(vocab) != cfg.vocab_size:
-        raise UserError(f"--model {args.model}: model vocab_size {cfg.vocab_size} but its tokenizer {model_tok} has "
-                        f"{len(vocab)} tokens")
+    if len(vocab) != loaded.cfg.vocab_size:
+        raise UserError(f"--model {args.model}: model vocab_size {loaded.cfg.vocab_size} but its tokenizer "
+                        f"{model_tok} has {len(vocab)} tokens")
+    return model_tok
+
+
+def _blimp(args, loaded) -> dict:
+    """BLiMP by pseudo-log-likelihood, with the count models of the reference's train split when one is known."""
+    from training.blimp import evaluate_blimp, load as load_pairs
+    from training.blimp.score import CountModels
+    from training.data import tokenizer as tokenization
+    from training.data.loader import PretrainingData
+
+    pairs = load_pairs(args.blimp, args.per_paradigm)  # a bad source fails before any scoring
+    model_tok = _model_tokenizer(args, loaded)
+    vocab = _vocab(model_tok, f"--model {args.model}")
+    try:
+        ref_dir, ref_why = _reference_dir(args, loaded, _prepared_data_dir(args) if args.data else None)
+    except UserError as err:
+        if args.reference is not None:
+            raise
+        ref_dir, ref_why, counts, note = None, None, None, f"no count models: {err}"
+    if ref_dir is not None:
+        ref = PretrainingData(str(ref_dir))
+        _check_same_vocab(_vocab(Path(ref.tokenizer_dir), f"--reference {ref_dir}"), vocab,
+                          f"count models' reference {ref_dir} ({ref_why})", model_tok)
+        counts, note = CountModels(ref.train_rows, len(vocab), vocab.index("[PAD]")), None
+    variants = list(PLL_CHOICES[args.pll])
+    result = evaluate_blimp(loaded.model, tokenization.load(str(model_tok)), args.blimp,
+                            per_paradigm=args.per_paradigm, variants=variants, counts=counts,
+                            mask_id=vocab.index("[MASK]"), pad_id=vocab.index("[PAD]"),
+                            progress=sys.stderr.isatty(), paradigms=pairs)
+    result["count_models_reference"] = ({"path": str(Path(ref_dir).absolute()), "why": ref_why, "split": "train"}
+                                        if ref_dir is not None else None)
+    if note:
+        result["note"] = note
+    return result
+
+
+PLL_CHOICES = {"word": ("word",), "token": ("token",), "both": ("word", "token")}
+
+
+def _heldout(args, loaded, prepared) -> dict:
+    from tqdm import tqdm
+
+    from training.data.loader import FIXED_MASK_PROBABILITY, FIXED_MASK_SEED, PretrainingData, fixed_mask_batch
+    from training.model_io import run_data_dir
+
+    cfg = loaded.cfg
+    model_tok = _model_tokenizer(args, loaded)
+    vocab = _vocab(model_tok, f"--model {args.model}")
 
     # The reference is known before the text is read: raw text is packed at the run's (else the reference's)
     # prepared length, what the model trained and was evaluated at.
@@ -183,22 +248,24 @@ def evaluate(args) -> dict:
     return {
         "loss": loss, "accuracy": correct / count, "unigram_loss": unigram, "below_unigram": unigram - loss,
         "rows": n, "positions": int(count),
-        "model": {"path": str(Path(args.model).absolute()), "kind": loaded.kind,
-                  "checkpoint": str(loaded.tag_dir.absolute()) if loaded.tag_dir else None, "step": loaded.step,
-                  "config": cfg.model_dump(mode="json")},
+        **_model_info(args, loaded),
         "data": {**data_desc, "seq_len": seq_len, "max_rows": args.max_rows},
         "reference": {"path": str(ref_dir.absolute()), "why": ref_why, "split": "train"},
-        "tokenizer": {"path": str(Path(model_tok).absolute()), "vocab_size": len(vocab)},
         "mask": {"seed": FIXED_MASK_SEED, "probability": FIXED_MASK_PROBABILITY, "replacement": "[MASK]"},
-        "precision": "fp32", "device": "cpu",
     }
 
 
 def summary_line(r: dict, out: Path | None) -> str:
-    return (f"evaluated {r['model']['path']} on {r['rows']:,} rows "
-            f"({r['positions']:,} fixed all-[MASK] positions): MLM loss {r['loss']:.4f} acc {r['accuracy']:.4f}; "
-            f"unigram table {r['unigram_loss']:.4f}, {r['below_unigram']:+.4f} nats below it"
-            + (f" -> {out}" if out is not None else ""))
+    from training.blimp import summary_text
+
+    parts = []
+    if "loss" in r:
+        parts.append(f"on {r['rows']:,} rows ({r['positions']:,} fixed all-[MASK] positions): MLM loss "
+                     f"{r['loss']:.4f} acc {r['accuracy']:.4f}; unigram table {r['unigram_loss']:.4f}, "
+                     f"{r['below_unigram']:+.4f} nats below it")
+    if "blimp" in r:
+        parts.append(summary_text(r["blimp"]))
+    return f"evaluated {r['model']['path']} " + "; ".join(parts) + (f" -> {out}" if out is not None else "")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -208,7 +275,14 @@ def _write_json(path: Path, obj: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, type=Path, help="run dir, checkpoint tag dir, or Hugging Face dir")
-    p.add_argument("--data", required=True, nargs="+", help="a prepared data dir, or raw text files")
+    p.add_argument("--data", nargs="+", help="a prepared data dir, or raw text files (held-out score)")
+    p.add_argument("--blimp", metavar="DIR|hf:NAME", help="BLiMP minimal pairs: a folder of <paradigm>.jsonl[.xz] "
+                   "files, or a datasets name such as hf:nyu-mll/blimp (offline: from the datasets cache)")
+    p.add_argument("--per-paradigm", type=int, metavar="N", help="score N pairs of each paradigm, the same ones "
+                   "every time (default: all)")
+    p.add_argument("--pll", choices=tuple(PLL_CHOICES), default="word",
+                   help="pseudo-log-likelihood: word (a word's later pieces masked too, Kauf & Ivanova 2023), "
+                   "token (Salazar et al. 2020), or both (default: word)")
     p.add_argument("--reference", type=Path, help="prepared data dir whose train split makes the unigram table "
                                                    "(default: a prepared --data dir, else the run's data.dir)")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
@@ -217,7 +291,9 @@ def parse_args(argv=None):
     p.add_argument("--max-rows", type=int, help="score only the first N rows")
     p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")
     args = p.parse_args(argv)
-    for name in ("batch_size", "max_rows", "seq_len"):
+    if not args.data and not args.blimp:
+        raise UserError("give --data (held-out score), --blimp (minimal pairs), or both")
+    for name in ("batch_size", "max_rows", "seq_len", "per_paradigm"):
         value = getattr(args, name)
         if value is not None and value < (8 if name == "seq_len" else 1):
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {8 if name == 'seq_len' else 1}")
@@ -229,7 +305,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     _check_out(args.out, args.overwrite)
     result = evaluate(args)  # no timing in it: two evaluations of one model write identical files
-    if not math.isfinite(result["loss"]):
+    if "loss" in result and not math.isfinite(result["loss"]):
         raise UserError(f"--model {args.model}: the loss is not finite ({result['loss']}); the weights are broken")
     if args.out is not None:
         _check_out(args.out, args.overwrite)  # nobody wrote it meanwhile

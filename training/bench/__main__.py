@@ -54,6 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--stop-at-target", action="store_true",
                    help="stop each method (SIGTERM: checkpoint, exit) at its first held-out eval at or below the "
                    "baseline's final loss; its budget then only bounds the runs that never get there")
+    c.add_argument("--pause-at-target", action="store_true",
+                   help="like --stop-at-target, but each method is resumed after the checkpoint at its target "
+                   "crossing and trains to the end of its budget (BLiMP at the target and at the end)")
+    c.add_argument("--control", default=None, metavar="NAME",
+                   help="a second reference run (e.g. the baseline on the methods' budget): every speedup is also "
+                   "given against its own way to the target")
+    c.add_argument("--blimp", default=None, metavar="DIR|hf:NAME",
+                   help="score BLiMP (training.evaluate --blimp) at each run's checkpoints: the target crossing's "
+                   "and the last (checkpoints are kept: run.keep_last is raised)")
+    c.add_argument("--blimp-per-paradigm", type=int, default=100, metavar="N",
+                   help="pairs of each paradigm scored, the same ones every time (default 100)")
+    c.add_argument("--blimp-every", type=int, default=0, metavar="K",
+                   help="also checkpoint every K steps (run.save_every=K) and score BLiMP there (default 0: no)")
     c.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="train only these runs (e.g. a method whose config changed); the others' results are "
                    "read from OUT as --report-only does")
@@ -70,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     add_plateau_arguments(pl)
     args = p.parse_args(argv)
+    if args.command == "compare" and (args.blimp_per_paradigm < 1 or args.blimp_every < 0):
+        p.error("need --blimp-per-paradigm >= 1 and --blimp-every >= 0")
     if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1
                                          or not 0 <= args.profile <= args.steps + args.warmup):
         p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1, 0 <= --profile <= --steps + --warmup")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from training.bench.blimp_points import read_points
 from training.bench.curves import read_jsonl, split_records
 from training.bench.report import compare_runs, summarise_run, write_report
 from training.errors import UserError
@@ -113,48 +114,64 @@ def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[in
     return stopped_at
 
 
-def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: Optional[str],
-              position: int = 0, progress: bool = True,
-              stop_below: Optional[float] = None) -> tuple[int, float, Optional[int]]:
-    """Run one config to completion, or (with `stop_below`) until its held-out loss gets there; returns
-    (exit code, seconds of the whole subprocess, step of the stopping eval or None)."""
+def _launch(config: str, name: str, out_dir: Path, sets: list[str], launcher: Optional[str], info: dict,
+            position: int, progress: bool, stop_below: Optional[float], resume: bool) -> tuple[list, int, Optional[int]]:
+    """One pretrain subprocess, followed: (its command, exit code, step of the eval that stopped it or None)."""
     run_dir = out_dir / "runs" / name
-    log_dir = out_dir / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     prefix = shlex.split(launcher) if launcher else [sys.executable]
-    cmd = [*prefix, "-m", "training.pretrain", "--config", str(config), "--out", str(run_dir), "--overwrite"]
+    cmd = [*prefix, "-m", "training.pretrain", "--config", str(config), "--out", str(run_dir),
+           "--resume" if resume else "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
-    info = _config_info(config, sets)
-    with open(log_dir / f"{name}.log", "w") as log:
+    with open(out_dir / "logs" / f"{name}.log", "a" if resume else "w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
-        stale = _file_id(run_dir / "metrics.jsonl")  # an earlier run's, until the child replaces it
-        start = time.perf_counter()
+        stale = None if resume else _file_id(run_dir / "metrics.jsonl")  # an earlier run's, until replaced
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
             stopped_at = _follow(proc, run_dir / "metrics.jsonl", name, info["total_steps"], position,
                                  progress=progress, stop_below=stop_below, final_stage=info["final_stage"],
                                  stale=stale)
-            rc = proc.wait()
+            return cmd, proc.wait(), stopped_at
         except KeyboardInterrupt:
             proc.terminate()
             proc.wait()
             raise
+
+
+def train_one(config: str, name: str, out_dir: Path, sets: list[str], launcher: Optional[str],
+              position: int = 0, progress: bool = True, stop_below: Optional[float] = None,
+              pause: bool = False) -> tuple[int, float, Optional[int]]:
+    """Run one config to completion, or (with `stop_below`) until its held-out loss gets there; with `pause`, the
+    run stopped there (a checkpoint at the target) is resumed to the end of its budget. Returns (exit code,
+    seconds of the subprocess(es), step of the stopping eval or None)."""
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    info = _config_info(config, sets)
+    start = time.perf_counter()
+    cmd, rc, stopped_at = _launch(config, name, out_dir, sets, launcher, info, position, progress, stop_below, False)
+    record = {"command": cmd, "exit_code": rc, "stopped_at_step": stopped_at}
+    if pause and stopped_at is not None and rc in (0, 75):
+        # The checkpoint the signal wrote: the crossing's eval step, or the few steps the run took before the
+        # signal arrived (compare polls metrics.jsonl twice a second).
+        checkpoint_step = _latest_step(out_dir / "runs" / name)
+        cmd, rc, _ = _launch(config, name, out_dir, sets, launcher, info, position, progress, None, True)
+        record.update(resumed_command=cmd, exit_code=rc, paused_at_step=stopped_at, stopped_at_step=None,
+                      target_checkpoint_step=checkpoint_step)
     seconds = time.perf_counter() - start
-    (log_dir / f"{name}.json").write_text(json.dumps({"command": cmd, "exit_code": rc, "process_s": seconds,
-                                                      "stopped_at_step": stopped_at}))
-    return rc, seconds, stopped_at
+    (out_dir / "logs" / f"{name}.json").write_text(json.dumps({**record, "process_s": seconds}))
+    return rc, seconds, record["stopped_at_step"]
 
 
 STOPPED = "stopped at target"
 
 
-def _status(name: str, rc: int, stopped_at: Optional[int]) -> str:
+def _status(name: str, rc: int, stopped_at: Optional[int], paused_at: Optional[int] = None) -> str:
     """ok; stopped at target (we sent SIGTERM: the run checkpoints and exits 75, as on pre-emption; a launcher
-    such as torchrun may turn that into another code, which is noted); failed."""
+    such as torchrun may turn that into another code, which is noted); paused at target and resumed; failed."""
     if stopped_at is not None:
         return f"{STOPPED} (step {stopped_at})" + ("" if rc in (0, 75) else f", exit {rc} after the signal")
+    if rc == 0 and paused_at is not None:
+        return f"ok (paused at target, step {paused_at})"
     return "ok" if rc == 0 else f"failed (exit {rc}, see logs/{name}.log)"
 
 
@@ -179,6 +196,16 @@ def run(args) -> dict:
     sets = list(DEFAULT_SETS) + list(args.set)
     if args.eval_every:
         sets.append(f"run.eval_every={args.eval_every}")
+    if args.blimp_every:
+        sets.append(f"run.save_every={args.blimp_every}")
+    if args.blimp or args.pause_at_target:  # the checkpoints to score (at the target, every K steps) stay
+        sets.append(f"run.keep_last={KEEP_ALL}")
+    scorer = None
+    if args.blimp:
+        from training.bench.blimp_points import Scorer
+
+        scorer = Scorer(args.blimp, args.blimp_per_paradigm, progress=not args.no_progress)
+    stop_at_target = args.stop_at_target or args.pause_at_target
     notes = []
 
     infos = {n: _config_info(c, sets) for n, c in zip(names, configs)}
@@ -199,25 +226,35 @@ def run(args) -> dict:
             try:
                 rec = json.loads((out / "logs" / f"{name}.json").read_text())
                 process_s[name] = rec.get("process_s")
-                statuses[name] = _status(name, rec.get("exit_code", 0), rec.get("stopped_at_step"))
+                statuses[name] = _status(name, rec.get("exit_code", 0), rec.get("stopped_at_step"),
+                                         rec.get("paused_at_step"))
             except (OSError, ValueError):
                 pass
         else:
             print(f"[{i + 1}/{len(configs)}] {name}: {config}", flush=True)
-            stop_below = target if (args.stop_at_target and i > 0) else None
+            stop_below = target if (stop_at_target and i > 0) else None
             rc, seconds, stopped_at = train_one(config, name, out, sets, args.launcher,
-                                                progress=not args.no_progress, stop_below=stop_below)
+                                                progress=not args.no_progress, stop_below=stop_below,
+                                                pause=args.pause_at_target)
             process_s[name] = seconds
-            statuses[name] = _status(name, rc, stopped_at)
+            statuses[name] = _status(name, rc, stopped_at, _paused_at(out, name))
             if not statuses[name].startswith(("ok", STOPPED)):
                 print(f"  {name} failed (exit {rc}); last lines of {out / 'logs' / (name + '.log')}:\n"
                       + _tail(out / "logs" / f"{name}.log"), file=sys.stderr, flush=True)
-        if i == 0 and args.stop_at_target and to_train - {name}:
+            elif scorer is not None:
+                _score_blimp(scorer, out, name)
+        if i == 0 and stop_at_target and to_train - {name}:
             target = summarise_run(name, config, out / "runs" / name, statuses.get(name, "ok")).final_loss
             if target is None:
                 notes.append("--stop-at-target: the baseline has no final held-out loss; every run went to its end")
     runs = [summarise_run(n, c, out / "runs" / n, statuses.get(n, "ok")) for n, c in zip(names, configs)]
-    report = compare_runs(runs, 0)
+    for r in runs:
+        if scorer is not None and args.report_only and (out / "runs" / r.name / "checkpoints").is_dir():
+            _score_blimp(scorer, out, r.name)  # what an earlier compare trained but did not score (cached)
+        r.blimp = read_points(out, r.name)
+    if args.control is not None and args.control not in names:
+        raise UserError(f"--control {args.control}: not among the run names {names}")
+    report = compare_runs(runs, 0, names.index(args.control) if args.control else None)
     for r in report["runs"]:
         r["process_s"] = process_s.get(r["name"])
     report["common_sets"] = sets
@@ -234,6 +271,9 @@ def run(args) -> dict:
     if args.stop_at_target:
         notes.append("--stop-at-target: a method stopped at target reports its final loss/accuracy at the "
                      "stopping eval, not at the end of its budget")
+    if args.pause_at_target:
+        notes.append("--pause-at-target: each method was checkpointed at its first final-stage eval at or below "
+                     "the target and resumed to the end of its budget; its final loss is at the end")
     report["notes"] = notes + list(args.note or [])
     from training.bench.machine import machine_info
     import torch
@@ -247,6 +287,39 @@ def run(args) -> dict:
     print((out / "report.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return report
+
+
+KEEP_ALL = 10**6  # run.keep_last when compare scores checkpoints: none is pruned
+
+
+def _latest_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's newest checkpoint (checkpoints/latest), or None."""
+    try:
+        tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+        return int(tag[4:]) if tag.startswith("step") else None
+    except (OSError, ValueError):
+        return None
+
+
+def _paused_at(out: Path, name: str) -> Optional[int]:
+    try:
+        return json.loads((out / "logs" / f"{name}.json").read_text()).get("paused_at_step")
+    except (OSError, ValueError):
+        return None
+
+
+def _score_blimp(scorer, out: Path, name: str) -> None:
+    """BLiMP at the run's checkpoints (training/bench/blimp_points.py): the target's is labelled."""
+    from training.bench.blimp_points import score_run
+
+    try:
+        rec = json.loads((out / "logs" / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        rec = {}
+    target_step = (rec.get("target_checkpoint_step") if rec.get("paused_at_step") is not None
+                   else _latest_step(out / "runs" / name) if rec.get("stopped_at_step") is not None else None)
+    print(f"  {name}: BLiMP at its checkpoints", flush=True)
+    score_run(scorer, out, name, out / "runs" / name, {target_step: "target"} if target_step else {})
 
 
 def load_report(path: str | Path) -> dict:

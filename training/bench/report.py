@@ -75,6 +75,7 @@ class RunSummary:
     mean_tokens_per_s: Optional[float] = None
     flops_points: list = field(default_factory=list)  # [(tokens, cumulative FLOPs)] at the train lines
     last_flops_per_token: Optional[float] = None
+    blimp: Optional[dict] = None  # BLiMP at checkpoints (training/bench/blimp_points.py), FLOPs filled in
 
 
 def _stages(train: Sequence[dict]) -> list[dict]:
@@ -141,7 +142,7 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
         s.curve.append({"step": e["step"], "wall_s": e.get("wall_s"), "tokens": e.get("tokens"),
                         "flops": flops_at(e.get("tokens", 0), points, last_fpt),
                         "loss": e.get("heldout_loss"), "acc": e.get("heldout_acc"), "stage": e.get("stage"),
-                        "unigram": e.get("heldout_unigram_loss")})
+                        "unigram": e.get("heldout_unigram_loss"), "loss_as_trained": e.get("heldout_loss_as_trained")})
     try:  # the cadence the run was configured with (stage-end evals come on top of it), and its last stage
         resolved = json.loads((run_dir / "config.resolved.json").read_text())
         s.final_stage = (resolved.get("stages") or [{}])[-1].get("name")
@@ -167,8 +168,10 @@ def summarise_run(name: str, config: str, run_dir: str | Path, status: str = "ok
     return s
 
 
-def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
-    """Fill each run's `target` against the baseline's final held-out loss; return the report dict."""
+def compare_runs(runs: list[RunSummary], baseline_index: int = 0, control_index: Optional[int] = None) -> dict:
+    """Fill each run's `target` against the baseline's final held-out loss; return the report dict. With
+    `control_index`, every speedup is also given against that run's own way to the same target
+    (`speedup_*_vs_control`: the same-budget baseline of No Train No Gain)."""
     base = runs[baseline_index]
     target = base.final_loss if base.status == "ok" else None
     crossings: list[Optional[Crossing]] = []
@@ -183,6 +186,7 @@ def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
                  for c in r.curve if r.final_stage is None or c.get("stage") in (None, r.final_stage)]
         crossings.append(time_to_target(evals, target, flops_of))
     base_x = crossings[baseline_index]
+    control_x = crossings[control_index] if control_index is not None else None
     for r, x in zip(runs, crossings):
         if x is None:
             r.target = {"reached": None, "note": "no baseline target" if target is None else "no eval records"}
@@ -191,9 +195,18 @@ def compare_runs(runs: list[RunSummary], baseline_index: int = 0) -> dict:
         for key in ("wall_s", "tokens", "flops"):
             b, m = (getattr(base_x, key) if base_x else None), getattr(x, key)
             d[f"speedup_{key}"] = (b / m) if (x.reached and b and m) else None
+            if control_index is not None:
+                c = getattr(control_x, key) if control_x is not None and control_x.reached else None
+                d[f"speedup_{key}_vs_control"] = (c / m) if (x.reached and c and m) else None
         r.target = d
+    for r in runs:
+        if r.blimp:
+            for p in r.blimp["points"]:
+                p["flops"] = flops_at(p["tokens"], r.flops_points, r.last_flops_per_token) \
+                    if p.get("tokens") is not None and r.flops_points else None
     return {
         "baseline": base.name,
+        "control": runs[control_index].name if control_index is not None else None,
         "target_heldout_loss": target,
         "definitions": {
             "time": "metrics wall_s: seconds since the training loop started (excludes process start-up and "
@@ -236,22 +249,37 @@ def unigram_reference(report: dict) -> Optional[float]:
     return next((r["final_unigram"] for r in runs if r.get("final_unigram") is not None), None)
 
 
+def _blimp_at(r: dict, label: str) -> Optional[float]:
+    points = (r.get("blimp") or {}).get("points") or []
+    if label == "end":
+        return points[-1]["mean"] if points else None
+    return next((p["mean"] for p in points if p.get("label") == label), None)
+
+
 def markdown_table(report: dict) -> str:
+    control = report.get("control")
+    blimp = any(r.get("blimp") for r in report["runs"])
     head = ("| method | status | final held-out loss | nats below unigram | final MLM acc | train time s | "
-            "process s | time to target s | tokens to target | FLOPs to target | speedup (time) | speedup (FLOPs) |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+            "process s | time to target s | tokens to target | FLOPs to target | speedup (time) | speedup (tokens) | "
+            "speedup (FLOPs) |" + (f" vs {control} (tokens / FLOPs) |" if control else "")
+            + (" BLiMP at target | BLiMP at end |" if blimp else ""))
+    lines = [head, "|" + "|".join(["---"] * head.count(" |")) + "|"]
     for r in report["runs"]:
         t = r.get("target") or {}
         reached = t.get("reached")
         if reached is False:
-            ttt = tok = fl = sp = spf = NOT_REACHED
+            ttt = tok = fl = sp = spt = spf = vs = NOT_REACHED
         else:
             ttt, tok, fl = _fmt(t.get("wall_s"), "s"), _fmt(t.get("tokens"), "tok"), _fmt(t.get("flops"), "flops")
-            sp, spf = _fmt(t.get("speedup_wall_s"), "x"), _fmt(t.get("speedup_flops"), "x")
+            sp, spt, spf = (_fmt(t.get(f"speedup_{k}"), "x") for k in ("wall_s", "tokens", "flops"))
+            vs = f"{_fmt(t.get('speedup_tokens_vs_control'), 'x')} / {_fmt(t.get('speedup_flops_vs_control'), 'x')}"
         name = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
         below = (r["final_unigram"] - r["final_loss"]) if None not in (r.get("final_unigram"), r["final_loss"]) else None
         lines.append(f"| {name} | {r['status']} | {_fmt(r['final_loss'])} | {_fmt(below)} | {_fmt(r['final_acc'])} | "
-                     f"{_fmt(r['total_wall_s'], 's')} | {_fmt(r.get('process_s'), 's')} | {ttt} | {tok} | {fl} | {sp} | {spf} |")
+                     f"{_fmt(r['total_wall_s'], 's')} | {_fmt(r.get('process_s'), 's')} | {ttt} | {tok} | {fl} | {sp} | "
+                     f"{spt} | {spf} |" + (f" {vs} |" if control else "")
+                     + (f" {_pct(_blimp_at(r, 'end' if r['name'] == report['baseline'] else 'target'))} | "
+                        f"{_pct(_blimp_at(r, 'end'))} |" if blimp else ""))
     return "\n".join(lines)
 
 
@@ -270,6 +298,10 @@ def write_markdown(report: dict, path: str | Path, preamble: str = "") -> None:
             "subprocess (start-up, data loading, final checkpoint), for information. To-target values "
             "interpolate linearly between eval points; speedup = baseline / method.", "",
             FLOPS_COUNTING, ""]
+    from training.bench.blimp_points import note as blimp_note
+
+    if blimp_note(report):
+        text += [blimp_note(report), ""]
     stage_lines = []
     for r in report["runs"]:
         parts = ", ".join(f"{s['name']} (steps {s['start_step']}-{s['end_step']}, ends {_fmt(s['end_wall_s'], 's')} s, "
@@ -308,6 +340,10 @@ def plot_loss_vs_time(report: dict, path: str | Path, x: str = "wall_s") -> None
         xs, ys = zip(*pts)
         label = r["name"] + (" (baseline)" if r["name"] == report["baseline"] else "")
         (line,) = ax.plot(xs, ys, marker=".", markersize=4, linewidth=1.5, label=label)
+        trained = [(c[x], c["loss_as_trained"]) for c in r["curve"]
+                   if c.get(x) is not None and c.get("loss_as_trained") is not None]
+        if trained:  # the locality anneal: the model as it trains, the bias at its strength then
+            ax.plot(*zip(*trained), linestyle="--", linewidth=1, color=line.get_color(), alpha=0.7)
         for s in r["stages"][:-1]:  # boundaries: the end of every stage but the last
             t = s.get(boundary_key)
             if t is None:
@@ -323,7 +359,9 @@ def plot_loss_vs_time(report: dict, path: str | Path, x: str = "wall_s") -> None
         ax.axhline(unigram, color="black", linestyle=":", linewidth=1.2, label="unigram table (no context)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out MLM loss")
-    ax.set_title(f"Held-out loss vs {what} (| = stage boundary)")
+    ax.set_title(f"Held-out loss vs {what} (| = stage boundary"
+                 + ("; dashed: as trained, with the locality bias)" if any(
+                     c.get("loss_as_trained") is not None for r in report["runs"] for c in r["curve"]) else ")"))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -349,4 +387,9 @@ def write_report(report: dict, out_dir: str | Path, preamble: str = "") -> dict[
     write_markdown(report, paths["md"], preamble)
     plot_loss_vs_time(report, paths["png"], "wall_s")
     plot_loss_vs_time(report, paths["png_flops"], "flops")
+    if any(r.get("blimp") for r in report["runs"]):
+        from training.bench.blimp_points import plot_blimp_vs_flops
+
+        paths["png_blimp"] = out_dir / "blimp_vs_flops.png"
+        plot_blimp_vs_flops(report, paths["png_blimp"])
     return paths

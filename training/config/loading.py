@@ -129,28 +129,61 @@ def _with_hf_shape(raw: dict) -> dict:
     return {**raw, "model": {**model, **shape}}
 
 
+def _read_file(path: Path) -> dict:
+    """One YAML file's mapping, as written (UserError naming the file and line)."""
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        text = path.read_text()
+        raw = _yaml_load(text) or {}
+    except _DuplicateKey as err:
+        raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({_yaml_problem(err, text)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    return raw
+
+
+def merge(base: dict, child: dict) -> dict:
+    """`child` over `base`: mappings merge key by key, anything else (a list such as `stages`, a scalar, null)
+    replaces what the base had."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def read_raw(path: Path, _chain: tuple = ()) -> dict:
+    """The config file as one mapping: with `base: OTHER.yaml` (relative to the file), the base's mapping with
+    this file's keys merged over it (merge), recursively."""
+    raw = _read_file(path)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{path}: base must be the path of another config file, got {shown(base)}")
+    base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+    if base_path.resolve() in _chain or base_path.resolve() == path.resolve():
+        raise UserError(f"{path}: base {base} leads back to itself")
+    try:
+        parent = read_raw(base_path, (*_chain, path.resolve()))
+    except UserError as err:
+        raise UserError(f"{path}: base {base}: {err}") from None
+    return merge(parent, raw)
+
+
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
-    """The config file with its overrides, validated section by section (UserError, one line). Whether the
-    stages may follow one another is the stage hooks' business: a run loads with stages/plan.load_config,
-    which reads the config here, then resolves and checks its hooks."""
+    """The config file (with its `base:` chain) and its overrides, validated section by section (UserError, one
+    line). Whether the stages may follow one another is the stage hooks' business: a run loads with
+    stages/plan.load_config, which reads the config here, then resolves and checks its hooks."""
     raw: dict = {}
     source = "config"
     if path is not None:
-        path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            text = path.read_text()
-            raw = _yaml_load(text) or {}
-        except _DuplicateKey as err:
-            raise UserError(f"{path}: line {err.problem_mark.line + 1}: {err.problem}") from None
-        except yaml.YAMLError as err:
-            raise UserError(f"{path}: not valid YAML ({_yaml_problem(err, text)})") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not a text file (not UTF-8); expected a YAML run config") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: the top level must be a mapping of sections")
+        raw = read_raw(Path(path))
     raw = apply_overrides(raw, list(overrides))
     raw = _with_hf_shape(raw)
     try:

@@ -215,6 +215,11 @@ class PretrainingData:
         return len(self._held_sep)
 
     @property
+    def train_rows(self) -> np.ndarray:
+        """input_ids [N,S] of the train split, as prepared (memory-mapped)."""
+        return self._train_ids
+
+    @property
     def heldout_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids [N,S], sep_index [N]) of the held-out split, as prepared (memory-mapped)."""
         return self._held_ids, self._held_sep

@@ -212,10 +212,11 @@ class StageRunner:
             raise faults.NumericalFault(f"{what}; stopping (run.on_nan=stop)")
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, **forward_kwargs) -> dict:
         """The held-out yardstick: MLM loss and accuracy at the fixed all-[MASK] positions (training/data/
         loader.py FIXED_MASK_*, the same for every run and checkpoint), beside the unigram table's loss on the
-        same positions and how far below it the model is (nats; <= 0 means nothing learned from context)."""
+        same positions and how far below it the model is (nats; <= 0 means nothing learned from context).
+        `forward_kwargs` score the model as it trains instead (the locality bias at its current strength)."""
         module = self.engine.module
         was_training = module.training
         module.eval()
@@ -224,7 +225,7 @@ class StageRunner:
         for i, batch in enumerate(batches):
             if i % self.world_size != self.rank:  # each rank takes its share of the fixed held-out batches
                 continue
-            out = module(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+            out = module(**{k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, **forward_kwargs)
             loss_sum += float(out["mlm_loss"].float()) * float(out["mlm_count"])
             correct += float(out["mlm_correct"])
             count += float(out["mlm_count"])
@@ -260,6 +261,17 @@ class StageRunner:
         else:
             return {}
         return {"locality": strength} if strength > 0 else {}
+
+    def _as_trained(self, stage, plan: StagePlan) -> dict:
+        """While the locality bias is on, the held-out score of the model as it trains (the bias at the strength
+        of the next step) beside the plain one: how much of a curve during the anneal is the aid."""
+        locality = self._locality(stage, plan)
+        if not locality:
+            return {}
+        ev = self.evaluate(**locality)
+        return {"locality": locality["locality"], "heldout_loss_as_trained": ev["heldout_loss"],
+                "heldout_acc_as_trained": ev["heldout_acc"],
+                "heldout_below_unigram_as_trained": ev["heldout_below_unigram"]}
 
     def _layer_drop(self, stage) -> dict:
         """Forward kwargs for progressive layer dropping: the same keep decisions on every rank (layerdrop.py)."""
@@ -335,7 +347,7 @@ class StageRunner:
                     self.last_eval = self.evaluate()
                     self.metrics.write({"kind": "eval", "step": self.state.step, "stage": plan.name,
                                         "tokens": self.state.tokens, **self.last_eval,
-                                        "wall_s": time.perf_counter() - start_wall})
+                                        **self._as_trained(stage, plan), "wall_s": time.perf_counter() - start_wall})
                     window_start += time.perf_counter() - paused  # eval time is not training throughput
                     self.stopped_below = self._reached_target(run.stop_below_unigram)
                 pause = self.state.step == run.stop_at_step or result.preempt or self.stopped_below is not None
