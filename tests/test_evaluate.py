@@ -23,12 +23,12 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     root = tmp_path_factory.mktemp("evaluate_run")
     out = root / "run"
     config = {"run": {"out_dir": str(out), "progress": False, "peak_tflops": 1.0, "log_every": 1,
-                      "eval_every": 1000, "eval_batches": 1, "eval_batch_size": EVAL_ROWS, "export_hf": True},
+                      "eval_every": 1000, "eval_batches": 1, "eval_batch_size": EVAL_ROWS, "export_hf": True,
+                      "report_to": []},
               "data": {"dir": str(tiny_data)},
               "model": {**TINY_MODEL},
               "train": {"precision": "fp32", "micro_batch_size": 4, "max_steps": 4},
-              "optimizer": {"warmup_steps": 1},
-              "deepspeed": {"tensorboard": False}}
+              "optimizer": {"warmup_steps": 1}}
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     proc = run_pretrain(root / "run.yaml", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

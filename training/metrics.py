@@ -8,6 +8,23 @@ from pathlib import Path
 import torch
 
 
+def make_monitor(blocks: dict, out_dir: Path):
+    """One DeepSpeed MonitorMaster for the whole run (rank 0 writes), from ds_config.monitor_blocks; None when no
+    logger is asked for. W&B gets offline mode and OUT as its directory unless the environment says otherwise."""
+    if not blocks:
+        return None
+    import os
+
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    if "wandb" in blocks:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        os.environ.setdefault("WANDB_NAME", out_dir.name)
+    return MonitorMaster(get_monitor_config(blocks))
+
+
 class MetricsWriter:
     """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file."""
 

@@ -216,7 +216,7 @@ def measure(args, rank: int, world: int) -> Optional[dict]:
     from training.stages.plan import load_config
     from training.run_setup import load_data, resolve_model
 
-    overrides = list(args.set) + ["deepspeed.tensorboard=false"]
+    overrides = list(args.set) + ["run.report_to=[]"]
     cfg = load_config(args.config, overrides)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     data = load_data(cfg)

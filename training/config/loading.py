@@ -129,6 +129,24 @@ def _with_hf_shape(raw: dict) -> dict:
     return {**raw, "model": {**model, **shape}}
 
 
+def find_config(path: str | Path) -> tuple[Path, str | None]:
+    """(the config file `path` names, a note when it came from the shipped configs). A relative path that does
+    not exist here is looked up among the configs the package ships (training/resources.py), so
+    `--config configs/default.yaml` works from any directory; otherwise one line naming the nearest shipped one."""
+    from training.cli import nearest
+    from training.resources import find_shipped, shipped_names
+
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    shipped = find_shipped(path, "configs", ".yaml")
+    if shipped is not None:
+        return shipped, f"--config {path}: not in {Path.cwd()}; read the shipped {shipped}"
+    close = nearest(str(path), shipped_names("configs"))
+    hint = f" (did you mean {close}?)" if close else ""
+    raise UserError(f"config file not found: {path}{hint}")
+
+
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """The config file with its overrides, validated section by section (UserError, one line). Whether the
     stages may follow one another is the stage hooks' business: a run loads with stages/plan.load_config,
@@ -136,10 +154,8 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     raw: dict = {}
     source = "config"
     if path is not None:
-        path = Path(path)
+        path, _ = find_config(path)
         source = str(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
         try:
             text = path.read_text()
             raw = _yaml_load(text) or {}
