@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def test_run_dir_matches_the_runs_own_evaluation(tiny_run, tiny_data, tmp_path, 
     r = evaluate(tmp_path, "--model", str(tiny_run), "--data", str(tiny_data), "--max-rows", str(EVAL_ROWS))
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1 and "nats below it" in line[0]
+    # Perplexity, labelled as the exp of the fixed-mask loss (issue 30 item 7).
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert f"(perplexity {r['perplexity']:.2f}, exp of that loss)" in line[0]
     assert r["rows"] == EVAL_ROWS and r["positions"] > 0
     assert r["model"]["kind"] == "checkpoint" and r["model"]["step"] == 4
     assert r["model"]["checkpoint"].endswith("step00000004")

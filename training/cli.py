@@ -36,8 +36,10 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def description(doc: Optional[str]) -> str:
     """The docstring's first paragraph, whole (not its first line, which may stop mid-sentence)."""
+    import textwrap
+
     paragraph = (doc or "").strip().split("\n\n")[0]
-    return " ".join(paragraph.split())
+    return textwrap.fill(" ".join(paragraph.split()), width=100)
 
 
 def parser(prog: str, doc: Optional[str], epilog: Optional[str] = None, **kwargs) -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ scored on the same targets. The unigram table comes from the train split of --re
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -182,6 +181,9 @@ def evaluate(args) -> dict:
     loss, unigram = loss_sum / count, unigram / count
     return {
         "loss": loss, "accuracy": correct / count, "unigram_loss": unigram, "below_unigram": unigram - loss,
+        # exp of the fixed-mask loss: the perplexity at those positions (not run_mlm.py's, which scores the
+        # 80/10/10 training mask, whose copied tokens make it lower)
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
         "rows": n, "positions": int(count),
         "model": {"path": str(Path(args.model).absolute()), "kind": loaded.kind,
                   "checkpoint": str(loaded.tag_dir.absolute()) if loaded.tag_dir else None, "step": loaded.step,
@@ -196,7 +198,8 @@ def evaluate(args) -> dict:
 
 def summary_line(r: dict, out: Path | None) -> str:
     return (f"evaluated {r['model']['path']} on {r['rows']:,} rows "
-            f"({r['positions']:,} fixed all-[MASK] positions): MLM loss {r['loss']:.4f} acc {r['accuracy']:.4f}; "
+            f"({r['positions']:,} fixed all-[MASK] positions): MLM loss {r['loss']:.4f} (perplexity "
+            f"{r['perplexity']:.2f}, exp of that loss) acc {r['accuracy']:.4f}; "
             f"unigram table {r['unigram_loss']:.4f}, {r['below_unigram']:+.4f} nats below it"
             + (f" -> {out}" if out is not None else ""))
 
@@ -205,18 +208,26 @@ def _write_json(path: Path, obj: dict) -> None:
     outdir.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="run dir, checkpoint tag dir, or Hugging Face dir")
-    p.add_argument("--data", required=True, nargs="+", help="a prepared data dir, or raw text files")
+def build_parser(prog: str = "python -m training.evaluate"):
+    from training import cli
+
+    p = cli.parser(prog, __doc__)
+    p.add_argument("--model", required=True, type=Path, help="run dir (its latest checkpoint), checkpoint tag dir, "
+                                                               "or Hugging Face dir")
+    p.add_argument("--data", required=True, nargs="+", help="a prepared data dir (its held-out split), or raw text "
+                                                            "files (.txt/.jsonl/.parquet, as prepare reads them)")
     p.add_argument("--reference", type=Path, help="prepared data dir whose train split makes the unigram table "
                                                    "(default: a prepared --data dir, else the run's data.dir)")
-    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--max-rows", type=int, help="score only the first N rows")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
+    p.add_argument("--max-rows", type=int, help="score only the first N rows (default: all)")
     p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     for name in ("batch_size", "max_rows", "seq_len"):
         value = getattr(args, name)
         if value is not None and value < (8 if name == "seq_len" else 1):

@@ -30,7 +30,6 @@ training/finetune_tasks.py.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -295,15 +294,17 @@ def finetune(args, argv) -> dict:
 
 # ------------------------------------------------------------------ command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m training.finetune"):
+    from training import cli
+
+    p = cli.parser(prog, __doc__)
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model dir (training.export's output)")
     p.add_argument("--task", required=True, nargs="+", action="extend",
                    help="glue/NAME, csv:TRAIN[,EVAL] or jsonl:TRAIN[,EVAL]; several run in turn")
     p.add_argument("--out", type=Path, help="output dir (default runs/finetune/<model dir name>)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs over each task's train split")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (BERT-base's; small models want more)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument("--seed", type=int, nargs="+", default=None, help="one or more seeds (default 0)")
     p.add_argument("--max-seq-len", type=int, help="truncate inputs to N tokens (default min(128, the model's))")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
@@ -311,7 +312,11 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
     p.add_argument("--save-model", action="store_true", help="save each fine-tuned model to OUT/<task>/seed<k>/model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out written by this command")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.seed = list(dict.fromkeys(args.seed or [0]))
     args.task = list(dict.fromkeys(args.task))
     if args.out is None:  # a run's export (RUN/hf) is named after the run

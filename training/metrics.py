@@ -26,12 +26,20 @@ def make_monitor(blocks: dict, out_dir: Path):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file."""
+    """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file. `monitor`: a
+    DeepSpeed monitor, or a function making one at the first record (so a process that records nothing, e.g. a
+    finished run resumed, opens no events file)."""
 
     def __init__(self, path: Path, enabled: bool, monitor=None):
         self.path = path
         self.enabled = enabled
-        self.monitor = monitor
+        self._monitor = monitor
+
+    @property
+    def monitor(self):
+        if callable(self._monitor) and not hasattr(self._monitor, "write_events"):
+            self._monitor = self._monitor()
+        return self._monitor
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -298,8 +298,8 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
         if env.rank == 0:  # records of an earlier attempt that never checkpointed: not this run's
             truncate_metrics(out / "metrics.jsonl", -1)
     if tag is not None:
-        changed = resume.report_schedule_change(runner, out, runner.state.step)  # before the config is rewritten
         runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
+        changed = resume.report_schedule_change(runner, out, runner.state.step)  # before the config is rewritten
         if env.rank == 0:
             if bad_tags and args.resume == "latest":  # corrupt ones passed over
                 checkpoint_verify.quarantine(out / "checkpoints", bad_tags, tag)
@@ -378,7 +378,9 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
               + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f} (fixed all-[MASK] "
                  f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "
                  f"{ev['heldout_below_unigram']:+.3f} nats below it)" if ev else ""))
-        print(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
+        loggers = ", ".join(f"{name}: {out / name / out.name}" if name in ("tensorboard", "csv") else name
+                            for name in cfg.run.report_to)
+        print(f"  metrics:    {out / 'metrics.jsonl'}" + (f"  ({loggers})" if loggers else ""))
         print(f"  checkpoint: {out / 'checkpoints'}/{checkpoint_verify.latest_tag(out / 'checkpoints')}")
         print(f"  HF model:   {exported}")
     torch.distributed.barrier()

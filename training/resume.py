@@ -40,7 +40,8 @@ def choose(ckpt_dir: Path, choice: Optional[str]) -> tuple[Optional[str], list[s
     elif choice in tags:
         tag = choice
     else:
-        close = nearest(choice, tags)
+        digits = "".join(c for c in path.name if c.isdigit())
+        close = min(tags, key=lambda t: abs(int(t[4:]) - int(digits))) if digits and tags else nearest(choice, tags)
         have = f"it has {', '.join(tags)}" if tags else "it has none"
         raise UserError(f"--resume {choice}: no such checkpoint in {ckpt_dir} ({have})"
                         + (f"; did you mean {close}?" if close else ""))
@@ -52,7 +53,7 @@ def set_aside(ckpt_dir: Path, newer: list[str], tag: str) -> None:
     """Rank 0, after resuming from an older `tag`: the newer checkpoints kept as <tag>.abandoned."""
     if newer:
         checkpoint_verify.quarantine(ckpt_dir, newer, tag, suffix=ABANDONED_SUFFIX,
-                                     why="newer than the checkpoint --resume chose")
+                                     why=f"newer than {tag}, which --resume chose")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -385,4 +385,6 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating full/mslt blocks per stage (default 2)")
     p.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="only these stages")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    from training import cli
+
+    cli.add_set(p)

@@ -214,5 +214,5 @@ def quarantine(ckpt_dir: Path, bad: list[str], good: str, suffix: str = CORRUPT_
         if target.exists():
             target = ckpt_dir / f"{tag}{suffix}-{os.getpid()}"
         os.rename(ckpt_dir / tag, target)
-        log.warning("kept the %s checkpoint %s as %s", why, ckpt_dir / tag, target)
+        log.warning("kept the checkpoint %s (%s) as %s", ckpt_dir / tag, why, target)
     write_atomic(ckpt_dir / "latest", good, fsync=True)

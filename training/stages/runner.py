@@ -87,8 +87,9 @@ class StageRunner:
         self._compiling = model.cfg.compile  # the first step on this module compiles its layers
         engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir, self.ds_config)
         if self.metrics is None:  # one monitor for the run: its curves go on across engine rebuilds
-            monitor = make_monitor(monitor_blocks(self.cfg, self.out_dir), self.out_dir) if self.rank == 0 else None
-            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0, monitor)
+            blocks = monitor_blocks(self.cfg, self.out_dir)
+            self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
+                                         (lambda: make_monitor(blocks, self.out_dir)) if self.rank == 0 else None)
         return engine
 
     def run_info(self, stage_index: int) -> dict:
