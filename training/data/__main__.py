@@ -60,7 +60,7 @@ def _parser(prog: str = "python -m training.data") -> argparse.ArgumentParser:
 def prepare_main(argv: list[str] | None = None) -> int:
     """`bert-prepare ...`: `prepare` unless the first word names the sub-command (prepare, build-default)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("prepare", "build-default", "-h", "--help"):
+    if not argv or argv[0] not in ("prepare", "build-default"):
         argv = ["prepare", *argv]
     return main(argv, prog="bert-prepare")
 
