@@ -83,8 +83,20 @@ def test_a_finished_run_resumed_prints_its_score_and_opens_no_events_file(staged
 
 
 def test_resume_a_tag_with_a_changed_schedule(staged_run):
+    from training.errors import UserError
+    from training.resume import choose
+
     root, config, _ = staged_run
     ckpt = root / "run" / "checkpoints"
+    # --resume PATH: a checkpoint dir of this run, verified; the newer ones are what it abandons
+    assert choose(ckpt, str(ckpt / "step00000004")) == ("step00000004", [], ["step00000006"])
+    assert choose(ckpt, "latest") == ("step00000006", [], [])
+    other = root / "elsewhere" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "step00000002").mkdir()
+    (other / "step00000002" / "meta.json").write_text("{}")
+    with pytest.raises(UserError, match="a checkpoint of another run"):
+        choose(ckpt, str(other / "step00000002"))
     proc = run_pretrain(config, "--resume", "step00000003", timeout=120)  # not a checkpoint: one line, nearest
     assert proc.returncode == 2 and "did you mean step00000002?" in proc.stderr
     proc = run_pretrain(config, "--resume", "step00000002", "--set", "optimizer.lr=1e-2", timeout=300)
