@@ -1,4 +1,5 @@
-"""BERT pre-training: `python -m training.pretrain --config CONFIG.yaml [--set key=value ...] [--resume]`.
+"""BERT pre-training: `python -m training.pretrain --config CONFIG.yaml [--set key=value ...] [--resume [TAG]]`
+(`bert-pretrain` once installed; the flags are in training/pretrain_cli.py).
 
 The entry point only wires things together: config -> process group -> data -> model -> stage runner.
 It runs the same as one process or under any launcher (deepspeed, torchrun, mpirun, srun).
