@@ -43,8 +43,13 @@ def description(doc: Optional[str]) -> str:
 
 
 def parser(prog: str, doc: Optional[str], epilog: Optional[str] = None, **kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser with this project's formatter; `doc` is usually the module's __doc__."""
-    return argparse.ArgumentParser(prog=prog, description=description(doc), epilog=epilog,
+    """An ArgumentParser with this project's formatter; `doc` is usually the module's __doc__. Started as one of
+    the installed commands (bert-pretrain, ...), the usage line names that command instead of `prog`."""
+    import os
+    import sys
+
+    command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return argparse.ArgumentParser(prog=command if command.startswith("bert-") else prog, description=description(doc), epilog=epilog,
                                    formatter_class=HelpFormatter, **kwargs)
 
 
