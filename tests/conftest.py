@@ -24,7 +24,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_data")
     corpus = write_small_corpus(root / "corpus.txt")
-    prepare([str(corpus)], str(root / "data"), seq_len=64, tokenizer="train:512", num_proc=1, quiet=True)
+    prepare([str(corpus)], str(root / "data"), seq_len=64, tokenizer="train:512", num_proc=1, quiet=True,
+            heldout_fraction=0.01)
     return root / "data"
 
 

@@ -166,14 +166,14 @@ def test_two_phase_run_resumes_and_exports_to_hf(tmp_path, tiny_data, dist_singl
 
     # The refined model has HF BERT's names and shapes: export, load in transformers, same logits.
     assert export.main(["--checkpoint", str(tmp_path / "full" / "out"), "--out", str(tmp_path / "hf")]) == 0
-    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    hf, info = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     hf.eval()
     ours = full.engine.module.eval()
     batch = next(full.data.heldout_batches(4, max_batches=1))
     ids, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
-        ref = hf(input_ids=ids, attention_mask=mask).prediction_logits
+        ref = hf(input_ids=ids, attention_mask=mask).logits
         got = ours(ids, attention_mask=mask)["logits"]
     assert (got - ref).abs().max() < 1e-4
 

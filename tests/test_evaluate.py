@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -23,12 +24,12 @@ def tiny_run(tmp_path_factory, tiny_data) -> Path:
     root = tmp_path_factory.mktemp("evaluate_run")
     out = root / "run"
     config = {"run": {"out_dir": str(out), "progress": False, "peak_tflops": 1.0, "log_every": 1,
-                      "eval_every": 1000, "eval_batches": 1, "eval_batch_size": EVAL_ROWS, "export_hf": True},
+                      "eval_every": 1000, "eval_batches": 1, "eval_batch_size": EVAL_ROWS, "export_hf": True,
+                      "report_to": []},
               "data": {"dir": str(tiny_data)},
               "model": {**TINY_MODEL},
               "train": {"precision": "fp32", "micro_batch_size": 4, "max_steps": 4},
-              "optimizer": {"warmup_steps": 1},
-              "deepspeed": {"tensorboard": False}}
+              "optimizer": {"warmup_steps": 1}}
     (root / "run.yaml").write_text(yaml.safe_dump(config))
     proc = run_pretrain(root / "run.yaml", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,6 +63,9 @@ def test_run_dir_matches_the_runs_own_evaluation(tiny_run, tiny_data, tmp_path, 
     r = evaluate(tmp_path, "--model", str(tiny_run), "--data", str(tiny_data), "--max-rows", str(EVAL_ROWS))
     line = capsys.readouterr().out.strip().splitlines()
     assert len(line) == 1 and "nats below it" in line[0]
+    # Perplexity, labelled as the exp of the fixed-mask loss (issue 30 item 7).
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert f"(perplexity {r['perplexity']:.2f}, exp of that loss)" in line[0]
     assert r["rows"] == EVAL_ROWS and r["positions"] > 0
     assert r["model"]["kind"] == "checkpoint" and r["model"]["step"] == 4
     assert r["model"]["checkpoint"].endswith("step00000004")

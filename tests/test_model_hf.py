@@ -84,15 +84,17 @@ def test_export_round_trip_loads_in_hf_without_missing_keys(tmp_path):
     export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tok_dir)
 
     assert (tmp_path / "out" / "vocab.txt").read_text() == "[PAD]\nhello\n"
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertForPreTraining"]
-    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"]
+    # MLM only: the head it has, not an NSP head it never trained (issue 30 item 5)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 40
+    hf, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(hf).__name__ == "BertForMaskedLM" and not info["missing_keys"]
     assert not info["unexpected_keys"] and not info["mismatched_keys"]
     hf.eval()
     assert hf.cls.predictions.decoder.weight.data_ptr() == hf.bert.embeddings.word_embeddings.weight.data_ptr()
 
     ids, mask, types, _, _ = random_batch(torch.Generator().manual_seed(4), cfg.vocab_size)
-    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).prediction_logits
+    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     assert (ours(ids, attention_mask=mask, token_type_ids=types)["logits"] - ref).abs().max() < 1e-4
 
     # And back: the exported directory loads into a fresh model of ours with identical weights.
@@ -350,17 +352,17 @@ def test_carried_pooler_is_imported_untrained_and_exported_as_imported(tmp_path)
     for name, want in theirs.items():
         if name != "embeddings.position_ids":
             assert torch.equal(exported[f"bert.{name}"], want), name
-    hf, info = transformers.BertForPreTraining.from_pretrained(tmp_path / "out", output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf, info = transformers.BertModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"]
     ref = transformers.BertModel.from_pretrained(MINILM_DIR).eval()
-    assert torch.equal(hf.bert.pooler.dense.weight, ref.pooler.dense.weight)
-    # Without carry_pooler the export still draws a fresh (seeded) pooler, as before.
+    assert torch.equal(hf.pooler.dense.weight, ref.pooler.dense.weight)
+    # Without carry_pooler an MLM-only export has no pooler (nor an NSP head): BertForMaskedLM has none.
     plain = ModelConfig(**{**cfg.model_dump(), "carry_pooler": False})
     bare = BertForPreTraining(plain)
     load_hf_weights(bare, MINILM_DIR)
     export_hf(bare, plain, tmp_path / "fresh")
-    fresh = load_file(tmp_path / "fresh" / "model.safetensors")["bert.pooler.dense.weight"]
-    assert not torch.allclose(fresh, theirs["pooler.dense.weight"])
+    assert not any(k.startswith(("bert.pooler.", "cls.seq_relationship."))
+                   for k in load_file(tmp_path / "fresh" / "model.safetensors"))
 
 
 def test_carried_pooler_survives_a_stage_transition():

@@ -175,8 +175,7 @@ def test_skipped_step_leaves_params_and_optimizer_state_alone(process_group):
     from training.config import RunConfig
     from training.engine.build import build_engine
     from training.model.bert import BertForPreTraining
-    cfg = RunConfig.model_validate({**BASE_CONFIG, "run": {**BASE_CONFIG["run"], "out_dir": "/nonexistent"},
-                                    "deepspeed": {"tensorboard": False}})
+    cfg = RunConfig.model_validate({**BASE_CONFIG, "run": {**BASE_CONFIG["run"], "out_dir": "/nonexistent"}})
     torch.manual_seed(0)
     model = BertForPreTraining(cfg.model)
     engine, _ = build_engine(model, cfg, 1, "/nonexistent")

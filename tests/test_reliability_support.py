@@ -27,12 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 BASE_CONFIG = {
     "run": {"name": "rel", "log_every": 1, "eval_every": 1000, "eval_batches": 1, "eval_batch_size": 8,
             "save_every": 2, "keep_last": 3, "export_hf": False, "peak_tflops": 1.0, "progress": False,
-            "seed": 7},
+            "seed": 7, "report_to": []},
     "model": {"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 2, "ffn_size": 64,
               "max_position": 32, "dropout": 0.1, "attention_dropout": 0.1},
     "train": {"precision": "fp32", "micro_batch_size": 4, "grad_accum": 2, "max_steps": 12},
     "optimizer": {"lr": 1.0e-3, "warmup_steps": 3},
-    "deepspeed": {"tensorboard": False},
 }
 
 # Configs the resume/pre-emption tests run: (id, overrides of BASE_CONFIG). Multi-stage configs (growth

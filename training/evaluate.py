@@ -18,7 +18,6 @@ train split (training/blimp); without a known train split the count models are l
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -247,6 +246,9 @@ def _heldout(args, loaded, prepared) -> dict:
     loss, unigram = loss_sum / count, unigram / count
     return {
         "loss": loss, "accuracy": correct / count, "unigram_loss": unigram, "below_unigram": unigram - loss,
+        # exp of the fixed-mask loss: the perplexity at those positions (not run_mlm.py's, which scores the
+        # 80/10/10 training mask, whose copied tokens make it lower)
+        "perplexity": math.exp(loss) if loss < 700 else math.inf,
         "rows": n, "positions": int(count),
         **_model_info(args, loaded),
         "data": {**data_desc, "seq_len": seq_len, "max_rows": args.max_rows},
@@ -261,8 +263,8 @@ def summary_line(r: dict, out: Path | None) -> str:
     parts = []
     if "loss" in r:
         parts.append(f"on {r['rows']:,} rows ({r['positions']:,} fixed all-[MASK] positions): MLM loss "
-                     f"{r['loss']:.4f} acc {r['accuracy']:.4f}; unigram table {r['unigram_loss']:.4f}, "
-                     f"{r['below_unigram']:+.4f} nats below it")
+                     f"{r['loss']:.4f} (perplexity {r['perplexity']:.2f}, exp of that loss) acc {r['accuracy']:.4f}; "
+                     f"unigram table {r['unigram_loss']:.4f}, {r['below_unigram']:+.4f} nats below it")
     if "blimp" in r:
         parts.append(summary_text(r["blimp"]))
     return f"evaluated {r['model']['path']} " + "; ".join(parts) + (f" -> {out}" if out is not None else "")
@@ -272,25 +274,33 @@ def _write_json(path: Path, obj: dict) -> None:
     outdir.write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, type=Path, help="run dir, checkpoint tag dir, or Hugging Face dir")
-    p.add_argument("--data", nargs="+", help="a prepared data dir, or raw text files (held-out score)")
+def build_parser(prog: str = "python -m training.evaluate"):
+    from training import cli
+
+    p = cli.parser(prog, __doc__)
+    p.add_argument("--model", required=True, type=Path, help="run dir (its latest checkpoint), checkpoint tag dir, "
+                                                               "or Hugging Face dir")
+    p.add_argument("--data", nargs="+", help="a prepared data dir (its held-out split), or raw text files "
+                                             "(.txt/.jsonl/.parquet, as prepare reads them): the held-out score")
     p.add_argument("--blimp", metavar="DIR|hf:NAME", help="BLiMP minimal pairs: a folder of <paradigm>.jsonl[.xz] "
                    "files, or a datasets name such as hf:nyu-mll/blimp (offline: from the datasets cache)")
     p.add_argument("--per-paradigm", type=int, metavar="N", help="score N pairs of each paradigm, the same ones "
                    "every time (default: all)")
     p.add_argument("--pll", choices=tuple(PLL_CHOICES), default="word",
                    help="pseudo-log-likelihood: word (a word's later pieces masked too, Kauf & Ivanova 2023), "
-                   "token (Salazar et al. 2020), or both (default: word)")
+                   "token (Salazar et al. 2020), or both")
     p.add_argument("--reference", type=Path, help="prepared data dir whose train split makes the unigram table "
                                                    "(default: a prepared --data dir, else the run's data.dir)")
-    p.add_argument("--out", type=Path, help="write the result as JSON here")
+    p.add_argument("--out", type=Path, help="also write the result as JSON here (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--max-rows", type=int, help="score only the first N rows")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
+    p.add_argument("--max-rows", type=int, help="score only the first N rows (default: all)")
     p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     if not args.data and not args.blimp:
         raise UserError("give --data (held-out score), --blimp (minimal pairs), or both")
     for name in ("batch_size", "max_rows", "seq_len", "per_paradigm"):

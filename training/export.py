@@ -13,7 +13,6 @@ checkpoints dir) being exported: a run owns its folders (the run itself writes O
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
@@ -94,16 +93,23 @@ def write_atomically(out: Path, write) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def build_parser(prog: str = "python -m training.export"):
+    from training import cli
+
+    p = cli.parser(prog, __doc__)
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="a run dir (its latest checkpoint that verifies), its checkpoints/ dir, or one tag dir")
+    p.add_argument("--out", required=True, type=Path, help="the Hugging Face model dir to write")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's tokenizer/)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a Hugging Face model dir)")
+    return p
+
+
 @exit_on_user_error
 def main(argv=None) -> int:
     from training.model.hf_export import export_hf
 
-    p = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--tokenizer", type=Path, help="tokenizer dir (default: the run's tokenizer/)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (a Hugging Face model dir)")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     tag_dir = resolve_tag_dir(args.checkpoint)
     tokenizer = args.tokenizer or find_tokenizer(tag_dir)

@@ -30,7 +30,7 @@ training/finetune_tasks.py.
 """
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -44,7 +44,7 @@ import numpy as np
 
 from training import outdir
 from training.errors import UserError, exit_on_user_error
-from training.finetune_tasks import Task, _first_line, jsonable, load_tasks, score
+from training.finetune_tasks import Task, _first_line, check_metrics_available, jsonable, load_tasks, score
 
 MARKER = ".bert-finetune"
 WEIGHT_DECAY = 0.01  # BERT's fine-tuning setting
@@ -203,13 +203,18 @@ def train_one(args, task: Task, tokenizer, encoded, seed: int, out_dir: Path) ->
     train_ds, eval_ds = encoded
     set_seed(seed)  # the new head's initialisation too
     model = load_classifier(args.model, task)
+    # Evaluated during training (every epoch, or every --eval-every steps) on the first eval split, and logged
+    # to TensorBoard (OUT/<task>/seed<k>/runs/) as run_glue.py users expect; the final scores below are separate.
+    during = {"eval_strategy": "steps", "eval_steps": args.eval_every} if args.eval_every else \
+        {"eval_strategy": "epoch"}
     targs = TrainingArguments(
         output_dir=str(out_dir), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
         learning_rate=args.lr, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         warmup_steps=args.warmup, weight_decay=WEIGHT_DECAY, seed=seed, data_seed=seed, bf16=bf16_ok(),
-        use_cpu=not torch.cuda.is_available(), report_to=[], save_strategy="no", eval_strategy="no",
+        use_cpu=not torch.cuda.is_available(), report_to=args.report_to, save_strategy="no", **during,
         logging_strategy="steps", logging_steps=args.log_every, dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, processing_class=tokenizer,
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=next(iter(eval_ds.values())),
+                      processing_class=tokenizer,
                       data_collator=DataCollatorWithPadding(tokenizer),
                       compute_metrics=lambda p: score(task.metrics, p.predictions, p.label_ids))
     start = time.time()
@@ -250,13 +255,18 @@ def table(results: dict) -> str:
 
 
 def finetune(args, argv) -> dict:
+    check_metrics_available()
+    for logger in args.report_to:  # a missing logger package: one line now, not a crash after the model loads
+        if logger not in ("none", "all") and importlib.util.find_spec(logger) is None:
+            raise UserError(f"--report-to {logger}: the {logger} package is not installed here (pip install {logger}, "
+                            "or leave it out)")
     tokenizer, config = load_tokenizer(args.model)  # cheap checks first: nothing is written before all pass
     limit = max_positions(config)
     max_len = args.max_seq_len or min(128, limit)
     if max_len > limit:
         raise UserError(f"--max-seq-len {max_len}: more than the model's {limit} positions")
     check_out(args.out, args.overwrite, [("--model", str(args.model))])  # before loading GLUE: that may be slow
-    tasks = load_tasks(args.task)
+    tasks = load_tasks(args.task, args.task_name)
     inputs = [("--model", str(args.model))] + [("--task", f) for t in tasks for f in t.source.get("files", [])]
     replacing = check_out(args.out, args.overwrite, inputs)
 
@@ -273,7 +283,9 @@ def finetune(args, argv) -> dict:
             encoded = tokenize(task, tokenizer, max_len)
             entry = results["tasks"][task.name] = {
                 "task": task.spec, "source": task.source, "num_labels": task.num_labels,
-                "label_names": task.label_names, "metrics": list(task.metrics), "train_rows": len(task.train),
+                "label_names": task.label_names, "metrics": list(task.metrics),
+                **({"f1_positive_class": task.positive_class} if task.positive_class else {}),
+                "train_rows": len(task.train),
                 "eval_rows": {s: len(d) for s, d in task.evals.items()}, "seeds": {}, "mean": {}}
             for seed in args.seed:
                 print(f"fine-tuning {task.name} ({task.spec}), seed {seed}", file=sys.stderr, flush=True)
@@ -295,29 +307,43 @@ def finetune(args, argv) -> dict:
 
 # ------------------------------------------------------------------ command line
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m training.finetune", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m training.finetune"):
+    from training import cli
+
+    p = cli.parser(prog, __doc__)
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model dir (training.export's output)")
     p.add_argument("--task", required=True, nargs="+", action="extend",
                    help="glue/NAME, csv:TRAIN[,EVAL] or jsonl:TRAIN[,EVAL]; several run in turn")
     p.add_argument("--out", type=Path, help="output dir (default runs/finetune/<model dir name>)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=float, default=3.0, help="training epochs over each task's train split")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (BERT-base's; small models want more)")
+    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
     p.add_argument("--seed", type=int, nargs="+", default=None, help="one or more seeds (default 0)")
     p.add_argument("--max-seq-len", type=int, help="truncate inputs to N tokens (default min(128, the model's))")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     p.add_argument("--warmup", type=float, default=0.1, help="warm-up: a fraction of the steps, or steps if >= 1")
+    p.add_argument("--task-name", nargs="+", metavar="NAME",
+                   help="one name per --task, in order: names OUT/<name> and the results (default: GLUE's name, a "
+                        "local file's stem, or its folder's name when the stem is train/dev/...)")
     p.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
+    p.add_argument("--eval-every", type=int, metavar="N",
+                   help="evaluate on the (first) eval split every N steps during training (default: every epoch)")
+    p.add_argument("--report-to", nargs="*", default=["tensorboard"], metavar="LOGGER",
+                   help="the Trainer's loggers (tensorboard: OUT/<task>/seed<k>/runs/; wandb, ...; none: give the "
+                        "flag alone)")
     p.add_argument("--save-model", action="store_true", help="save each fine-tuned model to OUT/<task>/seed<k>/model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out written by this command")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     args.seed = list(dict.fromkeys(args.seed or [0]))
     args.task = list(dict.fromkeys(args.task))
     if args.out is None:  # a run's export (RUN/hf) is named after the run
         model = args.model.absolute()
         args.out = Path("runs/finetune") / (model.parent.name if model.name == "hf" else model.name)
-    for name, low in (("batch_size", 1), ("max_seq_len", 8), ("max_steps", 1), ("log_every", 1)):
+    for name, low in (("batch_size", 1), ("max_seq_len", 8), ("max_steps", 1), ("log_every", 1), ("eval_every", 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {low}")

@@ -4,8 +4,11 @@ GLUE tasks (`glue/NAME`) load with `datasets.load_dataset("nyu-mll/glue", NAME)`
 text_pair] and label, with the GLUE metric(s) of each (GLUE_TASKS). Local tasks (`csv:TRAIN[,EVAL]`,
 `jsonl:TRAIN[,EVAL]`, or a bare .csv / .jsonl / .json path) read columns text, optional text_pair and label;
 integer labels are class ids, strings map to ids in sorted order, floats make a regression task; without
-EVAL a fixed 10% of TRAIN is held out. The metrics (accuracy, F1 of class 1, Matthews correlation, Pearson,
-Spearman) are written here in numpy / scipy; `jsonable` writes an undefined one as null.
+EVAL a fixed 10% of TRAIN is held out; a local task is named after its TRAIN file's stem (its folder's name when
+the stem only names a split: train.csv in sst/ is `sst`) or after --task-name. The metrics come from
+scikit-learn (accuracy, F1 of the positive class = label id 1, whose name each task states, Matthews
+correlation) and scipy (Pearson, Spearman), the libraries GLUE's reference scorer and `evaluate` use; `jsonable`
+writes an undefined one as null.
 """
 from __future__ import annotations
 
@@ -20,6 +23,9 @@ import numpy as np
 from training.errors import UserError
 
 GLUE_DATASET = "nyu-mll/glue"
+POSITIVE_ID = 1  # F1's positive class: mrpc's "equivalent", qqp's "duplicate", a local task's second label
+# A local TRAIN file whose stem only names a split: the task takes its folder's name instead.
+SPLIT_STEMS = ("train", "training", "dev", "eval", "valid", "validation", "test", "data")
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.1, 0
 
 
@@ -46,32 +52,35 @@ GLUE_TASKS = {
 
 
 # ------------------------------------------------------------------ metrics
-# Written here in numpy rather than taken from scikit-learn (not a dependency of this project) or the `evaluate`
-# library (it downloads its metric scripts from the hub); Pearson and Spearman come from scipy, which gensim
-# (a dependency) requires. Definitions and degenerate cases follow scikit-learn's.
+# scikit-learn's (a maintained implementation, with its documented degenerate cases: F1 and MCC are 0.0 where
+# undefined) and scipy's; the functions take (predictions, labels).
+
+def check_metrics_available() -> None:
+    """scikit-learn scores the fine-tuned models: refuse at the start, not after the training, when it is
+    missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise UserError("training.finetune scores with scikit-learn, which is not installed here (pip install "
+                        "scikit-learn; requirements.txt pins it)")
+
 
 def accuracy(preds, labels) -> float:
-    return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+    from sklearn.metrics import accuracy_score
+    return float(accuracy_score(np.asarray(labels), np.asarray(preds)))
 
 
 def f1_binary(preds, labels) -> float:
-    """F1 of class 1; 0.0 when there is no positive in either (scikit-learn's zero_division result)."""
-    p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
-    tp, fp, fn = np.sum(p & y), np.sum(p & ~y), np.sum(~p & y)
-    denom = 2 * tp + fp + fn
-    return float(2 * tp / denom) if denom else 0.0
+    """F1 of the positive class, label id 1 (POSITIVE_ID); 0.0 when there is no positive in either."""
+    from sklearn.metrics import f1_score
+    return float(f1_score(np.asarray(labels), np.asarray(preds), pos_label=POSITIVE_ID, average="binary",
+                          zero_division=0.0))
 
 
 def matthews_corr(preds, labels) -> float:
-    """Matthews correlation, multi-class form (Gorodkin 2004, as scikit-learn); 0.0 when undefined."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    classes = np.union1d(preds, labels)
-    conf = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(conf, (np.searchsorted(classes, labels), np.searchsorted(classes, preds)), 1)
-    t, p = conf.sum(axis=1), conf.sum(axis=0)
-    c, s = np.trace(conf), conf.sum()
-    denom = math.sqrt((s * s - p @ p) * (s * s - t @ t))
-    return float((c * s - t @ p) / denom) if denom else 0.0
+    """Matthews correlation (multi-class: Gorodkin 2004); 0.0 when undefined."""
+    from sklearn.metrics import matthews_corrcoef
+    return float(matthews_corrcoef(np.asarray(labels), np.asarray(preds)))
 
 
 def _correlation(fn, preds, labels) -> float:
@@ -131,6 +140,14 @@ class Task:
     def regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def positive_class(self):
+        """What F1 counts as positive (label id 1, by name where the labels have names), or None without F1."""
+        if "f1" not in self.metrics:
+            return None
+        name = self.label_names[POSITIVE_ID] if len(self.label_names) > POSITIVE_ID else str(POSITIVE_ID)
+        return {"id": POSITIVE_ID, "label": name}
+
 
 def _offline() -> bool:
     import datasets
@@ -167,8 +184,10 @@ def load_glue(spec: str, name: str) -> Task:
         keep = [*info.columns, "label"]
         return ds[split].select_columns(keep).rename_columns(rename)
 
+    label = ds["train"].features["label"]
+    names = list(getattr(label, "names", []) or [])  # ClassLabel names (mrpc: not_equivalent, equivalent)
     return Task(spec, name, prepared("train"), {s: prepared(s) for s in info.eval_splits}, info.num_labels,
-                info.metrics, source={"dataset": GLUE_DATASET, "config": name})
+                info.metrics, names, source={"dataset": GLUE_DATASET, "config": name})
 
 
 def _local_files(spec: str) -> tuple[str, list[Path]]:
@@ -262,7 +281,9 @@ def load_local(spec: str) -> Task:
             raise UserError(f"--task {spec}: every label is {names[0] if names else next(iter(seen))}; want at "
                             "least two classes")
         metrics = ("accuracy", "f1", "matthews_correlation") if num_labels == 2 else ("accuracy",)
-    name = files[0].stem
+    stem = files[0].stem
+    name = files[0].absolute().parent.name if stem.lower() in SPLIT_STEMS and files[0].absolute().parent.name \
+        else stem
     return Task(spec, name, raw["train"], {"eval": raw["eval"]}, num_labels, metrics, names,
                 source={"files": [str(p.absolute()) for p in files], "format": builder,
                         "held_out": None if len(files) > 1 else {"fraction": HOLDOUT_FRACTION, "seed": HOLDOUT_SEED}})
@@ -278,13 +299,20 @@ def load_task(spec: str) -> Task:
                     "or jsonl:PATH[,EVAL]")
 
 
-def load_tasks(specs: list[str]) -> list[Task]:
+def load_tasks(specs: list[str], names: list[str] | None = None) -> list[Task]:
+    """The tasks of --task, named by --task-name (one per --task, in order) where given."""
+    if names and len(names) != len(specs):
+        raise UserError(f"--task-name: {len(names)} names for {len(specs)} tasks; give one name per --task")
     tasks, seen = [], {}
-    for spec in specs:
+    for i, spec in enumerate(specs):
         task = load_task(spec)
+        if names:
+            if not names[i] or "/" in names[i] or names[i] in (".", ".."):
+                raise UserError(f"--task-name {names[i]!r}: want a plain name (it names the folder OUT/<name>)")
+            task.name = names[i]
         if task.name in seen:
-            raise UserError(f"--task {spec}: writes OUT/{task.name}, as --task {seen[task.name]} does; rename "
-                            "one of the files")
+            raise UserError(f"--task {spec}: writes OUT/{task.name}, as --task {seen[task.name]} does; name them "
+                            "apart with --task-name")
         seen[task.name] = spec
         tasks.append(task)
     return tasks

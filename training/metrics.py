@@ -8,13 +8,38 @@ from pathlib import Path
 import torch
 
 
+def make_monitor(blocks: dict, out_dir: Path):
+    """One DeepSpeed MonitorMaster for the whole run (rank 0 writes), from ds_config.monitor_blocks; None when no
+    logger is asked for. W&B gets offline mode and OUT as its directory unless the environment says otherwise."""
+    if not blocks:
+        return None
+    import os
+
+    from deepspeed.monitor.config import get_monitor_config
+    from deepspeed.monitor.monitor import MonitorMaster
+
+    if "wandb" in blocks:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(out_dir))
+        os.environ.setdefault("WANDB_NAME", out_dir.name)
+    return MonitorMaster(get_monitor_config(blocks))
+
+
 class MetricsWriter:
-    """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file."""
+    """Appends one JSON object per line; only rank 0 writes. Resumed runs append to the same file. `monitor`: a
+    DeepSpeed monitor, or a function making one at the first record (so a process that records nothing, e.g. a
+    finished run resumed, opens no events file)."""
 
     def __init__(self, path: Path, enabled: bool, monitor=None):
         self.path = path
         self.enabled = enabled
-        self.monitor = monitor
+        self._monitor = monitor
+
+    @property
+    def monitor(self):
+        if callable(self._monitor) and not hasattr(self._monitor, "write_events"):
+            self._monitor = self._monitor()
+        return self._monitor
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -1,4 +1,5 @@
-"""BERT pre-training: `python -m training.pretrain --config CONFIG.yaml [--set key=value ...] [--resume]`.
+"""BERT pre-training: `python -m training.pretrain --config CONFIG.yaml [--set key=value ...] [--resume [TAG]]`
+(`bert-pretrain` once installed; the flags are in training/pretrain_cli.py).
 
 The entry point only wires things together: config -> process group -> data -> model -> stage runner.
 It runs the same as one process or under any launcher (deepspeed, torchrun, mpirun, srun).
@@ -9,11 +10,9 @@ Exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -29,38 +28,16 @@ import torch  # noqa: E402
 from training import outdir  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.stages.plan import load_config  # noqa: E402
+from training.config.length import aid_outlasts_run  # noqa: E402
 from training.engine import checkpoint_verify  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 from training.metrics import measure_peak_tflops  # noqa: E402
 from training.run_setup import build_initial_model, load_data, resolve_model  # noqa: E402,F401
+from training.pretrain_cli import overrides, parse_args  # noqa: E402,F401
+from training.resume import truncate_metrics  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True, help="YAML run config (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
-    p.add_argument("--out", help="output directory (same as --set run.out_dir=DIR)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a previous run in the output directory (moved aside, deleted after this run's "
-                        "first step; only a directory holding this trainer's .bert-run marker)")
-    p.add_argument("--lock-wait", type=_seconds, default=0.0, metavar="SECONDS",
-                   help="when another process holds the output dir's lock, wait up to this long for it to let go "
-                        "before giving up (default 0: give up at once). The Slurm scripts pass it on a requeue, "
-                        "whose previous incarnation may still be exiting on a node")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DS launcher
-    return p.parse_args(argv)
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
@@ -250,37 +227,32 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done. step -1 (a
-    --resume that starts from scratch) drops every record."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except ValueError:
-            continue  # a line cut short by the kill
-        kept.append(line if line.endswith("\n") else line + "\n")
-    outdir.write_atomic(path, "".join(kept))
-
-
 @exit_on_user_error
 def main(argv=None) -> int:
     from training.dist import check_consistent, init_distributed, start_watchdog
     from training.signals import preemption
     from training.stages.runner import StageRunner
 
+    from training import pretrain_cli, resume
+    from training.engine.ds_config import check_report_to
+
     args = parse_args(argv)
-    overrides = args.set + ([f"run.out_dir={args.out}"] if args.out else [])
-    cfg = load_config(args.config, overrides)
+    notes: list[str] = []  # what loading did that a user should know (a shipped config, a scaled schedule)
+    cfg = load_config(args.config, overrides(args), notes)
+    if args.print_config:
+        pretrain_cli.print_config(cfg)
+        return 0
+    if args.dry_run:
+        return pretrain_cli.dry_run(cfg, notes)
+    check_report_to(cfg)  # a missing logger package: one line, before anything is written
     out = Path(cfg.run.out_dir)
     from training.engine.ops import prepare_deepspeed_ops
 
     prepare_deepspeed_ops()  # JIT-built C++ ops: a lock left by a killed build is cleared, never waited on
     env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
     _setup_logging(env.rank)
+    for note in notes if env.rank == 0 else ():
+        log.info("%s", note)
     split_cpu_threads(env.local_world_size)
     preemption().install()  # SIGTERM/SIGUSR1: checkpoint at the next step, exit 75 (see training/signals.py)
     # Busy with another run? Every rank asks before the collective below, so none can see its own rank 0's lock.
@@ -296,11 +268,16 @@ def main(argv=None) -> int:
     device = torch.device("cuda", env.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     peak = cfg.run.peak_tflops or measure_peak_tflops(device, compute_dtype(cfg.train.precision))
     runner = StageRunner(cfg, data, out, env.rank, env.world_size, device, peak)
-    # The checkpoint to resume from, verified (sizes and checksums) before anything is touched; a corrupt
-    # newest one is passed over for the newest that verifies, with a warning naming the bad file.
-    tag, bad_tags = checkpoint_verify.resume_tag(out / "checkpoints") if args.resume else (None, [])
+    aid = aid_outlasts_run(cfg, runner.total_steps)
+    if aid and env.rank == 0:
+        log.warning("%s", aid)
+    # The checkpoint to resume from, verified (sizes and checksums) before anything is touched: the latest (a
+    # corrupt newest one is passed over for the newest that verifies, with a warning naming the bad file) or
+    # the one --resume names (training/resume.py).
+    tag, bad_tags, newer = resume.choose(out / "checkpoints", args.resume)
     if tag is not None:
         runner.check_resume(tag)  # the same model, precision, seq_len and data as it was trained with
+        bad_tags = bad_tags + newer  # set aside once claimed (newer ones as .abandoned, below)
     claimed = prepare_out_dir(out, args.resume, args.overwrite, env.rank, inputs=inputs)  # accepted: now claim
     try:
         return _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watchdog)
@@ -314,6 +291,8 @@ def main(argv=None) -> int:
 
 
 def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watchdog) -> int:
+    from training import resume
+
     torch.distributed.barrier()
     if args.resume and tag is None:
         log.warning("--resume: no checkpoint in %s, starting from scratch", out / "checkpoints")
@@ -321,9 +300,14 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
             truncate_metrics(out / "metrics.jsonl", -1)
     if tag is not None:
         runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
+        changed = resume.report_schedule_change(runner, out, runner.state.step)  # before the config is rewritten
         if env.rank == 0:
-            if bad_tags:
+            if bad_tags and args.resume == "latest":  # corrupt ones passed over
                 checkpoint_verify.quarantine(out / "checkpoints", bad_tags, tag)
+            elif bad_tags:  # newer ones than the checkpoint --resume TAG chose
+                resume.set_aside(out / "checkpoints", bad_tags, tag)
+            if changed:
+                log.warning("%s", changed)
             truncate_metrics(out / "metrics.jsonl", runner.state.step)
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -384,8 +368,10 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
         return EXIT_REQUEUE
 
     exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
+    from training.resume import score_of_finished
+
+    ev = score_of_finished(runner)  # a resumed run that was already finished: its score, evaluated now
     if rank == 0:
-        ev = runner.last_eval
         if runner.stopped_below is not None:
             print(f"stopped at step {state.step} of {runner.total_steps}: {runner.stopped_below:+.3f} nats below the "
                   f"unigram reference reaches run.stop_below_unigram={cfg.run.stop_below_unigram:g}", flush=True)
@@ -393,7 +379,9 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
               + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f} (fixed all-[MASK] "
                  f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "
                  f"{ev['heldout_below_unigram']:+.3f} nats below it)" if ev else ""))
-        print(f"  metrics:    {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
+        loggers = ", ".join(f"{name}: {out / name / out.name}" if name in ("tensorboard", "csv") else name
+                            for name in cfg.run.report_to)
+        print(f"  metrics:    {out / 'metrics.jsonl'}" + (f"  ({loggers})" if loggers else ""))
         print(f"  checkpoint: {out / 'checkpoints'}/{checkpoint_verify.latest_tag(out / 'checkpoints')}")
         print(f"  HF model:   {exported}")
     torch.distributed.barrier()

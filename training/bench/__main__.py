@@ -19,14 +19,15 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from training import cli  # noqa: E402
 from training.errors import exit_on_user_error  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentParser:
+    p = cli.parser(prog, __doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("throughput", help="our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
+    t = cli.add_subparser(sub, "throughput", "our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
     t.add_argument("--config", required=True, help="run config YAML (its model/train/optimizer/data sections)")
     t.add_argument("--out", required=True, help="output directory (writes throughput.json)")
     t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per block (default 10)")
@@ -39,14 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "layer); ours_padded: ours with model.unpad false; blocks alternate")
     t.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the blocks, N more steps per model under torch.profiler: OUT/profile-MODEL.txt")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    cli.add_set(t)
 
-    c = sub.add_parser("compare", help="train configs and compare time to the baseline's final held-out loss")
+    c = cli.add_subparser(sub, "compare", "train configs and compare time to the baseline's final held-out loss")
     c.add_argument("--configs", nargs="+", required=True, metavar="CONFIG",
                    help="BASELINE.yaml first, then one config per method")
     c.add_argument("--out", required=True, help="output directory (runs/, logs/, report.*)")
-    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override applied to every run, e.g. --set data.dir=data/x --set run.seed=1 (repeatable)")
+    cli.add_set(c, "data.dir=data/x run.seed=1 (applied to every run)")
     c.add_argument("--eval-every", type=int, default=None, help="same as --set run.eval_every=N for every run")
     c.add_argument("--names", nargs="+", default=None, help="run names (default: config file stems)")
     c.add_argument("--launcher", default=None,
@@ -73,15 +73,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--report-only", action="store_true", help="do not train: rebuild the report from OUT/runs")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--note", action="append", default=[], help="free text added to the report's notes")
-    m = sub.add_parser("mslt", help="MSLT stages (frozen lower layers) vs fully trainable: time split, all-reduce "
-                       "bytes, memory")
+    m = cli.add_subparser(sub, "mslt", "MSLT stages (frozen lower layers) vs fully trainable: time split, "
+                          "all-reduce bytes, memory")
     from training.bench.mslt import add_arguments as add_mslt_arguments
 
     add_mslt_arguments(m)
-    pl = sub.add_parser("plateau", help="tokens/seconds to leave the unigram plateau, per run; gap-vs-tokens plot")
+    pl = cli.add_subparser(sub, "plateau", "tokens/seconds to leave the unigram plateau, per run; gap-vs-tokens plot")
     from training.bench.plateau import add_arguments as add_plateau_arguments
 
     add_plateau_arguments(pl)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.command == "compare" and (args.blimp_per_paradigm < 1 or args.blimp_every < 0):
         p.error("need --blimp-per-paradigm >= 1 and --blimp-every >= 0")

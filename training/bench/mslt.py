@@ -216,7 +216,7 @@ def measure(args, rank: int, world: int) -> Optional[dict]:
     from training.stages.plan import load_config
     from training.run_setup import load_data, resolve_model
 
-    overrides = list(args.set) + ["deepspeed.tensorboard=false"]
+    overrides = list(args.set) + ["run.report_to=[]"]
     cfg = load_config(args.config, overrides)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     data = load_data(cfg)
@@ -385,4 +385,6 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternating full/mslt blocks per stage (default 2)")
     p.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="only these stages")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    from training import cli
+
+    cli.add_set(p)

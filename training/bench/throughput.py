@@ -172,7 +172,7 @@ def run(args) -> dict:
     from training.model.bert import BertForPreTraining
     from training.run_setup import load_data, resolve_model
 
-    overrides = list(args.set) + ["deepspeed.tensorboard=false"]
+    overrides = list(args.set) + ["run.report_to=[]"]
     cfg = load_config(args.config, overrides)
     env = init_distributed(timeout_s=cfg.dist.timeout_s, backend=cfg.dist.backend)
     if env.world_size != 1:

@@ -175,6 +175,24 @@ def read_raw(path: Path, _chain: tuple = ()) -> dict:
     return merge(parent, raw)
 
 
+def find_config(path: str | Path) -> tuple[Path, str | None]:
+    """(the config file `path` names, a note when it came from the shipped configs). A relative path that does
+    not exist here is looked up among the configs the package ships (training/resources.py), so
+    `--config configs/default.yaml` works from any directory; otherwise one line naming the nearest shipped one."""
+    from training.cli import nearest
+    from training.resources import find_shipped, shipped_names
+
+    path = Path(path)
+    if path.is_file():
+        return path, None
+    shipped = find_shipped(path, "configs", ".yaml")
+    if shipped is not None:
+        return shipped, f"--config {path}: not in {Path.cwd()}; read the shipped {shipped}"
+    close = nearest(str(path), shipped_names("configs"))
+    hint = f" (did you mean {close}?)" if close else ""
+    raise UserError(f"config file not found: {path}{hint}")
+
+
 def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """The config file (with its `base:` chain) and its overrides, validated section by section (UserError, one
     line). Whether the stages may follow one another is the stage hooks' business: a run loads with
@@ -182,8 +200,9 @@ def read_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     raw: dict = {}
     source = "config"
     if path is not None:
+        path, _ = find_config(path)
         source = str(path)
-        raw = read_raw(Path(path))
+        raw = read_raw(path)
     raw = apply_overrides(raw, list(overrides))
     raw = _with_hf_shape(raw)
     try:

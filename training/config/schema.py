@@ -44,6 +44,16 @@ class RunSection(_Strict):
     # consecutive bad steps, restore the last good checkpoint in-process or stop (exit code 3).
     max_bad_steps: PositiveInt = 5
     on_nan: Literal["restore", "stop"] = "restore"
+    # Loggers, through DeepSpeed's monitor (one for the whole run, rank 0; training/engine/ds_config.py
+    # monitor_blocks): TensorBoard events in OUT/tensorboard/<OUT's name>/, W&B (offline unless WANDB_MODE says
+    # otherwise), CSV files in OUT/csv/<OUT's name>/, Comet (offline unless COMET_API_KEY is set).
+    # OUT/metrics.jsonl is always written. [] logs to none of them.
+    report_to: list[Literal["tensorboard", "wandb", "csv", "comet"]] = ["tensorboard"]
+
+    @field_validator("report_to")
+    @classmethod
+    def _unique_loggers(cls, value: list) -> list:
+        return list(dict.fromkeys(value))
 
 
 class DataSection(_Strict):
@@ -110,7 +120,6 @@ class DeepSpeedSection(_Strict):
     # Template for the knobs this file does not model; default: deepspeed_configs/<precision>.json
     template: Optional[str] = None
     extra: dict[str, Any] = {}  # merged last; may not touch owned keys either
-    tensorboard: bool = True
     wall_clock_breakdown: bool = False
 
     @field_validator("extra")
@@ -304,7 +313,9 @@ def _error_line(error: dict, prefix: tuple = ()) -> str:
     where = ".".join(str(p) for p in (*prefix, *error["loc"]))
     kind, msg = error["type"], error["msg"]
     if kind == "extra_forbidden":
-        return f"unknown config key '{where}'"
+        from training.config.keys import did_you_mean
+
+        return f"unknown config key '{where}'{did_you_mean(where, error.get('input'))}"
     if kind == "missing":
         return f"{where} is required"
     if kind == "value_error":  # our validators' messages name their fields already

@@ -4,7 +4,8 @@ Syntax (purely syntactic, so a spec means the same online and offline):
 
     hf:NAME[/CONFIG][:SPLIT]              a one-part hub name:  hf:wikitext/wikitext-103-raw-v1:train
     hf:OWNER/NAME/[CONFIG][:SPLIT]        an owner/name one:    hf:allenai/c4/en, hf:HuggingFaceFW/fineweb-edu/
-    hf:PATH[:SPLIT]                       a local dataset directory (parquet/json/csv/... files) or one data file
+    hf:PATH[:SPLIT]                       a local dataset directory (parquet/json/csv/... files, or a folder that
+                                          Dataset.save_to_disk or DatasetDict.save_to_disk wrote) or one data file
 
 One slash is NAME/CONFIG, two are OWNER/NAME/CONFIG: an owner/name dataset with its default config is written
 with the trailing slash (`hf:OWNER/NAME/`). SPLIT (a split name, default `train`) follows the last `:`. The part
@@ -119,6 +120,14 @@ def _load_error(inp: HFInput, err: Exception) -> UserError:
     return UserError(f"--input {inp.given}: cannot load {what} ({detail}){hint}")
 
 
+def _saved_dataset(path: str) -> bool:
+    """A folder written by `Dataset.save_to_disk` (its state.json; a DatasetDict's has dataset_dict.json and
+    load_dataset reads it by split)."""
+    import datasets
+
+    return os.path.isfile(os.path.join(path, datasets.config.DATASET_STATE_JSON_FILENAME))
+
+
 def open_stream(spec: str):
     """The parsed input and its IterableDataset (`load_dataset(..., streaming=True)`); load errors are UserErrors."""
     import datasets
@@ -127,6 +136,11 @@ def open_stream(spec: str):
     try:
         if inp.path is None:
             ds = datasets.load_dataset(inp.name, inp.config, split=inp.split, streaming=True)
+        elif _saved_dataset(inp.path):  # Dataset.save_to_disk: one dataset, no splits; load_dataset refuses it
+            if inp.split_given:
+                raise UserError(f"--input {spec}: {inp.path} holds one dataset saved with Dataset.save_to_disk, "
+                                f"which has no splits; drop ':{inp.split}'")
+            ds = datasets.load_from_disk(inp.path).to_iterable_dataset()
         elif os.path.isdir(inp.path):
             ds = datasets.load_dataset(inp.path, split=inp.split, streaming=True)
         else:

@@ -22,6 +22,12 @@ from training.data import hf_input, packing, sources, tokenizer as tokmod
 from training.errors import UserError
 
 FORMAT_VERSION = 1
+# The held-out share of `prepare` and `build-default` alike: run_mlm.py's validation_split_percentage (5).
+DEFAULT_HELDOUT_FRACTION = 0.05
+# A held-out split further than this from --heldout-fraction (in tokens) is warned about: it takes whole
+# documents, so a few long ones make it coarse.
+HELDOUT_TOLERANCE = 0.03
+DOC_SEPS = sources.DOC_SEPS
 DOCS_PER_PROC = 2000  # below this, extra map processes cost more (fork + pickling) than they save
 
 
@@ -68,15 +74,19 @@ def _ours(out: str) -> bool:
         return False
 
 
-def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_fraction: float = 0.01,
-            num_proc: int | None = None, max_docs: int | None = None, overwrite: bool = False,
-            seed: int = 0, move_in: dict[str, str] | None = None, extra_stats: dict | None = None,
-            quiet: bool = False, require_rows: bool = True, text_column: str = "text", pack: bool = True) -> dict:
+def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str,
+            heldout_fraction: float = DEFAULT_HELDOUT_FRACTION, num_proc: int | None = None,
+            max_docs: int | None = None, overwrite: bool = False, seed: int = 0, move_in: dict[str, str] | None = None,
+            extra_stats: dict | None = None, quiet: bool = False, require_rows: bool = True,
+            text_column: str = "text", pack: bool = True, doc_sep: str = "auto") -> dict:
     """Build OUT; returns the stats dict. `inputs`: files, globs and `hf:` datasets (training/data/hf_input.py,
     whose `text_column` holds the text). `move_in` maps names to paths moved into OUT (build-default's raw/).
     A split without rows (the train split; the held-out one when heldout_fraction > 0) is a UserError, before
     anything reaches OUT, unless `require_rows` is False (pack_text, whose caller says so itself). `pack`
-    False: one padded document per row (packing.RowPerDocument) instead of packed `[CLS] A [SEP] B [SEP]` rows."""
+    False: one padded document per row (packing.RowPerDocument) instead of packed `[CLS] A [SEP] B [SEP]` rows.
+    `doc_sep` (line, blank, auto: sources.choose_doc_sep) says how .txt files hold documents; auto's choice per
+    file is printed (unless quiet) and kept in stats.json. A held-out share of the tokens further than
+    HELDOUT_TOLERANCE from `heldout_fraction` is warned about."""
     start = time.time()
     if seq_len < 8:
         raise UserError(f"--seq-len {seq_len}: must be at least 8")
@@ -88,7 +98,10 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         raise UserError(f"--max-docs {max_docs}: must be at least 1")
     if not text_column:
         raise UserError("--text-column: must not be empty")
+    if doc_sep not in DOC_SEPS:
+        raise UserError(f"--doc-sep {doc_sep}: want one of {', '.join(DOC_SEPS)}")
     files = sources.resolve_inputs(inputs, text_column)
+    seps = sources.doc_seps(files, doc_sep, None if quiet else _say)
     vocab_target = tokmod.parse_spec(tokenizer)
     tok = None if vocab_target else tokmod.load(tokenizer)  # fail fast, before reading the corpus
     inputs = [("--input", f) for f in sources.input_paths(files)] + \
@@ -105,12 +118,19 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         stats = _build(staging, files, seq_len, tok, vocab_target, heldout_fraction,
-                       num_proc or default_num_proc(), max_docs, seed, quiet, text_column, pack)
+                       num_proc or default_num_proc(), max_docs, seed, quiet, text_column, pack, seps)
         if require_rows:
             _check_rows(stats, files, heldout_fraction)
         stats.update(tokenizer=tokenizer if vocab_target else os.path.abspath(tokenizer),
                      heldout_fraction=heldout_fraction, seed=seed, max_docs=max_docs,
-                     input_files=files, format_version=FORMAT_VERSION)
+                     input_files=files, format_version=FORMAT_VERSION, doc_sep=seps)
+        share = heldout_share(stats)
+        stats["heldout_share"] = round(share, 4)
+        if heldout_fraction > 0 and abs(share - heldout_fraction) > HELDOUT_TOLERANCE:
+            _say(f"warning: the held-out split holds {share:.1%} of the tokens, not the {heldout_fraction:.1%} "
+                 f"--heldout-fraction asks for: it takes whole documents, and {stats['documents']['heldout']:,} of "
+                 f"{stats['documents']['train'] + stats['documents']['heldout']:,} are too few or too uneven to "
+                 "split that finely (more documents, or --doc-sep for .txt files, make it finer)")
         if any(map(hf_input.is_hf, files)):
             stats["text_column"] = text_column
         stats.update(extra_stats or {})
@@ -134,6 +154,18 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str, heldout_f
     if not quiet:
         print(summary_line(out, stats), flush=True)
     return stats
+
+
+def _say(text: str) -> None:
+    import sys
+
+    print(text, file=sys.stderr, flush=True)
+
+
+def heldout_share(stats: dict) -> float:
+    """The held-out split's share of the tokens."""
+    total = stats["tokens"]["train"] + stats["tokens"]["heldout"]
+    return stats["tokens"]["heldout"] / total if total else 0.0
 
 
 def _check_rows(stats: dict, files: list[str], heldout_fraction: float) -> None:
@@ -199,7 +231,7 @@ def _encode(batch, tokenizer):
 
 
 def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet,
-           text_column="text", pack=True):
+           text_column="text", pack=True, seps=None):
     import datasets
 
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
@@ -207,14 +239,14 @@ def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_pro
         datasets.disable_progress_bars()
     try:
         return _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc,
-                               max_docs, seed, quiet, text_column, pack)
+                               max_docs, seed, quiet, text_column, pack, seps)
     finally:
         if quiet and bars_were_on:
             datasets.enable_progress_bars()
 
 
 def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs,
-                    seed, quiet, text_column="text", pack=True):
+                    seed, quiet, text_column="text", pack=True, seps=None):
     import datasets
 
     cache = os.path.join(staging, "cache")
@@ -226,7 +258,8 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
     # (nor has to come back in the same order), and its documents are on disk, not in memory.
     docs = datasets.Dataset.from_generator(
         sources.generate_documents, features=features, cache_dir=cache, num_proc=gen_procs,
-        gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs, "text_column": text_column})
+        gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs, "text_column": text_column,
+                    "doc_seps": seps})
     errors = docs.data.column("error").drop_null()
     if len(errors):
         raise UserError(errors[0].as_py())

@@ -104,20 +104,58 @@ def decode(raw: bytes) -> tuple[str, int]:
             pos += err.end
 
 
-def has_blank_line(path: str) -> bool:
-    """A .txt file with any blank line holds blank-line separated documents (else one per line)."""
+DOC_SEPS = ("auto", "line", "blank")
+# --doc-sep auto: blank-line separated documents only when the blank lines cut the file into documents of at most
+# this many lines on average. One stray blank line in a one-paragraph-per-line file (4,000 lines) would otherwise
+# make it 2 documents, and the held-out split, which takes whole documents, half the data.
+AUTO_MAX_LINES_PER_DOC = 100
+
+
+def _txt_layout(path: str) -> tuple[int, int]:
+    """(non-blank lines, blocks of them separated by blank lines) of a .txt file."""
+    lines = blocks = 0
+    previous_blank = True
     with open_binary(path) as f:
-        seen_text = False
         for line in f:
             if line.strip():
-                seen_text = True
-            elif seen_text:
-                return True
-    return False
+                lines += 1
+                blocks += previous_blank
+                previous_blank = False
+            else:
+                previous_blank = True
+    return lines, blocks
 
 
-def _txt_docs(path: str):
-    blocks = has_blank_line(path)
+def choose_doc_sep(path: str, doc_sep: str = "auto") -> tuple[str, str]:
+    """('line' or 'blank', why) for a .txt file under --doc-sep `doc_sep`."""
+    if doc_sep != "auto":
+        return doc_sep, f"--doc-sep {doc_sep}"
+    try:
+        lines, blocks = _txt_layout(path)
+    except (OSError, EOFError, ValueError, lzma.LZMAError) as err:
+        raise UserError(f"--input {path}: cannot read ({err})") from None
+    if blocks >= 2 and lines / blocks <= AUTO_MAX_LINES_PER_DOC:
+        return "blank", (f"blank-line separated documents ({blocks:,} blocks of {lines / blocks:.1f} lines on "
+                         "average)")
+    why = (f"no blank line between its {lines:,} lines" if blocks < 2 else
+           f"its blank lines would make {blocks:,} documents of {lines / blocks:,.0f} lines on average, more than "
+           f"{AUTO_MAX_LINES_PER_DOC}")
+    return "line", f"one document per line ({why}; --doc-sep blank to override)"
+
+
+def doc_seps(files: list[str], doc_sep: str = "auto", say=None) -> dict[str, str]:
+    """{.txt input: 'line' or 'blank'}, each choice passed to `say` (a print) with its reason."""
+    chosen = {}
+    for path in files:
+        if not hf_input.is_hf(path) and split_suffix(path)[0] == ".txt":
+            chosen[path], why = choose_doc_sep(path, doc_sep)
+            if say is not None and doc_sep == "auto":
+                say(f"--doc-sep auto: {path}: {why}")
+    return chosen
+
+
+def _txt_docs(path: str, doc_sep: str = "auto"):
+    blocks = choose_doc_sep(path, doc_sep)[0] == "blank"
     with open_binary(path) as f:
         buf, bad = [], 0
         for raw in f:
@@ -187,15 +225,16 @@ def input_paths(files: list[str]) -> list[str]:
     return [hf_input.local_path(f) if hf_input.is_hf(f) else f for f in files]
 
 
-def iter_documents(path: str, text_column: str = "text"):
-    """(text, replaced_bytes) per document of one file or hf: stream; blank documents carry only their count."""
+def iter_documents(path: str, text_column: str = "text", doc_sep: str = "auto"):
+    """(text, replaced_bytes) per document of one file or hf: stream; blank documents carry only their count.
+    `doc_sep` (line, blank, auto) says how a .txt file holds its documents."""
     if hf_input.is_hf(path):
         yield from hf_input.documents(path, text_column)
         return
     fmt, _ = split_suffix(path)
-    reader = {".txt": _txt_docs, ".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt]
     try:
-        yield from reader(path)
+        yield from _txt_docs(path, doc_sep) if fmt == ".txt" else \
+            {".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt](path)
     except (OSError, EOFError, lzma.LZMAError) as err:
         raise UserError(f"--input {path}: cannot read ({err})")
 
@@ -207,19 +246,21 @@ def heldout_score(text: str, seed: int) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
-def generate_documents(files: list[str], seed: int, max_docs: int | None = None, text_column: str = "text"):
+def generate_documents(files: list[str], seed: int, max_docs: int | None = None, text_column: str = "text",
+                       doc_seps: dict[str, str] | None = None):
     """`Dataset.from_generator` body: yields rows {text, replaced, score, error}.
 
     Blank documents are yielded with empty text (so their replaced bytes still count) and are
-    filtered out afterwards; `max_docs` counts non-blank documents only (and stops an hf: stream there,
-    closing it: nothing past it is fetched). A UserError becomes a
+    filtered out afterwards; `doc_seps` holds each .txt file's --doc-sep choice (doc_seps()); `max_docs` counts
+    non-blank documents only (and stops an hf: stream there, closing it: nothing past it is fetched). A UserError
+    becomes a
     row with `error` set (exceptions from generator worker processes lose their type), which the
     caller re-raises.
     """
     kept = 0
     try:
         for path in files:
-            for text, bad in iter_documents(path, text_column):
+            for text, bad in iter_documents(path, text_column, (doc_seps or {}).get(path, "auto")):
                 if text:
                     if max_docs is not None and kept >= max_docs:
                         return

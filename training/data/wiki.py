@@ -69,9 +69,12 @@ def write_raw(path: str) -> int:
     return count
 
 
-def build_default(out: str, seq_len: int = 128, vocab: int = 2048, heldout_fraction: float = 0.05,
+def build_default(out: str, seq_len: int = 128, vocab: int = 2048, heldout_fraction: float | None = None,
                   seed: int = 0, num_proc: int | None = None) -> dict:
-    from training.data.prepare import prepare
+    from training.data.prepare import DEFAULT_HELDOUT_FRACTION, prepare
+
+    if heldout_fraction is None:
+        heldout_fraction = DEFAULT_HELDOUT_FRACTION
 
     params = {"builder": "build-default", "seq_len": seq_len, "tokenizer": f"train:{vocab}",
               "heldout_fraction": heldout_fraction, "seed": seed}
@@ -99,6 +102,6 @@ def build_default(out: str, seq_len: int = 128, vocab: int = 2048, heldout_fract
         print(f"extracted {n} articles ({os.path.getsize(raw) / 1e6:.2f} MB) from gensim's enwiki sample")
         return prepare([raw], out, seq_len, f"train:{vocab}", heldout_fraction=heldout_fraction,
                        num_proc=num_proc, overwrite=True, seed=seed, move_in={"raw": raw_dir},
-                       extra_stats=params)
+                       extra_stats=params, doc_sep="blank")  # its format: a blank line between articles
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)

@@ -206,13 +206,13 @@ def latest_good_tag(ckpt_dir: Path) -> Optional[str]:
     raise UserError(f"{first}; no older checkpoint in {ckpt_dir} verifies either")
 
 
-def quarantine(ckpt_dir: Path, bad: list[str], good: str) -> None:
-    """Rank 0, after resuming from `good`: keep the corrupt checkpoints as `<tag>.corrupt` (never pruned) and
-    point `latest` at `good`."""
+def quarantine(ckpt_dir: Path, bad: list[str], good: str, suffix: str = CORRUPT_SUFFIX, why: str = "corrupt") -> None:
+    """Rank 0, after resuming from `good`: keep the `bad` checkpoints (corrupt ones; with --resume TAG, the newer
+    ones it abandons) as `<tag><suffix>` (never pruned, never resumed) and point `latest` at `good`."""
     for tag in bad:
-        target = ckpt_dir / f"{tag}{CORRUPT_SUFFIX}"
+        target = ckpt_dir / f"{tag}{suffix}"
         if target.exists():
-            target = ckpt_dir / f"{tag}{CORRUPT_SUFFIX}-{os.getpid()}"
+            target = ckpt_dir / f"{tag}{suffix}-{os.getpid()}"
         os.rename(ckpt_dir / tag, target)
-        log.warning("kept the corrupt checkpoint %s as %s", ckpt_dir / tag, target)
+        log.warning("kept the checkpoint %s (%s) as %s", ckpt_dir / tag, why, target)
     write_atomic(ckpt_dir / "latest", good, fsync=True)

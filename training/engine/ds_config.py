@@ -7,24 +7,28 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 from training.config import RunConfig
 from training.errors import UserError
+from training.resources import find_shipped
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OWNED_KEYS = ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps",
-              "gradient_clipping", "optimizer", "scheduler", "tensorboard", "steps_per_print",
-              "wall_clock_breakdown")
+              "gradient_clipping", "optimizer", "scheduler", "tensorboard", "wandb", "csv_monitor", "comet",
+              "steps_per_print", "wall_clock_breakdown")
+# run.report_to -> (DeepSpeed monitor block, the package it imports, what pip installs)
+LOGGERS = {"tensorboard": ("tensorboard", "tensorboard", "tensorboard"), "wandb": ("wandb", "wandb", "wandb"),
+           "csv": ("csv_monitor", None, None), "comet": ("comet", "comet_ml", "comet_ml")}
 PRECISION_BLOCKS = ("bf16", "fp16")
 
 
 def _load_template(cfg: RunConfig) -> tuple[dict, str]:
     name = cfg.deepspeed.template or f"deepspeed_configs/{cfg.train.precision}.json"
     path = Path(name)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / name
+    if not path.exists():  # a relative path not found here: the shipped templates (training/resources.py)
+        path = find_shipped(path, "deepspeed_configs") or path
     if not path.is_file():
         raise UserError(f"deepspeed.template: file not found: {name}")
     try:
@@ -60,7 +64,37 @@ def deepspeed_json(cfg: RunConfig, world_size: int, out_dir: str | Path | None =
         ds["zero_allow_untested_optimizer"] = True  # our client optimizer is elementwise-safe (AdamW)
     ds["steps_per_print"] = 10**9  # progress is ours (tqdm + metrics.jsonl)
     ds["wall_clock_breakdown"] = cfg.deepspeed.wall_clock_breakdown
-    if cfg.deepspeed.tensorboard and out_dir is not None:
-        ds["tensorboard"] = {"enabled": True, "output_path": str(Path(out_dir) / "tensorboard"),
-                             "job_name": cfg.run.name}
+    # No monitor block: each engine would open its own writers, and a stage boundary rebuilds the engine, so
+    # DeepSpeed's Train/Samples/* curves would restart there in a new events file. The run keeps one monitor
+    # instead (monitor_blocks, training/metrics.py), written by global step.
     return ds
+
+
+def check_report_to(cfg: RunConfig) -> None:
+    """Every logger of run.report_to can be imported: checked before the run dir is created, so a missing
+    package is one line, not a failure after the run has started (which would leave a run dir behind)."""
+    import importlib.util
+
+    for name in cfg.run.report_to:
+        _, module, pip = LOGGERS[name]
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise UserError(f"run.report_to: {name} needs the {module} package, which is not installed here "
+                            f"(pip install {pip}, or drop {name} from run.report_to)")
+
+
+def monitor_blocks(cfg: RunConfig, out_dir: str | Path) -> dict:
+    """The DeepSpeed monitor config (deepspeed.monitor.config.get_monitor_config reads it) of run.report_to:
+    TensorBoard and CSV under OUT/<logger>/<OUT's name>, W&B and Comet as projects named run.name with the run
+    dir's name. W&B and Comet log offline by default (set WANDB_MODE=online, or COMET_API_KEY, to send)."""
+    out = Path(out_dir)
+    blocks = {}
+    for name in cfg.run.report_to:
+        key = LOGGERS[name][0]
+        if name in ("tensorboard", "csv"):
+            blocks[key] = {"enabled": True, "output_path": str(out / name), "job_name": out.name}
+        elif name == "wandb":
+            blocks[key] = {"enabled": True, "project": cfg.run.name}
+        else:
+            blocks[key] = {"enabled": True, "project": cfg.run.name, "experiment_name": out.name,
+                           "online": bool(os.environ.get("COMET_API_KEY"))}
+    return blocks

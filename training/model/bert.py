@@ -5,7 +5,7 @@ and an exported post-LN model loads back into HF (see `training.model.hf`, `trai
 Differences from HF:
 
 * The pooler (`bert.pooler.dense`) and `cls.seq_relationship` exist only when `cfg.nsp` is true; an
-  MLM-only model never trains them. `export_hf` fills them with freshly initialised weights, except a
+  MLM-only model never trains them and `export_hf` writes it as `BertForMaskedLM`, without them, except a
   pooler imported from an HF checkpoint: with `cfg.carry_pooler` it is carried as fp32 buffers
   (`encoder.CarriedPooler`), never trained, and exported as imported.
 * `norm: pre` reuses the two per-layer LayerNorms (`attention.output.LayerNorm`, `output.LayerNorm`)

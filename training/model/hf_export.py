@@ -1,5 +1,8 @@
-"""Hugging Face export: our model to `transformers.BertForPreTraining` (Post-LN) or
-`transformers.RobertaPreLayerNormForMaskedLM` (Pre-LN, `model.norm: pre`), with the tokenizer files.
+"""Hugging Face export: our model to `transformers.BertForMaskedLM` (Post-LN, MLM only), `BertForPreTraining`
+(Post-LN with the NSP head, `model.nsp`) or `transformers.RobertaPreLayerNormForMaskedLM` (Pre-LN, `model.norm:
+pre`), with the tokenizer files. config.json's `architectures` names the head the export really has, and the
+tokenizer's `model_max_length` is the model's `max_position`, so `truncation=True` and `pipeline("fill-mask")` cut
+long inputs to what the model takes.
 
 transformers is imported lazily, in export only. A pooler the model carries (`model.carry_pooler`, imported by
 training/model/hf.py, which reads HF configs and checkpoints) is written back as imported.
@@ -116,32 +119,36 @@ def _token_id(tokenizer_dir: Path, token: str) -> int | None:
     return None
 
 
-def _name_bert_tokenizer(out: Path) -> None:
-    """Make the exported tokenizer_config.json name BertTokenizer: a roberta-prelayernorm config.json would
-    otherwise make AutoTokenizer look for RoBERTa's BPE files. A bare vocab.txt gets the casing our own loader
-    assumes for it (training.data.tokenizer: a sibling tokenizer_config.json's do_lower_case, else lowercase)."""
+def _set_tokenizer_config(out: Path, cfg: ModelConfig) -> None:
+    """The exported tokenizer_config.json: `model_max_length` = the model's max_position (without it transformers
+    assumes no limit, so truncation=True cuts nothing and a long input overruns the position table), and, for a
+    Pre-LN export, `tokenizer_class` BertTokenizer: a roberta-prelayernorm config.json would otherwise make
+    AutoTokenizer look for RoBERTa's BPE files. A bare vocab.txt gets the casing our own loader assumes for it
+    (training.data.tokenizer: a sibling tokenizer_config.json's do_lower_case, else lowercase)."""
     path = out / "tokenizer_config.json"
     conf = json.loads(path.read_text()) if path.is_file() else {"do_lower_case": True}
-    if not str(conf.get("tokenizer_class", "")).startswith("Bert"):
+    conf["model_max_length"] = cfg.max_position
+    if cfg.norm == "pre" and not str(conf.get("tokenizer_class", "")).startswith("Bert"):
         conf["tokenizer_class"] = "BertTokenizer"
-        path.write_text(json.dumps(conf, indent=2) + "\n")
+    path.write_text(json.dumps(conf, indent=2) + "\n")
 
 
 def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
               tokenizer_dir: PathLike | None = None) -> Path:
-    """Write `out_dir` loadable by `transformers.BertForPreTraining.from_pretrained(out_dir)` (Post-LN) or by
-    `transformers.RobertaPreLayerNormForMaskedLM.from_pretrained(out_dir)` (Pre-LN, `model.norm: pre`; also
-    AutoModelForMaskedLM). `cfg.norm` picks the architecture; what neither can represent raises UserError.
+    """Write `out_dir` loadable by `transformers.AutoModelForMaskedLM.from_pretrained(out_dir)`: a Post-LN model
+    as `BertForMaskedLM` (with NSP, `cfg.nsp`: `BertForPreTraining`), a Pre-LN one (`model.norm: pre`) as
+    `RobertaPreLayerNormForMaskedLM`. `cfg.norm` picks the architecture; what neither can represent raises
+    UserError.
 
     Weights are written as float32 safetensors. The tied decoder tensors are left out (HF re-ties
-    them). Post-LN: a model without NSP gets a freshly initialised pooler and NSP classifier (seeded, so
-    exports are reproducible) because HF's pre-training class always has them; a pooler it carries
-    (cfg.carry_pooler: imported with model.init_from_hf) is written as imported instead. Pre-LN: the
+    them). Post-LN: only the heads the model has are written (an MLM-only model has no NSP head, and its
+    config.json says BertForMaskedLM); a pooler it carries (cfg.carry_pooler: imported with model.init_from_hf)
+    is written as imported, for AutoModel and the sequence-classification heads. Pre-LN: the
     tensors are renamed and the position table offset as the module docstring describes; an NSP model's pooler
     and NSP classifier are left out (logged), since RoBERTa's MLM class has neither. Feed the Pre-LN export
-    end-padded batches (as our collator makes) or explicit position_ids. The tokenizer files are copied;
-    for Pre-LN, tokenizer_config.json names BertTokenizer (our WordPiece vocab.txt, not RoBERTa's BPE), so
-    AutoTokenizer / BertTokenizerFast load it.
+    end-padded batches (as our collator makes) or explicit position_ids. The tokenizer files are copied, with
+    model_max_length = cfg.max_position; for Pre-LN, tokenizer_config.json names BertTokenizer (our WordPiece
+    vocab.txt, not RoBERTa's BPE), so AutoTokenizer / BertTokenizerFast load it.
     """
     from safetensors.torch import save_file
 
@@ -158,7 +165,8 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
         tensors = _pre_ln_tensors(tensors, cfg)
         hf_cfg = _pre_ln_config(cfg, Path(tokenizer_dir) if tokenizer_dir is not None else None)
     else:
-        _add_post_ln_heads(tensors, model, cfg)
+        tensors.update({name: b.detach().to("cpu", torch.float32).contiguous()  # carried: as imported
+                        for name, b in model.named_buffers() if name in POOLER_KEYS})
         hf_cfg = _post_ln_config(cfg)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     hf_cfg.save_pretrained(str(out))
@@ -169,23 +177,8 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
             raise UserError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
         for name in copied:
             shutil.copyfile(Path(tokenizer_dir) / name, out / name)
-        if cfg.norm == "pre":
-            _name_bert_tokenizer(out)
+        _set_tokenizer_config(out, cfg)
     return out
-
-
-def _add_post_ln_heads(tensors: dict[str, torch.Tensor], model: BertForPreTraining, cfg: ModelConfig) -> None:
-    """The pooler and NSP classifier BertForPreTraining needs, for a model without NSP (see export_hf)."""
-    if cfg.nsp:
-        return
-    gen = torch.Generator().manual_seed(0)
-    std, hidden = cfg.initializer_range, cfg.hidden_size
-    tensors["bert.pooler.dense.weight"] = torch.randn(hidden, hidden, generator=gen) * std
-    tensors["bert.pooler.dense.bias"] = torch.zeros(hidden)
-    tensors["cls.seq_relationship.weight"] = torch.randn(2, hidden, generator=gen) * std
-    tensors["cls.seq_relationship.bias"] = torch.zeros(2)
-    tensors.update({name: b.detach().to("cpu", torch.float32).contiguous()  # carried: as imported
-                    for name, b in model.named_buffers() if name in POOLER_KEYS})
 
 
 def _shape_kwargs(cfg: ModelConfig) -> dict:
@@ -201,7 +194,7 @@ def _post_ln_config(cfg: ModelConfig):
     from transformers import BertConfig
 
     return BertConfig(**_shape_kwargs(cfg), max_position_embeddings=cfg.max_position,
-                      architectures=["BertForPreTraining"])
+                      architectures=["BertForPreTraining" if cfg.nsp else "BertForMaskedLM"])
 
 
 def _pre_ln_config(cfg: ModelConfig, tokenizer_dir: Path | None):

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from training.config import RunConfig, read_config
+from training.config.loading import find_config
+from training.config.length import scale_to_max_steps
 from training.engine.precision import resolve_precision
 from training.engine.schedule import staged_segments
 from training.errors import UserError
@@ -42,11 +44,22 @@ class StagePlan:
     ended_early: bool = False  # a watcher ended it before `steps` (then shortened to the steps done)
 
 
-def load_config(path, overrides: list[str] = ()) -> RunConfig:
+def load_config(path, overrides: list[str] = (), notes: Optional[list[str]] = None) -> RunConfig:
     """The run's config, resolved and checked once (UserError, one line naming the file and the stage):
-    training.config.read_config, then train.precision=auto, the hooks' argument defaults, the stage transitions
+    training.config.read_config, then a staged run scaled to train.max_steps (training/config/length.py; what it
+    changed is appended to `notes`), train.precision=auto, the hooks' argument defaults, the stage transitions
     and the warmups."""
+    if path is not None:
+        path, found = find_config(path)
+        if found and notes is not None:
+            notes.append(found)
     cfg = read_config(path, overrides)
+    try:
+        cfg, note = scale_to_max_steps(cfg)
+    except UserError as err:
+        raise UserError(f"{path if path is not None else 'config'}: {err}") from None
+    if note and notes is not None:
+        notes.append(note)
     if cfg.train.precision == "auto":  # the device's, once: every consumer then sees bf16 or fp32
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"precision": resolve_precision(cfg.train.precision)})})

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from training.config import RunConfig
-from training.engine.ds_config import deepspeed_json
+from training.engine.ds_config import deepspeed_json, monitor_blocks
 from training.errors import UserError
 from training.engine import checkpoint
 from training.engine.build import build_engine, set_lr
@@ -23,7 +23,7 @@ from training.engine import faults, inject
 from training.engine.checkpoint import TrainState
 from training.engine.schedule import lr_at
 from training.engine.step import StepResult, all_reduce_scalars, optimizer_step
-from training.metrics import MetricsWriter
+from training.metrics import MetricsWriter, make_monitor
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
 from training.model.flops import flops_per_token, trainable_parts
@@ -86,9 +86,10 @@ class StageRunner:
         model.to(self.device)
         self._compiling = model.cfg.compile  # the first step on this module compiles its layers
         engine, _ = build_engine(model, self.cfg, self.world_size, self.out_dir, self.ds_config)
-        if self.metrics is None:
+        if self.metrics is None:  # one monitor for the run: its curves go on across engine rebuilds
+            blocks = monitor_blocks(self.cfg, self.out_dir)
             self.metrics = MetricsWriter(self.out_dir / "metrics.jsonl", self.rank == 0,
-                                         getattr(engine, "monitor", None))
+                                         (lambda: make_monitor(blocks, self.out_dir)) if self.rank == 0 else None)
         return engine
 
     def run_info(self, stage_index: int) -> dict:
@@ -336,6 +337,7 @@ class StageRunner:
                     self.state.wall_s = time.perf_counter() - start_wall
                     self.metrics.write({"kind": "train", "step": self.state.step, "stage": plan.name,
                                         "loss": loss, "lr": lr, "tokens": self.state.tokens,
+                                        "samples": self.state.samples,
                                         "tokens_per_s": tokens_per_s, "wall_s": self.state.wall_s, "mfu": mfu,
                                         "flops_per_token": fpt, "seq_len": plan.seq_len})
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
