@@ -331,7 +331,7 @@ class StageRunner:
                 if watch is not None and watch.observe(self.state.step, self.engine):
                     self.plan.move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
-                if self.state.step % run.log_every == 0 or stage_done:
+                if self.state.step % run.log_every == 0 or stage_done or result.stop:
                     loss = all_reduce_scalars([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
