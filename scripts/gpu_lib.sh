@@ -44,6 +44,9 @@ EOF
   } > "$WORK/logs/env.log" 2>&1
   local rc=$?
   cat "$WORK/logs/env.log"
+  (( rc == 0 )) || echo "setup: an import failed (env.log); datasets 5.2 needs pyarrow >= 24: ../shared/gpu/README.md" \
+    "has its wheel (wheels-pyarrow/, 49 MB: leave the transformers wheel and the large data dir behind)" \
+    | tee -a "$OUT/summary.txt"
   return $rc
 }
 

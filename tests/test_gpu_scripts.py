@@ -78,3 +78,14 @@ def test_gpu_ttq_runs_end_to_end_at_a_tiny_shape(tmp_path, tiny_data):
                 cfg["run"]["eval_every"]) == (40, 10, 3.0, 8)
     assert sum(s["steps"] for s in configs[1]["stages"]) == 40 and len(configs[1]["stages"]) == 3
     assert "# Method comparison" in (out / "report.md").read_text() and "# Method comparison" in proc.stdout
+
+
+@pytest.mark.skipif(not (REPO / "data" / "default" / "raw").is_dir(), reason="needs data/default (make data)")
+def test_without_gensim_the_tests_read_the_same_prose_from_data_default():
+    """The GPU machine has no gensim: the fixtures' paragraphs come from data/default/raw/, and they are the same."""
+    from tests import corpus
+
+    raw = corpus.from_default_raw()
+    assert len(raw) > 4000 and raw == corpus.from_gensim()
+    with pytest.raises(RuntimeError, match="needs gensim"):
+        corpus.from_default_raw(REPO / "nowhere.txt")
