@@ -11,7 +11,8 @@
 #   run(command="bash scripts/gpu_check.sh", carry=[".whl", "data/default", "data/bench-base-gpu",
 #       "data/bench-base-gpu-nopack"], timeout_s=480)
 #
-# Steps, in priority order (what is left when the deadline comes is skipped; a failing step does not stop the next):
+# Steps, in priority order (what is left when the deadline comes is skipped; a failing step does not stop the next;
+# ONLY="kernels cuda" runs only those, e.g. a rerun after a fix while the machine is still warm):
 #   kernels   the Triton kernels' tests, compiled on the GPU (fp32/fp16/bf16; pytest-xdist where installed)
 #   cuda      tests/test_cuda.py: the model with every kernel vs PyTorch, bf16/fp16 training through DeepSpeed,
 #             resume in-process, NCCL collectives in the group a run makes (one rank: NCCL refuses two ranks on
@@ -47,7 +48,8 @@ gpu_setup || { finish; exit 1; }
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # Triton compiles on the CPU: 8 processes share the GPU
 PYTEST=($PY -m pytest -q -p no:cacheprovider -rs)
-step kernels 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} --maxfail=10 tests/test_kernels_attention.py tests/test_kernels_fused.py
+step kernels 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} --maxfail=10 tests/test_kernels_attention.py \
+  tests/test_kernels_fused.py
 step cuda 120 "${PYTEST[@]}" --maxfail=10 tests/test_cuda.py -k "not fused_lamb and not pretrain_command"
 step kbench 45 $PY -m kernels.bench --quick --out "$WORK/kernels_bench.json"
 TP=($PY -m training.bench throughput --steps 10 --warmup 3 --repeats 3)

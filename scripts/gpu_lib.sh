@@ -11,6 +11,7 @@
 #   `NAME rc=.. Ns (limit Ms)` in $OUT/summary.txt, the log's tail on stdout. A failing step does not stop the next.
 #   At its limit CMD gets SIGTERM, then SIGKILL STEP_KILL_AFTER seconds later (default 5; a training run that
 #   checkpoints on SIGTERM wants longer). STEP_RC and STEP_S hold the step's exit code (-1: skipped) and seconds.
+#   ONLY="name name ...": run only those steps (a rerun of what failed, on a machine still warm).
 # - finish [FILE...]: what comes back from a device call is at most 8 files, 2 folders deep: packs $WORK (logs and
 #   every step's output) into $OUT/results.tar.gz, copies the FILEs (paths under $WORK) to $OUT, prints the summary.
 set -u
@@ -54,6 +55,7 @@ step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
   local left=$(( DEADLINE_S - ($(date +%s) - START) ))
   STEP_RC=-1 STEP_S=0
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   if (( left < 20 )); then echo "$name skipped (deadline)" | tee -a "$OUT/summary.txt"; return 0; fi
   (( limit > left - 5 )) && limit=$(( left - 5 ))
   local t0=$(date +%s)

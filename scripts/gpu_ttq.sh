@@ -31,7 +31,7 @@
 # loss_vs_flops.png, loss_vs_time.png, and results.tar.gz (both runs' metrics.jsonl and config.resolved.json,
 # report.json, blimp_*.json, every log). The runs themselves (checkpoints: ~1.3 GB each) stay in TTQ_RUNS
 # (default out/ttq-runs), where a second call on the same machine finds them: TTQ_SKIP_TRAIN=1 redoes only BLiMP
-# and the report.
+# and the report; ONLY="stacking same report ..." runs only the steps named (scripts/gpu_lib.sh).
 #
 # Data (prepared on the CPU once, 300 s on 2 cores; data/ is git-ignored): the whole Debian corpus, 15.8 M training
 # tokens, WordPiece vocabulary 30,522, 1% of the documents held out (1,299 rows), int16 ids, 34.8 MB:
@@ -69,7 +69,7 @@ gpu_setup || { finish; exit 1; }
 
 # The locality aid over the first quarter of the schedule: --max-steps scales a staged config's
 # train.locality_bias.steps with its stages (training/config/length.py), so stacking's is given at its own planned
-# length (60,000 steps) and comes out at the baseline's; the report step checks that both resolved to the same.
+# length (60,000 steps) and comes out at the baseline's; the `same` step checks that both resolved to the same.
 AID=$(( STEPS / 4 ))
 STACK_PLANNED=$($PY -c "import sys, yaml; print(sum(s['steps'] for s in yaml.safe_load(open(sys.argv[1]))['stages']))" \
   "$STACK_CFG")
@@ -83,16 +83,18 @@ train() {  # train NAME CONFIG AID_STEPS: one pretrain run, and the record compa
   local cmd=($PY -m training.pretrain --config "$config" --out "$RUNS/runs/$name" "${COMMON[@]}"
              --set train.locality_bias.steps="$aid")
   STEP_KILL_AFTER=60 step "$name" "$TRAIN_LIMIT" "${cmd[@]}"
+  [ "$STEP_RC" = -1 ] && return 0  # not run: the run dir keeps what an earlier call left
   cp "$WORK/logs/$name.log" "$RUNS/logs/$name.log"
   printf '{"command": "%s", "exit_code": %s, "stopped_at_step": null, "process_s": %s}\n' "${cmd[*]}" "$STEP_RC" \
     "$STEP_S" > "$RUNS/logs/$name.json"
 }
 
-report() {  # report NAME [--note TEXT ...]: the compare report from the run dirs, and a check of what both shared
+report() {  # report NAME [--note TEXT ...]: the compare report, rebuilt from the run dirs
   local name=$1; shift
   step "$name" 60 $PY -m training.bench compare --configs "$BASE_CFG" "$STACK_CFG" --names baseline stacking \
     --out "$RUNS" --report-only --no-progress "$@" \
-    --note "both runs: ${WALL_S} s of training at most (run.max_wall_s), a ${STEPS}-step LR schedule, the locality aid over its first ${AID} steps, held-out evaluation every ${EVAL_EVERY} steps and at each stage end"
+    --note "both runs: ${WALL_S} s of training at most (run.max_wall_s), a ${STEPS}-step LR schedule, the locality"\
+" aid over its first ${AID} steps, held-out evaluation every ${EVAL_EVERY} steps and at each stage end"
 }
 
 if [ "${TTQ_SKIP_TRAIN:-0}" != 1 ]; then
@@ -118,7 +120,7 @@ NOTES=()
 for name in baseline stacking; do
   line=$(grep -h "BLiMP" "$WORK/logs/blimp_$name.log" 2>/dev/null | tail -n 1)
   line=${line%% -> *}
-  [ -n "$line" ] && NOTES+=(--note "$name: ${line#evaluated }")
+  [ -n "$line" ] && NOTES+=(--note "$name: BLiMP ${line#* BLiMP }")
 done
 [ ${#NOTES[@]} -gt 0 ] && report report_blimp "${NOTES[@]}"
 

@@ -49,6 +49,9 @@ def test_a_step_is_cut_at_its_limit_and_the_deadline_skips_what_is_left(tmp_path
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"./logs/ok.log", "./logs/slow.log", "./sub/a.json", "./b.json"} <= names
+    proc = _bash("source scripts/gpu_lib.sh; step a 10 true; step b 10 false; step c 10 true; finish",
+                 OUT=str(out), ONLY="b c")
+    assert proc.returncode == 0 and _summary(out) == {"b": 1, "c": 0}, proc.stdout
 
 
 @pytest.mark.slow
@@ -71,7 +74,7 @@ def test_gpu_ttq_runs_end_to_end_at_a_tiny_shape(tmp_path, tiny_data):
     assert [r["name"] for r in report["runs"]] == ["baseline", "stacking"]
     assert all(r["curve"] and r["status"] == "ok" for r in report["runs"])
     assert report["target_heldout_loss"] == report["runs"][0]["final_loss"]
-    assert any("BLiMP" in n and n.startswith("stacking: ") for n in report["notes"])
+    assert any(n.startswith("stacking: BLiMP ") and "over 4 paradigms, 8 pairs" in n for n in report["notes"])
     assert blimp["device"] == "cpu" and blimp["blimp"]["paradigms"] == 4 and blimp["blimp"]["per_paradigm"] == 2
     for cfg in configs:  # the same schedule length, locality aid, budget and eval cadence
         assert (cfg["train"]["max_steps"], cfg["train"]["locality_bias"]["steps"], cfg["run"]["max_wall_s"],
