@@ -438,12 +438,17 @@ def test_throughput_end_to_end(tmp_path, tiny_data):
     cfg = _tiny_config(tmp_path, "tp", tiny_data, lr=1e-3)
     out = tmp_path / "tp"
     proc = subprocess.run([sys.executable, "-m", "training.bench", "throughput", "--config", str(cfg), "--out",
-                           str(out), "--steps", "2", "--warmup", "1", "--repeats", "2", "--profile", "2"],
+                           str(out), "--steps", "2", "--warmup", "1", "--repeats", "2", "--profile", "2",
+                           "--models", "ours", "ours_fused", "hf"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "throughput.json").read_text())
-    assert set(res["models"]) == {"ours", "hf"}
-    for name in ("ours", "hf"):  # --profile: the operators by self time
+    assert set(res["models"]) == {"ours", "ours_fused", "hf"}
+    assert "attention=fused" in res["models"]["ours_fused"]["label"]
+    # No GPU here: the kernels fell back to PyTorch, and the output says so rather than passing it off as theirs.
+    assert any(c.startswith("ours_fused: the attention kernel did not run (CPU tensors") for c in res["caveats"])
+    assert "fused/ours" in proc.stdout and "caveat: ours_fused: the mlm_loss kernel did not run" in proc.stdout
+    for name in ("ours", "ours_fused", "hf"):  # --profile: the operators by self time
         text = (out / f"profile-{name}.txt").read_text()
         assert res["profiles"][name] == str(out / f"profile-{name}.txt") and "aten::" in text and "Self CPU" in text
     for m in res["models"].values():
@@ -541,3 +546,32 @@ def test_throughput_stage_trains_as_the_runner_does(tmp_path, tiny_data):
     assert got["layer_keep_prob"] == want["layer_keep_prob"] and keep == kwargs(0)["layer_keep_prob"]
     assert torch.equal(torch.rand(3, generator=got["layer_drop_generator"]),
                        torch.rand(3, generator=want["layer_drop_generator"]))
+
+
+def test_ours_fused_asks_for_every_kernel_the_model_can_use_and_says_which_did_not_run(tmp_path, tiny_data,
+                                                                                      fresh_fused_ops):
+    import torch
+
+    from tests.tiny_run import tiny_config
+    from training.bench.throughput import kernel_caveats, variant_config
+    from training.model.bert import BertForPreTraining
+
+    post = tiny_config(tmp_path / "post", tiny_data).model
+    fused_cfg, update = variant_config("ours_fused", post)
+    assert (fused_cfg.attention, fused_cfg.fused_ops) == ("fused", ["bias_gelu", "residual_layernorm", "mlm_loss"])
+    assert update["attention"] == "fused" and fused_cfg.hidden_size == post.hidden_size
+    pre = tiny_config(tmp_path / "pre", tiny_data, ["model.norm=pre"]).model
+    assert variant_config("ours_fused", pre)[0].fused_ops == ["bias_gelu", "mlm_loss"]  # LN kernel is post-LN only
+    assert variant_config("ours_padded", post)[0].unpad is False and variant_config("ours", post)[0] == post
+
+    assert kernel_caveats("ours_fused", fresh_fused_ops.ALL_OPS) == []
+    model = BertForPreTraining(fused_cfg)  # plain CPU, no interpreter: every kernel falls back
+    ids = torch.randint(5, fused_cfg.vocab_size, (2, 16))
+    labels = torch.full((2, 16), -100)
+    labels[:, 3] = 7
+    model(ids, torch.ones_like(ids), labels=labels)["loss"].backward()
+    lines = kernel_caveats("ours_fused", fresh_fused_ops.ALL_OPS)
+    assert {line.split(" kernel")[0] for line in lines} == {
+        "ours_fused: the attention", "ours_fused: the bias_gelu", "ours_fused: the residual_layernorm",
+        "ours_fused: the mlm_loss"}
+    assert all("CPU tensors need the triton interpreter" in line for line in lines)

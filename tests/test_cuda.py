@@ -162,3 +162,96 @@ def test_deepspeed_fused_lamb_follows_the_documented_rule(tmp_path, monkeypatch)
                             bias_correction=False)
         for i, (p, r) in enumerate(zip(live, ref_params)):
             assert rel_err(p.data, r) < 1e-5, f"step {t}, tensor {i}: {rel_err(p.data, r):.2e}"
+
+
+# ------------------------------------------------------------------------ NCCL, and the command line on CUDA
+
+NCCL_CHILD = """
+import json, torch, torch.distributed as dist
+from training.dist import init_distributed
+env = init_distributed(timeout_s=120)  # the backend a run picks by itself on a GPU machine
+rank, world = env.rank, env.world_size
+t = torch.full((1 << 20,), float(rank + 1), device="cuda")
+dist.all_reduce(t)
+parts = [torch.empty(3, device="cuda") for _ in range(world)]
+dist.all_gather(parts, torch.full((3,), float(rank), device="cuda"))
+b = torch.tensor([7.0 if rank == 0 else 0.0], device="cuda")
+dist.broadcast(b, 0)
+dist.barrier()
+torch.cuda.synchronize()
+print(json.dumps({"backend": dist.get_backend(), "world": world, "sum": t.min().item(), "max": t.max().item(),
+                  "gather": [p.tolist() for p in parts], "bcast": b.item(),
+                  "nccl": ".".join(map(str, torch.cuda.nccl.version()))}))
+"""
+
+
+@needs_cuda
+def test_nccl_collectives_in_the_process_group_a_run_makes(tmp_path):
+    """The NCCL backend as a run gets it (training.dist.init_distributed under torchrun, no backend named): all-reduce,
+    all-gather, broadcast and barrier on GPU tensors. One process: NCCL (2.5 and later) refuses two ranks on one
+    GPU ("Duplicate GPU detected", ncclInvalidUsage), so a one-GPU machine can check the backend, not a ring."""
+    import subprocess
+    import sys
+
+    from tests.test_reliability_support import REPO, env
+
+    script = tmp_path / "nccl_child.py"
+    script.write_text(NCCL_CHILD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                           str(script)], cwd=REPO, env=env(DS_ACCELERATOR="cuda"), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["backend"] == "nccl" and "backend=nccl" in proc.stderr, (r, proc.stderr[-1000:])
+    world = r["world"]
+    assert r["sum"] == r["max"] == world * (world + 1) / 2
+    assert r["gather"] == [[float(i)] * 3 for i in range(world)] and r["bcast"] == 7.0
+    print(f"NCCL {r['nccl']}, {world} rank(s)")
+
+
+@needs_cuda
+def test_pretrain_command_saves_and_resumes_on_cuda(tmp_path, tiny_data):
+    """`python -m training.pretrain` on the GPU (bf16, NCCL group): stopped after a checkpoint at step 3 and run
+    again with --resume, it logs the uncut run's losses; `training.evaluate` then scores the checkpoint on the GPU."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_reliability_support import REPO, env, metrics, run_pretrain
+
+    def config(name: str, **run) -> tuple:
+        out = tmp_path / name
+        cfg = {"run": {"out_dir": str(out), "progress": False, "log_every": 1, "eval_every": 3, "eval_batches": 1,
+                       "eval_batch_size": 8, "save_every": 3, "export_hf": False, "report_to": [], **run},
+               "data": {"dir": str(tiny_data)},
+               "model": {"vocab_size": 512, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "ffn_size": 128,
+                         "max_position": 64, "dropout": 0.1, "attention_dropout": 0.1},
+               "train": {"precision": "bf16", "micro_batch_size": 4, "max_steps": 6},
+               "optimizer": {"lr": 1e-3, "warmup_steps": 1}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path, out
+
+    cuda = {"DS_ACCELERATOR": "cuda"}
+    full, full_out = config("full")
+    proc = run_pretrain(full, timeout=300, **cuda)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backend=nccl" in proc.stderr and "bf16" in (full_out / "config.resolved.json").read_text()
+    cut, cut_out = config("cut", stop_at_step=3)
+    proc = run_pretrain(cut, timeout=300, **cuda)
+    assert proc.returncode == 0 and (cut_out / "checkpoints" / "step00000003").is_dir(), proc.stderr[-3000:]
+    cut.write_text(cut.read_text().replace("stop_at_step: 3", "stop_at_step: null"))
+    proc = run_pretrain(cut, "--resume", timeout=300, **cuda)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(out):
+        return [(r["step"], r["loss"]) for r in metrics(out) if r.get("kind") == "train"]
+
+    assert losses(cut_out) == losses(full_out) and len(losses(full_out)) == 6
+    proc = subprocess.run([sys.executable, "-m", "training.evaluate", "--model", str(cut_out), "--data",
+                           str(tiny_data), "--max-rows", "8", "--out", str(tmp_path / "eval.json")], cwd=REPO,
+                          env=env(**cuda), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["device"] == "cuda" and scored["model"]["step"] == 6 and scored["loss"] == scored["loss"]

@@ -229,6 +229,51 @@ def test_the_command_runs_as_a_module(tiny_run, tiny_data, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error:") and len(proc.stderr.splitlines()) == 1
 
 
+
+def test_the_device_is_the_gpu_when_torch_sees_one_else_the_cpu(monkeypatch):
+    from training.errors import UserError
+    from training.model_io import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert (pick_device("auto"), pick_device("cuda"), pick_device("cpu")) == (
+        torch.device("cuda"), torch.device("cuda"), torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu") and pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="--device cuda: torch sees no CUDA GPU"):
+        pick_device("cuda")
+
+
+def test_evaluate_loads_the_model_on_the_picked_device(tiny_run, tiny_data, tmp_path, monkeypatch):
+    """--device auto with a GPU in sight asks for the model on CUDA (run here on the CPU: the load is redirected,
+    the choice recorded); the result names the device the model really ran on."""
+    from training import model_io
+
+    asked = []
+    real_load = model_io.load_model
+
+    def load(path, flag="--model", device="cpu"):
+        asked.append(torch.device(device))
+        return real_load(path, flag, "cpu")
+
+    monkeypatch.setattr(model_io, "load_model", load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = evaluate(tmp_path, "--model", str(tiny_run), "--data", str(tiny_data), "--max-rows", "4")
+    assert asked == [torch.device("cuda")] and r["device"] == "cpu" and "device_name" not in r
+    evaluate(tmp_path, "--model", str(tiny_run), "--data", str(tiny_data), "--max-rows", "4", "--device", "cpu",
+             name="cpu.json")
+    assert asked[-1] == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_is_one_error_line(tiny_run, tiny_data, tmp_path, capsys):
+    from training.evaluate import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tiny_run), "--data", str(tiny_data), "--device", "cuda", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error: --device cuda: torch sees no CUDA GPU")
+    assert not (tmp_path / "x").exists()
+
 # -- BLiMP: minimal pairs by pseudo-log-likelihood, beside the count models of the training split
 
 BLIMP = Path(__file__).parent / "data" / "blimp"

@@ -85,8 +85,10 @@ def write_config(path: Path, data_dir: Path, out_dir: Path, overrides: Optional[
 
 
 def env(**extra: str) -> dict:
+    # The repository first, then whatever the parent imports from (a GPU machine's wheels in /tmp/site, say).
+    path = os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     e = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+             OMP_NUM_THREADS="1", PYTHONPATH=path)
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                      "CROSS_RANK", "CROSS_SIZE")
     for k in [k for k in e if k.startswith(("DSBERT_FAULT_", "SLURM_", "OMPI_", "PMI")) or k in launcher_vars]:

@@ -207,3 +207,36 @@ def test_stop_below_unigram_stops_at_the_first_eval_that_reaches_it(tmp_path, ti
 
     never = make_runner(tiny_config(tmp_path / "never", tiny_data, over + ["run.stop_below_unigram=50"]))
     assert never.run().step == 8 and never.stopped_below is None
+
+
+def test_max_wall_s_stops_after_an_eval_and_a_checkpoint_with_the_schedule_unchanged(tmp_path, tiny_data, dist_single,
+                                                                                   monkeypatch):
+    """run.max_wall_s: the first step that starts at or past the budget (the loop's wall_s) is the last; the run is
+    evaluated and checkpointed there, and up to there it is the uncut run: same losses, same LR schedule (the
+    budget cuts the run short, it does not shorten the schedule)."""
+    import time
+
+    over = ["train.max_steps=40", "run.eval_every=100", "run.save_every=0", "optimizer.lr=1e-2"]
+    make_runner(tiny_config(tmp_path / "full", tiny_data, over)).run()
+    over.append("run.log_every=1000")  # the stop step is logged anyway
+    runner = make_runner(tiny_config(tmp_path / "cut", tiny_data, over + ["run.max_wall_s=0.5"]))
+    real_step = runner.train_step
+
+    def slow_step(micro, **kwargs):  # every step takes at least 0.1 s
+        time.sleep(0.1)
+        return real_step(micro, **kwargs)
+
+    monkeypatch.setattr(runner, "train_step", slow_step)
+    state = runner.run()
+    # every step takes >= 0.1 s, so by the start of step 7 the budget is spent: the stop comes at step 6 at the latest
+    assert 2 <= state.step <= 6 and runner.total_steps == 40
+    rows = _metrics(tmp_path / "cut" / "out")
+    train = [m for m in rows if m["kind"] == "train"]
+    assert [m["step"] for m in train] == [state.step]
+    assert train[-1]["wall_s"] >= 0.5 + 0.1  # the last step started at or past the budget
+    assert runner.stopped_wall_s >= 0.5
+    assert [m["step"] for m in rows if m["kind"] == "eval"] == [state.step]  # scored where it stopped
+    assert checkpoint.latest_tag(tmp_path / "cut" / "out" / "checkpoints") == f"step{state.step:08d}"
+    full = [m for m in _metrics(tmp_path / "full" / "out") if m["kind"] == "train"]
+    assert (train[-1]["loss"], train[-1]["lr"]) == (full[state.step - 1]["loss"], full[state.step - 1]["lr"])
+    assert train[-1]["tokens"] == full[state.step - 1]["tokens"]

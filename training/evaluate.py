@@ -6,7 +6,8 @@ beside the unigram table's cross-entropy on the same positions; and on BLiMP's m
     python -m training.evaluate --model M --blimp DIR|hf:nyu-mll/blimp [--per-paradigm N] [--pll word|token|both]
 
 --model: a run dir (its latest checkpoint), a checkpoint tag dir, or a Hugging Face model dir (config.json +
-model.safetensors, as `training.export` or a run's OUT/hf writes it); read in fp32 on the CPU, no DeepSpeed.
+model.safetensors, as `training.export` or a run's OUT/hf writes it); read in fp32, no DeepSpeed, and scored on
+--device: auto (the default) takes the CUDA GPU when torch sees one, else the CPU.
 --data: a prepared data dir (its held-out split is scored), or raw text files, which go through the prepare
 path (documents -> the MODEL's tokenizer -> packed `[CLS] A [SEP] B [SEP]` rows at the model's training
 sequence length: the run's prepared data's, else the reference's; --seq-len overrides). Either way the positions are the fixed evaluation mask (training/data/loader.py
@@ -28,6 +29,7 @@ import torch
 
 from training import outdir
 from training.errors import UserError, exit_on_user_error
+from training.model_io import DEVICES
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -136,10 +138,10 @@ def _load_rows(args, loaded, model_tok: Path, vocab: list[str], text_seq_len: in
 
 def evaluate(args) -> dict:
     """The held-out score (with --data) and the BLiMP score (with --blimp) of --model, as one JSON-ready dict."""
-    from training.model_io import load_model
+    from training.model_io import load_model, pick_device
 
     prepared = _prepared_data_dir(args) if args.data else None  # cheap input checks first
-    loaded = load_model(args.model, "--model")
+    loaded = load_model(args.model, "--model", pick_device(args.device))
     result = _heldout(args, loaded, prepared) if args.data else _model_info(args, loaded)
     if args.blimp:
         result["blimp"] = _blimp(args, loaded)
@@ -152,7 +154,12 @@ def _model_info(args, loaded) -> dict:
                       "checkpoint": str(loaded.tag_dir.absolute()) if loaded.tag_dir else None, "step": loaded.step,
                       "config": loaded.cfg.model_dump(mode="json")},
             "tokenizer": {"path": str(Path(model_tok).absolute()), "vocab_size": loaded.cfg.vocab_size},
-            "precision": "fp32", "device": "cpu"}
+            "precision": "fp32", **_device_info(next(loaded.model.parameters()).device)}
+
+
+def _device_info(device: torch.device) -> dict:
+    return {"device": device.type, **({"device_name": torch.cuda.get_device_name(device)}
+                                      if device.type == "cuda" else {})}
 
 
 def _model_tokenizer(args, loaded) -> Path:
@@ -231,12 +238,13 @@ def _heldout(args, loaded, prepared) -> dict:
     n = len(sep) if args.max_rows is None else min(len(sep), args.max_rows)
     loss_sum = correct = count = unigram = 0.0
     model = loaded.model
+    device = next(model.parameters()).device
     starts = range(0, n, args.batch_size)
     with torch.no_grad():
         for start in tqdm(starts, desc="evaluating", unit="batch", disable=not sys.stderr.isatty()):
             rows = torch.arange(start, min(n, start + args.batch_size))
-            batch = fixed_mask_batch(collator, ids, sep, rows, seq_len)
-            out = model(**batch)
+            batch = fixed_mask_batch(collator, ids, sep, rows, seq_len)  # on the CPU, as the unigram table
+            out = model(**{k: v.to(device) for k, v in batch.items()})
             loss_sum += float(out["mlm_loss"].float()) * float(out["mlm_count"])
             correct += float(out["mlm_correct"])
             count += float(out["mlm_count"])
@@ -293,6 +301,8 @@ def build_parser(prog: str = "python -m training.evaluate"):
                                                    "(default: a prepared --data dir, else the run's data.dir)")
     p.add_argument("--out", type=Path, help="also write the result as JSON here (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where the model runs: auto = the CUDA GPU when torch sees one, else the CPU")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
     p.add_argument("--max-rows", type=int, help="score only the first N rows (default: all)")
     p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")

@@ -1,5 +1,6 @@
 """Reading a trained model back, without DeepSpeed: a run dir, a checkpoint tag dir or a Hugging Face dir ->
-our `BertForPreTraining` in fp32 on the CPU.
+our `BertForPreTraining` in fp32, on the CPU unless a device is asked for (`pick_device`: evaluation takes the GPU
+when torch sees one; export stays on the CPU).
 
 A checkpoint's `mp_rank_00_model_states.pt` holds the module state and its `meta.json` the model config
 (training/engine/checkpoint.py); a run dir resolves to the tag its `checkpoints/latest` names. Shared by
@@ -17,6 +18,20 @@ import torch
 from training.engine import checkpoint_verify
 from training.errors import UserError
 from training.model.config import ModelConfig
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def pick_device(requested: str = "auto", flag: str = "--device") -> torch.device:
+    """`auto`: the current CUDA GPU when torch sees one, else the CPU; `cpu` or `cuda` as asked (cuda without a
+    GPU is a UserError naming `flag`)."""
+    if requested not in DEVICES:
+        raise UserError(f"{flag} {requested}: expected one of {', '.join(DEVICES)}")
+    cuda = torch.cuda.is_available()
+    if requested == "cuda" and not cuda:
+        raise UserError(f"{flag} cuda: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    return torch.device("cuda" if requested == "cuda" or (requested == "auto" and cuda) else "cpu")
 
 
 def resolve_tag_dir(path: Path, flag: str = "--checkpoint") -> Path:
@@ -72,7 +87,7 @@ def is_hf_dir(path: Path) -> bool:
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # fp32, CPU, eval mode
+    model: torch.nn.Module  # fp32, eval mode, on the device load_model was given (default: the CPU)
     cfg: ModelConfig
     kind: str  # "checkpoint" (a run dir or a tag dir) or "hf"
     path: Path  # as given
@@ -82,8 +97,9 @@ class LoadedModel:
     tokenizer_dir: Optional[Path]  # the model's tokenizer: the run's tokenizer/ or the HF dir itself
 
 
-def load_model(path: Path, flag: str = "--model") -> LoadedModel:
-    """A run dir, checkpoint (tag) dir or HF model dir (config.json + weights) as a fp32 CPU model in eval mode."""
+def load_model(path: Path, flag: str = "--model", device: torch.device | str = "cpu") -> LoadedModel:
+    """A run dir, checkpoint (tag) dir or HF model dir (config.json + weights) as a fp32 model in eval mode on
+    `device`."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"{flag} {path}: no such directory")
@@ -103,7 +119,7 @@ def load_model(path: Path, flag: str = "--model") -> LoadedModel:
         loaded = LoadedModel(model, cfg, "checkpoint", path, tag_dir, int(meta["train_state"].get("step", 0)),
                              run_dir if (run_dir / "config.resolved.json").is_file() else None,
                              find_tokenizer(tag_dir))
-    loaded.model.float().eval()
+    loaded.model.float().eval().to(device)
     return loaded
 
 

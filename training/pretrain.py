@@ -4,9 +4,10 @@
 The entry point only wires things together: config -> process group -> data -> model -> stage runner.
 It runs the same as one process or under any launcher (deepspeed, torchrun, mpirun, srun).
 
-Exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram); 2 bad input (one
-`error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients (training/engine/faults.py);
-75 checkpointed after SIGTERM/SIGUSR1, requeue and --resume (training/signals.py); anything else is a crash.
+Exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram or run.max_wall_s); 2 bad
+input (one `error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients
+(training/engine/faults.py); 75 checkpointed after SIGTERM/SIGUSR1, requeue and --resume (training/signals.py);
+anything else is a crash.
 """
 from __future__ import annotations
 
@@ -375,6 +376,9 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
         if runner.stopped_below is not None:
             print(f"stopped at step {state.step} of {runner.total_steps}: {runner.stopped_below:+.3f} nats below the "
                   f"unigram reference reaches run.stop_below_unigram={cfg.run.stop_below_unigram:g}", flush=True)
+        if runner.stopped_wall_s is not None:
+            print(f"stopped at step {state.step} of {runner.total_steps}: the training loop ran "
+                  f"{runner.stopped_wall_s:.0f} s, run.max_wall_s={cfg.run.max_wall_s:g}", flush=True)
         print(f"done: {state.step} steps, {state.tokens:,} tokens, {state.wall_s:.0f} s"
               + (f", held-out MLM loss {ev['heldout_loss']:.3f} acc {ev['heldout_acc']:.3f} (fixed all-[MASK] "
                  f"positions; unigram table {ev['heldout_unigram_loss']:.3f}, "

@@ -14,8 +14,8 @@ import sys
 
 from training import cli
 
-EXIT_CODES = """exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram); 2 bad input
-(one `error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients; 75 checkpointed
+EXIT_CODES = """exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram or run.max_wall_s);
+2 bad input (one `error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients; 75 checkpointed
 after SIGTERM/SIGUSR1 (requeue, then --resume); anything else is a crash."""
 
 

@@ -35,9 +35,10 @@ def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentPar
     t.add_argument("--repeats", type=int, default=3, help="alternating blocks per model (default 3)")
     t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
                    "default: the top-level model at the data's seq_len")
-    t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_padded", "hf"),
+    t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_fused", "ours_padded", "hf"),
                    default=["ours", "hf"], help="ours_compiled: ours with model.compile (torch.compile of each "
-                   "layer); ours_padded: ours with model.unpad false; blocks alternate")
+                   "layer); ours_fused: ours with every Triton kernel (attention fused, model.fused_ops); "
+                   "ours_padded: ours with model.unpad false; blocks alternate")
     t.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after the blocks, N more steps per model under torch.profiler: OUT/profile-MODEL.txt")
     cli.add_set(t)

@@ -64,9 +64,9 @@ class Scorer:
     def score(self, tag_dir: Path) -> dict:
         from training.blimp import evaluate_blimp
         from training.data import tokenizer as tokenization
-        from training.model_io import load_model
+        from training.model_io import load_model, pick_device
 
-        loaded = load_model(tag_dir, "--blimp checkpoint")
+        loaded = load_model(tag_dir, "--blimp checkpoint", pick_device("auto"))  # the GPU when there is one
         vocab = (Path(loaded.tokenizer_dir) / "vocab.txt").read_text(encoding="utf-8").splitlines()
         tok = tokenization.load(str(loaded.tokenizer_dir))
         result = evaluate_blimp(loaded.model, tok, self.source, per_paradigm=self.per_paradigm,

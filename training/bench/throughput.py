@@ -5,8 +5,10 @@ config's precision, ZeRO stage, LAMB/AdamW, clipping), and trained on the *same*
 with the runner's own step (training/engine/step.py: token-normalised loss, the scalar all-reduces, the
 fault check). Blocks of `--steps` timed steps alternate ours, HF, ours, HF, ... (`--repeats` pairs), each
 block preceded by `--warmup` untimed steps, so machine drift hits both alike. `--models` adds variants of ours
-with the same weights to the rotation: `ours_compiled` (model.compile) and `ours_padded` (model.unpad: false: a
-padded batch, from `prepare --no-pack`, then runs its padding too; "real tok/s" counts the non-padding tokens).
+with the same weights to the rotation: `ours_compiled` (model.compile), `ours_fused` (every Triton kernel the
+model can use: model.attention fused and model.fused_ops; a kernel that cannot run falls back to PyTorch, and the
+output says so as a caveat) and `ours_padded` (model.unpad: false: a padded batch, from `prepare --no-pack`, then
+runs its padding too; "real tok/s" counts the non-padding tokens).
 Each model's very first step, before any block, is timed on its own ("1st step s": compilation included).
 
 Per optimizer step the time is split into forward (model + loss), backward (`engine.backward`), optimizer
@@ -124,6 +126,28 @@ def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, toke
 
 # ------------------------------------------------------------------------------------------ main
 
+FUSED_OPS = ("bias_gelu", "residual_layernorm", "mlm_loss")  # model.fused_ops's choices
+
+
+def variant_config(name: str, model_cfg):
+    """(model config, the settings changed) of one of our --models variants; the same weights for all."""
+    from training.model.config import ModelConfig
+
+    if name == "ours_fused":  # every kernel this model can use: the residual LayerNorm one is post-LN only
+        update = {"attention": "fused",
+                  "fused_ops": [op for op in FUSED_OPS if op != "residual_layernorm" or model_cfg.norm == "post"]}
+    else:
+        update = {"ours": {}, "ours_compiled": {"compile": True}, "ours_padded": {"unpad": False}}[name]
+    return ModelConfig.model_validate({**model_cfg.model_dump(), **update}), update
+
+
+def kernel_caveats(name: str, ops) -> list[str]:
+    """One line per Triton kernel of `ops` (training.model.fused) that did not run and why: a variant that asked
+    for kernels and got PyTorch must not be read as the kernels' speed."""
+    return [f"{name}: the {op.name} kernel did not run ({reason}); {op.fallback_name} ran instead"
+            for op in ops for reason in sorted(op.logged)]
+
+
 def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
     """Stage `index` as the runner trains it, applied to `model`: its hook's `prepare` (MSLT freezes the lower
     layers), and its layer drop from the stage's first global step on. Returns (step -> forward kwargs,
@@ -202,10 +226,10 @@ def run(args) -> dict:
     models = args.models
     caveats: list[str] = []
     stage_kwargs, trainable, keep_probs = (lambda step: {}), None, None
-    for name in [m for m in models if m != "hf"]:  # ours, ours_compiled, ours_padded: the same weights
+    for name in [m for m in models if m != "hf"]:  # ours, ours_compiled, ours_fused, ours_padded: the same weights
         torch.manual_seed(cfg.run.seed)
-        variant = {"ours": {}, "ours_compiled": {"compile": True}, "ours_padded": {"unpad": False}}[name]
-        ours = BertForPreTraining(model_cfg.model_copy(update=variant))
+        variant_cfg, variant = variant_config(name, model_cfg)
+        ours = BertForPreTraining(variant_cfg)
         if stage_index is not None:  # the stage as the runner trains it: its hook's freezing, its layer drop
             stage_kwargs, trainable, keep_probs = stage_training(cfg, stage_index, ours, data.seq_len)
             if any(not p.requires_grad for p in ours.parameters()):
@@ -216,8 +240,8 @@ def run(args) -> dict:
                                f"{[round(p, 3) for p in keep_probs]} (the stage's first step); HF runs every layer")
         ours = ours.to(device)
         engine, _ = build_engine(ours, cfg, 1, None)
-        label = f"ours (training.model.bert, attention={model_cfg.attention}" + "".join(
-            f", {k}={v}" for k, v in variant.items()) + ")"
+        label = f"ours (training.model.bert, attention={variant_cfg.attention}" + "".join(
+            f", {k}={v}" for k, v in variant.items() if k != "attention") + ")"
         subjects.append(Subject(name, label, engine, count_parameters(ours), stage_kwargs))
     if "hf" in models:
         torch.manual_seed(cfg.run.seed)
@@ -249,6 +273,10 @@ def run(args) -> dict:
     if not cfg.run.peak_tflops:
         peaks.append(matmul_peak_tflops(device, dtype))
         peak = max(peaks)
+    if "ours_fused" in models:
+        from training.model import fused
+
+        caveats += kernel_caveats("ours_fused", fused.ALL_OPS)
 
     result = {
         "command": "python -m training.bench " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("__main__.py")
@@ -289,8 +317,8 @@ def run(args) -> dict:
         result["machine"]["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-    for mine, theirs in (("ours", "hf"), ("ours_compiled", "hf"), ("ours_compiled", "ours"), ("ours_padded", "hf"),
-                         ("ours", "ours_padded")):
+    for mine, theirs in (("ours", "hf"), ("ours_compiled", "hf"), ("ours_compiled", "ours"), ("ours_fused", "hf"),
+                         ("ours_fused", "ours"), ("ours_padded", "hf"), ("ours", "ours_padded")):
         if mine in result["models"] and theirs in result["models"]:
             result[f"ratio_{mine}_over_{theirs}"] = ratio(result["models"][mine], result["models"][theirs])
     (out / "throughput.json").write_text(json.dumps(result, indent=1))
@@ -338,7 +366,8 @@ def format_table(result: dict) -> str:
                      f"{m['samples_per_s']:,.1f}", f"{m['step_s']:.4f}",
                      f"{m['forward_s']:.4f}", f"{m['backward_s']:.4f}", f"{m['optimizer_s']:.4f}",
                      f"{m['peak_memory_bytes'] / 2**20:,.0f}", f"{m['mfu']:.1%}", f"{m['first_step_s']:.2f}"))
-    ratios = [(key[len("ratio_"):].replace("_over_", "/").replace("ours_compiled", "compiled").replace("hf", "HF"),
+    ratios = [(key[len("ratio_"):].replace("_over_", "/").replace("ours_compiled", "compiled")
+               .replace("ours_fused", "fused").replace("hf", "HF"),
                r) for key, r in result.items() if key.startswith("ratio_")]
     for label, r in ratios:
         rows.append((label, f"{r['tokens_per_s']:.2f}x", *(("",) if padded else ()), "", f"{r['step_s']:.2f}x",

@@ -40,6 +40,11 @@ class RunSection(_Strict):
     # answered its question (BENCHMARKS.md section 0). Negative: stop once within that many nats above it.
     # None = train to the end of the schedule.
     stop_below_unigram: Optional[float] = None
+    # Stop (after a held-out evaluation and a checkpoint, as at stop_at_step: the schedule is unchanged) at the
+    # first step that starts with the training loop's wall_s (metrics.jsonl's time axis: seconds since the loop
+    # started, a resumed run's earlier segments included) at or past this many seconds: a fixed time budget
+    # whatever the throughput (scripts/gpu_ttq.sh). Ranks agree on the step through the step's flags all-reduce.
+    max_wall_s: Optional[PositiveFloat] = None
     # Non-finite loss/gradient (see training/engine/faults.py): bf16/fp32 skip the step; after this many
     # consecutive bad steps, restore the last good checkpoint in-process or stop (exit code 3).
     max_bad_steps: PositiveInt = 5

@@ -3,8 +3,9 @@
 * The loss is normalised by the masked-token count of the whole global batch (all ranks, all micro-batches:
   one scalar all-reduce), so the gradient is the same token-mean however the batch is split across ranks and
   micro-batches. DeepSpeed divides by grad_accum and averages over ranks; the factor world * accum undoes that.
-* After the last backward and before the optimizer step, a second small all-reduce (MAX) agrees on two
-  flags: "some rank's loss or gradient is not finite" and "some rank got a pre-emption signal". A
+* After the last backward and before the optimizer step, a second small all-reduce (MAX) agrees on three
+  flags: "some rank's loss or gradient is not finite", "some rank got a pre-emption signal" and "some rank's
+  clock says stop" (run.max_wall_s). A
   non-finite bf16/fp32 step is skipped on every rank together; fp16 is left to DeepSpeed's loss scaler
   (engine/faults.py).
 
@@ -34,6 +35,7 @@ class StepResult:
     samples: int  # sequences in this optimizer step, all ranks
     bad: bool = False  # some rank's loss or gradient was not finite (agreed by all ranks)
     preempt: bool = False  # some rank got SIGTERM/SIGUSR1 (agreed by all ranks): checkpoint and exit 75
+    stop: bool = False  # some rank asked to stop after this step (run.max_wall_s; agreed by all ranks)
 
 
 def all_reduce_scalars(values: list[float], op=None) -> list[float]:
@@ -51,11 +53,12 @@ def _no_phase(name: str) -> ContextManager:
 
 def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, world_size: int, fp16: bool,
                    forward_kwargs: Optional[dict] = None, loss_factor: Optional[float] = None,
-                   preempt_requested: bool = False, phase: Phase = _no_phase) -> StepResult:
+                   preempt_requested: bool = False, stop_requested: bool = False,
+                   phase: Phase = _no_phase) -> StepResult:
     """One optimizer step over `micro_batches` (grad_accum of them) on a DeepSpeed engine.
 
-    `loss_factor` multiplies the loss (fault injection in tests: NaN); `preempt_requested` is this rank's
-    pre-emption flag, agreed with the others in the step's flags all-reduce."""
+    `loss_factor` multiplies the loss (fault injection in tests: NaN); `preempt_requested` and `stop_requested`
+    are this rank's pre-emption and stop flags, agreed with the others in the step's flags all-reduce."""
     forward_kwargs = forward_kwargs or {}
     with phase("count"):
         counts = [float((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches]
@@ -85,7 +88,8 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, w
         ok = loss_t.isfinite()
         if not fp16:  # fp16 gradients are scaled; DeepSpeed checks them for overflow itself
             ok = ok & faults.grads_finite(faults.local_grads(engine)).to(ok.device)
-        bad, preempt = all_reduce_scalars([0.0 if bool(ok) else 1.0, float(preempt_requested)], dist.ReduceOp.MAX)
+        bad, preempt, stop = all_reduce_scalars([0.0 if bool(ok) else 1.0, float(preempt_requested),
+                                                 float(stop_requested)], dist.ReduceOp.MAX)
     with phase("step"):
         if bad and not fp16:
             with faults.skipped_step(engine):
@@ -95,4 +99,4 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, w
     tokens = int(sum(b["input_ids"].numel() for b in micro_batches)) * world_size
     reported = loss_t - torch.stack(penalties).sum() if penalties else loss_t
     return StepResult(loss=float(reported), tokens=tokens, samples=int(samples) * world_size,
-                      bad=bad > 0, preempt=preempt > 0)
+                      bad=bad > 0, preempt=preempt > 0, stop=stop > 0)

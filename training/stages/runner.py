@@ -169,6 +169,7 @@ class StageRunner:
     _bad_streak: int = 0  # consecutive non-finite steps (see training/engine/faults.py)
     preempted: Optional[str] = None  # the signal's name once the run stopped for a pre-emption
     stopped_below: Optional[float] = None  # nats below unigram at the eval that stopped it (run.stop_below_unigram)
+    stopped_wall_s: Optional[float] = None  # wall_s at the step that stopped it (run.max_wall_s)
 
     def _reached_target(self, target: Optional[float]) -> Optional[float]:
         """The fresh eval's distance below the unigram reference if it reaches `target` (every rank holds the same
@@ -180,14 +181,15 @@ class StageRunner:
                  "stopping after a checkpoint", self.state.step, self.last_eval["heldout_loss"], below, target)
         return below
 
-    def train_step(self, micro_batches: list[dict], **forward_kwargs) -> StepResult:
+    def train_step(self, micro_batches: list[dict], stop_requested: bool = False, **forward_kwargs) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches (training/engine/step.py: the global token-mean
-        loss, the agreed fault and pre-emption flags)."""
+        loss, the agreed fault, pre-emption and stop flags)."""
         injector = inject.injector(self.rank)
         nan_factor = injector.loss_factor(self.state.step + 1)
         result = optimizer_step(self.engine, micro_batches, self.device, world_size=self.world_size,
                                 fp16=self.cfg.train.precision == "fp16", forward_kwargs=forward_kwargs,
-                                loss_factor=nan_factor, preempt_requested=preemption().requested)
+                                loss_factor=nan_factor, preempt_requested=preemption().requested,
+                                stop_requested=stop_requested)
         if nan_factor is not None:
             injector.fired(self.state.step + 1)
         return result
@@ -309,7 +311,8 @@ class StageRunner:
                 set_lr(self.engine, lr)
                 drop = self._layer_drop(stage)
                 step_start = time.perf_counter()
-                result = self.train_step(micro, **drop, **self._locality(stage, plan))
+                out_of_time = run.max_wall_s is not None and step_start - start_wall >= run.max_wall_s
+                result = self.train_step(micro, stop_requested=out_of_time, **drop, **self._locality(stage, plan))
                 if self._compiling:
                     self._record_compile(plan.name, time.perf_counter() - step_start)
                 self.state.step += 1
@@ -328,7 +331,7 @@ class StageRunner:
                 if watch is not None and watch.observe(self.state.step, self.engine):
                     self.plan.move_boundary(plan.index + 1, self.state.step)
                 stage_done = self.state.stage_step == plan.steps
-                if self.state.step % run.log_every == 0 or stage_done:
+                if self.state.step % run.log_every == 0 or stage_done or result.stop:
                     loss = all_reduce_scalars([result.loss])[0]
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
@@ -344,7 +347,8 @@ class StageRunner:
                                     **({"eval": f"{self.last_eval['heldout_loss']:.3f}"} if self.last_eval else {}))
                     window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
                 done = self.state.step == self.total_steps
-                if self.state.step % run.eval_every == 0 or done or (stage_done and run.eval_at_stage_end):
+                if (self.state.step % run.eval_every == 0 or done or (stage_done and run.eval_at_stage_end)
+                        or result.stop):  # a run stopped by its clock is scored where it stops
                     paused = time.perf_counter()
                     self.last_eval = self.evaluate()
                     self.metrics.write({"kind": "eval", "step": self.state.step, "stage": plan.name,
@@ -352,7 +356,12 @@ class StageRunner:
                                         **self._as_trained(stage, plan), "wall_s": time.perf_counter() - start_wall})
                     window_start += time.perf_counter() - paused  # eval time is not training throughput
                     self.stopped_below = self._reached_target(run.stop_below_unigram)
-                pause = self.state.step == run.stop_at_step or result.preempt or self.stopped_below is not None
+                if result.stop:
+                    self.stopped_wall_s = time.perf_counter() - start_wall
+                    log.info("step %d: the training loop has run %.1f s (run.max_wall_s=%g): stopping after a "
+                             "checkpoint", self.state.step, self.stopped_wall_s, run.max_wall_s)
+                pause = (self.state.step == run.stop_at_step or result.preempt or self.stopped_below is not None
+                         or result.stop)
                 periodic = run.save_every and self.state.step % run.save_every == 0 and not self._bad_streak
                 if periodic or done or pause:
                     self.state.wall_s = time.perf_counter() - start_wall
