@@ -15,16 +15,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 BLIMP=${BLIMP:-../shared/blimp}
+ROOT=${ROOT:-docs/bench}  # where the records go (another checkout's docs/bench when the code runs from a worktree)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 D=configs/bench/deep
 ALL=(baseline baseline_seed2 baseline_budget stacking mslt compound layerdrop core earlybert stacking_layerdrop)
 CONFIGS=()
 for n in "${ALL[@]}"; do CONFIGS+=("$D/$n.yaml"); done
-MAIN=(--out docs/bench/deep --pause-at-target --control baseline_budget --blimp "$BLIMP" --blimp-per-paradigm 50
+MAIN=(--out "$ROOT/deep" --pause-at-target --control baseline_budget --blimp "$BLIMP" --blimp-per-paradigm 50
       --blimp-every 500 --no-progress --configs "${CONFIGS[@]}")
 # The anneal at half and at 1.5x its length (800 -> 400, 1200 steps), baseline and stacking: does the ranking hold?
 anneal() {
-  $PY -m training.bench compare --out "docs/bench/deep-anneal$1" --stop-at-target --no-progress \
+  $PY -m training.bench compare --out "$ROOT/deep-anneal$1" --stop-at-target --no-progress \
     --set "train.locality_bias.steps=$1" --configs "$D/baseline.yaml" "$D/stacking.yaml" "${@:2}"
 }
 case "${1:-}" in
