@@ -19,7 +19,8 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from training.errors import exit_on_user_error  # noqa: E402
+from training import cli_types  # noqa: E402
+from training.errors import UserError, exit_on_user_error  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,15 +30,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     t = sub.add_parser("throughput", help="our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
     t.add_argument("--config", required=True, help="run config YAML (its model/train/optimizer/data sections)")
     t.add_argument("--out", required=True, help="output directory (writes throughput.json)")
-    t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per block (default 10)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps before every block (default 2)")
-    t.add_argument("--repeats", type=int, default=3, help="alternating blocks per model (default 3)")
+    t.add_argument("--steps", type=cli_types.positive_int("--steps"), default=10,
+                   help="timed optimizer steps per block (default 10)")
+    t.add_argument("--warmup", type=cli_types.non_negative_int("--warmup"), default=2,
+                   help="untimed steps before every block (default 2)")
+    t.add_argument("--repeats", type=cli_types.positive_int("--repeats"), default=3,
+                   help="alternating blocks per model (default 3)")
     t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
                    "default: the top-level model at the data's seq_len")
     t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_padded", "hf"),
                    default=["ours", "hf"], help="ours_compiled: ours with model.compile (torch.compile of each "
                    "layer); ours_padded: ours with model.unpad false; blocks alternate")
-    t.add_argument("--profile", type=int, default=0, metavar="N",
+    t.add_argument("--profile", type=cli_types.non_negative_int("--profile"), default=0, metavar="N",
                    help="after the blocks, N more steps per model under torch.profiler: OUT/profile-MODEL.txt")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
 
@@ -47,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--out", required=True, help="output directory (runs/, logs/, report.*)")
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override applied to every run, e.g. --set data.dir=data/x --set run.seed=1 (repeatable)")
-    c.add_argument("--eval-every", type=int, default=None, help="same as --set run.eval_every=N for every run")
+    c.add_argument("--eval-every", type=cli_types.positive_int("--eval-every"), default=None,
+                   help="same as --set run.eval_every=N for every run")
     c.add_argument("--names", nargs="+", default=None, help="run names (default: config file stems)")
     c.add_argument("--launcher", default=None,
                    help="command that replaces `python` for each run, e.g. 'torchrun --nproc_per_node 8'")
@@ -70,9 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     add_plateau_arguments(pl)
     args = p.parse_args(argv)
-    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1
-                                         or not 0 <= args.profile <= args.steps + args.warmup):
-        p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1, 0 <= --profile <= --steps + --warmup")
+    if args.command == "throughput" and args.profile > args.steps + args.warmup:
+        raise UserError(f"--profile {args.profile}: more than --steps + --warmup ({args.steps + args.warmup})")
     return args
 
 

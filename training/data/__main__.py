@@ -5,7 +5,11 @@ import argparse
 import os
 import sys
 
-from training.errors import UserError, exit_on_user_error
+from training import cli_types
+from training.data.tokenizer import MAX_TRAIN_VOCAB, MIN_TRAIN_VOCAB
+from training.errors import exit_on_user_error
+
+MAX_PROCS = 1024  # map processes; more is a typo
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,24 +25,25 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-column", default="text", metavar="NAME",
                       help="the column holding the text in hf: inputs (default: text)")
     prep.add_argument("--out", required=True, metavar="DIR")
-    prep.add_argument("--seq-len", type=int, required=True, metavar="N")
+    prep.add_argument("--seq-len", type=cli_types.seq_len(), required=True, metavar="N")
     prep.add_argument("--tokenizer", required=True, metavar="PATH|train:VOCAB_SIZE")
-    prep.add_argument("--heldout-fraction", type=float, default=0.01)
-    prep.add_argument("--num-proc", type=int, default=None, help="default: all cores")
-    prep.add_argument("--max-docs", type=int, default=None)
+    prep.add_argument("--heldout-fraction", type=cli_types.fraction("--heldout-fraction"), default=0.01)
+    prep.add_argument("--num-proc", type=cli_types.positive_int("--num-proc", MAX_PROCS), default=None,
+                      help="default: all cores")
+    prep.add_argument("--max-docs", type=cli_types.positive_int("--max-docs"), default=None)
     prep.add_argument("--overwrite", action="store_true")
-    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--seed", type=cli_types.seed(), default=0)
     prep.add_argument("--no-pack", action="store_true",
                       help="one document per row, padded ([CLS] doc [SEP] [PAD]...; a longer document continues in "
                            "the next rows) instead of packed [CLS] A [SEP] B [SEP] rows")
 
     bd = sub.add_parser("build-default", help="build the default corpus from gensim's Wikipedia sample")
     bd.add_argument("--out", required=True, metavar="DIR")
-    bd.add_argument("--seq-len", type=int, default=128)
-    bd.add_argument("--vocab", type=int, default=2048)
-    bd.add_argument("--heldout-fraction", type=float, default=0.05)
-    bd.add_argument("--num-proc", type=int, default=None)
-    bd.add_argument("--seed", type=int, default=0)
+    bd.add_argument("--seq-len", type=cli_types.seq_len(), default=128)
+    bd.add_argument("--vocab", type=cli_types.integer("--vocab", ge=MIN_TRAIN_VOCAB, le=MAX_TRAIN_VOCAB), default=2048)
+    bd.add_argument("--heldout-fraction", type=cli_types.fraction("--heldout-fraction"), default=0.05)
+    bd.add_argument("--num-proc", type=cli_types.positive_int("--num-proc", MAX_PROCS), default=None)
+    bd.add_argument("--seed", type=cli_types.seed(), default=0)
     return p
 
 
@@ -56,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from training.data.wiki import build_default
 
-        if args.seq_len < 8:
-            raise UserError(f"--seq-len {args.seq_len}: must be at least 8")
         build_default(args.out, args.seq_len, args.vocab, heldout_fraction=args.heldout_fraction,
                       seed=args.seed, num_proc=args.num_proc)
     return 0
