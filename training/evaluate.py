@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from training import outdir
+from training import cli_types, outdir
 from training.errors import UserError, exit_on_user_error
 
 DEFAULT_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 1 << 16  # rows per forward pass on the CPU; more is a typo, not a batch
 
 
 def _vocab(tokenizer_dir: Path, what: str) -> list[str]:
@@ -52,13 +53,30 @@ def _prepared_seq_len(data_dir) -> int | None:
         return None
 
 
-def _check_out(out: Path | None, overwrite: bool) -> None:
+def _inputs(args) -> list[tuple[str, str]]:
+    """Everything evaluate reads: the model's files, --data (files or a dir), --reference, the run's data dir."""
+    from training.model_io import model_inputs, run_data_dir
+
+    items = model_inputs(args.model) + [("--data", p) for p in args.data]
+    if args.reference is not None:
+        items.append(("--reference", str(args.reference)))
+    model = Path(args.model)
+    for run in (model, model.parent, model.parent.parent):  # a run dir, its checkpoints/ or a tag dir in it
+        if (run / "config.resolved.json").is_file():
+            items.append(("the run's data.dir", run_data_dir(run) or ""))
+            break
+    return items
+
+
+def _check_out(args) -> None:
+    out = args.out
     if out is None:
         return
-    if out.exists() and not overwrite:
+    if out.exists() and not args.overwrite:
         raise UserError(f"--out {out}: exists (pass --overwrite to replace it)")
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory, want a file name")
+    outdir.check_no_clash("--out", out, _inputs(args))
     parent = out.absolute().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: parent directory {parent} is missing or not writable")
@@ -213,26 +231,23 @@ def parse_args(argv=None):
                                                    "(default: a prepared --data dir, else the run's data.dir)")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    p.add_argument("--max-rows", type=int, help="score only the first N rows")
-    p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")
-    args = p.parse_args(argv)
-    for name in ("batch_size", "max_rows", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < (8 if name == "seq_len" else 1):
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {8 if name == 'seq_len' else 1}")
-    return args
+    p.add_argument("--batch-size", type=cli_types.positive_int("--batch-size", MAX_BATCH_SIZE),
+                   default=DEFAULT_BATCH_SIZE)
+    p.add_argument("--max-rows", type=cli_types.positive_int("--max-rows"), help="score only the first N rows")
+    p.add_argument("--seq-len", type=cli_types.seq_len(), help="row length for raw text (default: the run's or the "
+                   "reference's)")
+    return p.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _check_out(args.out, args.overwrite)
+    _check_out(args)
     result = evaluate(args)  # no timing in it: two evaluations of one model write identical files
     if not math.isfinite(result["loss"]):
         raise UserError(f"--model {args.model}: the loss is not finite ({result['loss']}); the weights are broken")
     if args.out is not None:
-        _check_out(args.out, args.overwrite)  # nobody wrote it meanwhile
+        _check_out(args)  # nobody wrote it meanwhile
         _write_json(args.out, result)
     print(summary_line(result, args.out), flush=True)
     return 0

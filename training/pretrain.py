@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import socket
@@ -26,23 +25,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from training import outdir  # noqa: E402
+from training import cli_types, outdir  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.stages.plan import load_config  # noqa: E402
 from training.engine import checkpoint_verify  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
-from training.metrics import measure_peak_tflops  # noqa: E402
+from training.metrics import measure_peak_tflops, truncate_metrics  # noqa: E402,F401
 from training.run_setup import build_initial_model, load_data, resolve_model  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
 
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
+# What a run writes in run.out_dir (no input may be one of them): training/engine/checkpoint.py, metrics.py,
+# the DeepSpeed monitor's tensorboard/, the final export hf/, and what _start copies in.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "config.resolved.json", "tokenizer",
+             "deepspeed_config.json", outdir.RUN_MARKER, outdir.LOCK_NAME)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,11 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output directory (moved aside, deleted after this run's "
                         "first step; only a directory holding this trainer's .bert-run marker)")
-    p.add_argument("--lock-wait", type=_seconds, default=0.0, metavar="SECONDS",
+    p.add_argument("--lock-wait", type=cli_types.non_negative_float("--lock-wait"), default=0.0, metavar="SECONDS",
                    help="when another process holds the output dir's lock, wait up to this long for it to let go "
                         "before giving up (default 0: give up at once). The Slurm scripts pass it on a requeue, "
                         "whose previous incarnation may still be exiting on a node")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DS launcher
+    p.add_argument("--local_rank", "--local-rank", type=cli_types.non_negative_int("--local_rank"), default=None,
+                   help=argparse.SUPPRESS)  # DS launcher
     return p.parse_args(argv)
 
 
@@ -72,8 +70,10 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
         raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
                         "to start over")
     replacing = has_run and overwrite and not resume
+    # Replaced or new, OUT is written whole; a run resumed in place writes only its own files there.
+    outdir.check_no_clash("run.out_dir", out, inputs, writes=[out / name for name in RUN_FILES] if has_run and
+                          not replacing else [out])
     if replacing:
-        outdir.check_holds_no_input(out, inputs, "run.out_dir")
         if outdir.read_marker(out, outdir.RUN_MARKER) is None:
             raise UserError(f"run.out_dir {out} has no {outdir.RUN_MARKER} marker, so it is not recognisably a run of "
                             "training.pretrain (runs written before the marker existed have none either) and "
@@ -155,7 +155,8 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: 
     try:
         replacing = _check_out_dir(out, resume, overwrite, inputs)  # again, under the lock
         info = outdir.read_marker(out, outdir.RUN_MARKER) or {}
-        pending = [Path(p) for p in info.get("replaces", []) if _is_replaced_of(Path(p), out) and Path(p).is_dir()]
+        pending = [Path(p) for p in info.get("replaces", [])
+                   if outdir.is_replaced_of(Path(p), out) and Path(p).is_dir()]
         me = {"written_by": "training.pretrain", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "host": socket.gethostname(), "pid": os.getpid()}
         if not replacing:
@@ -191,12 +192,6 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: 
         raise
 
 
-def _is_replaced_of(path: Path, out: Path) -> bool:
-    """Only ever delete a sibling named OUT.replaced-* (a marker is a file anyone can edit)."""
-    return path.is_absolute() and path.parent.resolve() == out.absolute().parent.resolve() and \
-        path.name.startswith(f"{out.name}.replaced-")
-
-
 def log_precision(precision: str, rank: int) -> None:
     """Say which precision trains and why; warn where bf16 was asked for on a device that only emulates it."""
     from training.engine.precision import device_bf16
@@ -224,13 +219,18 @@ def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
 
 
 def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
-    from training.model.hf_export import export_hf
+    """OUT/hf, written whole or not at all (through a temporary dir, as training.export does): a kill or a full
+    disk leaves the previous export or none. A model HF cannot represent is reported, not an error; a file-system
+    failure is (outdir.replace_dir: one line)."""
+    from training.model.hf_export import check_exportable, export_hf
 
     try:
-        export_hf(runner.engine.module, runner.model_cfg, out / "hf", tokenizer_dir=data.tokenizer_dir)
-        return str(out / "hf")
+        check_exportable(runner.model_cfg)
     except UserError as err:
         return f"not exported: {err}"
+    outdir.replace_dir(out / "hf", lambda tmp: export_hf(runner.engine.module, runner.model_cfg, tmp,
+                                                         tokenizer_dir=data.tokenizer_dir), flag="run.out_dir")
+    return str(out / "hf")
 
 
 def split_cpu_threads(local_world_size: int) -> None:
@@ -248,22 +248,6 @@ def _setup_logging(rank: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done. step -1 (a
-    --resume that starts from scratch) drops every record."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except ValueError:
-            continue  # a line cut short by the kill
-        kept.append(line if line.endswith("\n") else line + "\n")
-    outdir.write_atomic(path, "".join(kept))
 
 
 @exit_on_user_error
@@ -320,11 +304,11 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
         if env.rank == 0:  # records of an earlier attempt that never checkpointed: not this run's
             truncate_metrics(out / "metrics.jsonl", -1)
     if tag is not None:
-        runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
+        meta = runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
         if env.rank == 0:
             if bad_tags:
                 checkpoint_verify.quarantine(out / "checkpoints", bad_tags, tag)
-            truncate_metrics(out / "metrics.jsonl", runner.state.step)
+            truncate_metrics(out / "metrics.jsonl", runner.state.step, meta.get("metrics_bytes"))
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         runner.set_model(build_initial_model(cfg), cfg.stage_model(0))
@@ -383,8 +367,8 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
         torch.distributed.barrier()
         return EXIT_REQUEUE
 
-    exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
     if rank == 0:
+        exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
         ev = runner.last_eval
         if runner.stopped_below is not None:
             print(f"stopped at step {state.step} of {runner.total_steps}: {runner.stopped_below:+.3f} nats below the "
