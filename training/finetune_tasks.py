@@ -3,9 +3,10 @@
 GLUE tasks (`glue/NAME`) load with `datasets.load_dataset("nyu-mll/glue", NAME)`, columns renamed to text[,
 text_pair] and label, with the GLUE metric(s) of each (GLUE_TASKS). Local tasks (`csv:TRAIN[,EVAL]`,
 `jsonl:TRAIN[,EVAL]`, or a bare .csv / .jsonl / .json path) read columns text, optional text_pair and label;
-integer labels 0..K-1 are class ids, other integers and strings map to ids in sorted order (at most MAX_CLASSES),
-finite floats make a regression task; without EVAL a fixed 10% of TRAIN is held out. The metrics (accuracy, F1 of class 1, Matthews correlation, Pearson,
-Spearman) are written here in numpy / scipy; `jsonable` writes an undefined one as null.
+integer labels 0..K-1 are class ids, other integers and strings map to ids in sorted order (at most
+MAX_CLASSES), finite floats make a regression task; without EVAL a fixed 10% of TRAIN is held out. The metrics
+(accuracy, F1 of class 1, Matthews correlation, Pearson, Spearman) are written here in numpy / scipy; `jsonable`
+writes an undefined one as null.
 """
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import sys
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from training import cli_types  # noqa: E402
+from training.bench import steptime  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
 
 
@@ -30,12 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     t = sub.add_parser("throughput", help="our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
     t.add_argument("--config", required=True, help="run config YAML (its model/train/optimizer/data sections)")
     t.add_argument("--out", required=True, help="output directory (writes throughput.json)")
-    t.add_argument("--steps", type=cli_types.positive_int("--steps"), default=10,
-                   help="timed optimizer steps per block (default 10)")
-    t.add_argument("--warmup", type=cli_types.non_negative_int("--warmup"), default=2,
-                   help="untimed steps before every block (default 2)")
-    t.add_argument("--repeats", type=cli_types.positive_int("--repeats"), default=3,
-                   help="alternating blocks per model (default 3)")
+    steptime.add_block_arguments(t, steps=10, warmup=2, repeats=3, blocks="alternating blocks per model")
     t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
                    "default: the top-level model at the data's seq_len")
     t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_padded", "hf"),

@@ -382,12 +382,7 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output directory (writes mslt.json)")
     p.add_argument("--ranks", type=cli_types.positive_int("--ranks", 1024), default=2,
                    help="processes to spawn when not under a launcher (default 2)")
-    p.add_argument("--steps", type=cli_types.positive_int("--steps"), default=5,
-                   help="timed optimizer steps per block (default 5)")
-    p.add_argument("--warmup", type=cli_types.non_negative_int("--warmup"), default=2,
-                   help="untimed steps before every block (default 2)")
-    p.add_argument("--repeats", type=cli_types.positive_int("--repeats"), default=2,
-                   help="alternating full/mslt blocks per stage (default 2)")
+    steptime.add_block_arguments(p, steps=5, warmup=2, repeats=2, blocks="alternating full/mslt blocks per stage")
     p.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="only these stages")
     p.add_argument("--threads", type=cli_types.positive_int("--threads", 4096), default=None,
                    help="torch threads per rank (default cores / ranks)")

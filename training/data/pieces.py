@@ -1,7 +1,8 @@
 """Long documents in pieces, so `prepare`'s memory is bounded by the piece size, not by the longest document.
 
-The tokenizer holds ~100 bytes of state per input character while it encodes (offsets, alignments, token
-strings), so one 50 MB line made `prepare` peak at 6.5 GB. Here a document longer than PIECE_CHARS is handed
+Training the tokenizer on one document, and encoding it, held state for the whole document at once (offsets,
+alignments, token strings: many bytes per character), so one 50 MB line made `prepare` peak at 6.5 GB (numbers
+in docs/reliability.md). Here a document longer than PIECE_CHARS is handed
 on as consecutive pieces (`cont` True on every piece but its last), read from a .txt file without ever holding
 the whole line (`read_lines`), and each piece is tokenised on its own; the packer joins a document's pieces
 without a [SEP] between them (packing.py), and every piece gets its whole document's held-out score (prepare.py),
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from typing import BinaryIO, Iterator
 
-PIECE_CHARS = 1 << 16  # characters: ~6 MB of tokenizer state while a piece is encoded
+PIECE_CHARS = 1 << 16  # characters per piece
 LINE_CHUNK = 1 << 20  # bytes of a .txt line read at a time
 _CUT_BEFORE = " \t\n\r"
 

@@ -196,14 +196,14 @@ def _commit(staging: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-ENCODE_CHARS = 1 << 18  # characters per tokenizer call (~25 MB of its state, freed after each)
+ENCODE_CHARS = 1 << 18  # characters per tokenizer call: its state for them is freed after each call
 BATCH_ROWS = 256  # documents (or pieces of one, up to 64 Ki characters each) tokenised or packed at a time
 
 
 def _encode(batch, tokenizer):
     """Token ids of a batch of documents (or pieces of one), as int32 arrays. The tokenizer is called on at
-    most ENCODE_CHARS characters at a time (a batch of 1000 long pieces would otherwise hold gigabytes of its
-    state at once, training/data/pieces.py)."""
+    most ENCODE_CHARS characters at a time, so a batch of long pieces (training/data/pieces.py) never has its
+    encoding state for all of them at once."""
     # encode_special_tokens: a literal "[SEP]" in the text must not become a real separator
     tokenizer.encode_special_tokens = True
     texts, ids, start = batch["text"], [], 0
