@@ -429,6 +429,9 @@ def _main_for(argv: list[str]):
     if kind == "evaluate":
         from training.evaluate import main
         return main, argv, ["-m", "training.evaluate"]
+    if kind == "finetune":
+        from training.finetune import main
+        return main, argv, ["-m", "training.finetune"]
     from training.data.__main__ import main
     return main, argv, ["-m", "training.data"]
 
@@ -439,8 +442,15 @@ def test_the_table_is_big_enough():
 
 @pytest.mark.parametrize("row", [pytest.param(r, id=r[0]) for r in ROWS])
 def test_bad_input(row, tmp_path, tiny_data, good_run, in_process, capsys):
+    check_row(row, Case(tmp_path, tiny_data, good_run), capsys)
+
+
+def check_row(row, case: Case, capsys) -> None:
+    """Run a row's command (in this process or as a subprocess): exit 2, one `error:` line (the last) holding the
+    expected texts, no traceback, and the row's out dir untouched."""
+    import os
+
     name, build, expected, how = row
-    case = Case(tmp_path, tiny_data, good_run)
     argv = build(case)
     before = tree_digest(case.out)
     main, args, module = _main_for(argv)
@@ -460,8 +470,6 @@ def test_bad_input(row, tmp_path, tiny_data, good_run, in_process, capsys):
     assert stderr.strip().splitlines()[-1] == errors[0], f"the error line is not the last one:\n{stderr[-2000:]}"
     for text in expected:
         assert text in errors[0], f"{text!r} not in {errors[0]!r}"
-    import os
-
     while _held_locks:
         os.close(_held_locks.pop())
     after = tree_digest(case.out)

@@ -314,7 +314,7 @@ def test_blimp_of_an_hf_dir_without_training_data_leaves_the_count_models_out(ti
 @pytest.mark.parametrize("argv, message", [
     (["--blimp", "nowhere"], "--blimp nowhere: no such directory"),
     ([], "give --data (held-out score), --blimp (minimal pairs), or both"),
-    (["--blimp", str(BLIMP), "--per-paradigm", "0"], "--per-paradigm 0: must be at least 1"),
+    (["--blimp", str(BLIMP), "--per-paradigm", "0"], "--per-paradigm 0: must be an integer >= 1"),
     (["--blimp", str(BLIMP), "--reference", "nowhere"], "--reference nowhere: not a prepared data dir"),
 ])
 def test_blimp_bad_input_is_one_line(tiny_run, tmp_path, capsys, argv, message):

@@ -361,7 +361,36 @@ ROWS = [  # (id, argv from a Case, text the error line must hold)
      ["--out", "--model", "an input of this command"]),
     ("seq-len-too-long", lambda c: c.argv(None, None, "--max-seq-len", "65"), ["--max-seq-len 65", "64"]),
     ("bad-batch-size", lambda c: c.argv(None, None, "--batch-size", "0"), ["--batch-size 0"]),
+    # issue 29: numbers that are not finite or out of range (training/cli_types.py) ...
+    ("lr-inf", lambda c: c.argv(None, None, "--lr", "inf"), ["--lr inf: must be a finite number > 0"]),
+    ("epochs-inf", lambda c: c.argv(None, None, "--epochs", "inf"), ["--epochs inf: must be a finite number"]),
+    ("warmup-nan", lambda c: c.argv(None, None, "--warmup", "nan"), ["--warmup nan: must be a finite number >= 0"]),
+    ("seed-negative", lambda c: c.argv(None, None, "--seed", "0", "-1"), ["--seed -1: must be an integer in [0,"]),
+    # ... label spaces: finite regression targets, a bounded number of classes ...
+    ("regression-label-inf", lambda c: c.argv(task=str(write_rows(c.tmp / "reg.csv", [
+        {"text": f"row {i}", "label": v} for i, v in enumerate([0.5, 1.5, "inf", 2.0] * 3)]))),
+     ["reg.csv has 3 rows whose `label` is not a finite number (data row 3: inf)"]),
+    ("too-many-classes", lambda c: c.argv(task=str(write_rows(c.tmp / "ids.csv", [
+        {"text": f"row {i}", "label": f"id{i}"} for i in range(10_001)]))),
+     ["ids.csv", "10,001 distinct labels, more than 10,000 classes"]),
+    # ... a broken model dir, named by the loader evaluate and model.init_from_hf share (training/model/hf_dir.py)
+    ("model-config-truncated", lambda c: c.argv(model=_broken_model(c, "config.json", 50)),
+     ["config.json: truncated or corrupt"]),
+    ("model-safetensors-truncated", lambda c: c.argv(model=_broken_model(c, "model.safetensors", 4000)),
+     ["model.safetensors: truncated or corrupt"]),
+    # ... and an output that would write into an input
+    ("out-inside-the-model", lambda c: c.argv(_broken_model(c, "", 0), None)[:4] + [
+        "--out", str(c.tmp / "broken" / "ft"), "--max-steps", "1"], ["ft is inside --model=", "an input"]),
 ]
+
+
+def _broken_model(c, name: str, keep: int) -> Path:
+    """A copy of the tiny Post-LN export with `name` cut to `keep` bytes (none: a plain copy)."""
+    bad = c.tmp / "broken"
+    shutil.copytree(c.models["post"], bad)
+    if name:
+        (bad / name).write_bytes((bad / name).read_bytes()[:keep])
+    return bad
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +416,19 @@ def test_bad_input(row, tmp_path, tiny_models, genre_task, texts, capsys):
     assert tree_digest(case.out) == before, f"{case.out} changed"
 
 
+def test_integer_labels_that_are_not_class_ids_are_mapped(tiny_models, tmp_path):
+    """An id-like label (10^12) was read as 10^12 + 1 classes and ran out of memory: labels that are not already
+    0..K-1 map to class ids in numeric order, their values kept as the label names."""
+    rows = [{"text": f"{w} sentence number {i}", "label": v}
+            for i, (w, v) in enumerate([("alpha", 10**12), ("beta", 7)] * 20)]
+    task = write_rows(tmp_path / "ids.csv", rows)
+    out = tmp_path / "out"
+    assert finetune("--model", str(tiny_models["post"]), "--task", f"csv:{task}", "--out", str(out),
+                    "--max-steps", "1", "--batch-size", "4") == 0
+    entry = results(out)["tasks"]["ids"]
+    assert entry["num_labels"] == 2 and entry["label_names"] == ["7", "1000000000000"]
+
+
 def test_glue_offline_is_one_error_line(tiny_models, tmp_path, monkeypatch, capsys):
     import datasets
 
@@ -403,4 +445,3 @@ def test_glue_offline_is_one_error_line(tiny_models, tmp_path, monkeypatch, caps
     assert exc.value.code == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
     assert "glue/sst2" in errors[0] and "offline" in errors[0] and "HF_DATASETS_OFFLINE" in errors[0]
     assert not out.exists()
-

@@ -80,10 +80,11 @@ def test_export_round_trip_loads_in_hf_without_missing_keys(tmp_path):
     ours = BertForPreTraining(cfg).eval()
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
-    (tok_dir / "vocab.txt").write_text("[PAD]\nhello\n")
+    vocab = "[PAD]\nhello\n" + "".join(f"w{i}\n" for i in range(cfg.vocab_size - 2))  # the model's size
+    (tok_dir / "vocab.txt").write_text(vocab)
     export_hf(ours, cfg, tmp_path / "out", tokenizer_dir=tok_dir)
 
-    assert (tmp_path / "out" / "vocab.txt").read_text() == "[PAD]\nhello\n"
+    assert (tmp_path / "out" / "vocab.txt").read_text() == vocab
     # MLM only: the head it has, not an NSP head it never trained (issue 30 item 5)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
     assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 40
@@ -155,7 +156,7 @@ def test_config_from_hf_rejects_other_activations(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(conf))
     with pytest.raises(UserError, match="hidden_act"):
         model_config_from_hf(tmp_path)
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="no such directory"):
         model_config_from_hf(tmp_path / "nowhere")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_reliability_support import (REPO, RESUME_CONFIGS, SIGKILL, SIGTERM, SIGUSR1,  # noqa: F401
+from tests.test_reliability_support import (REPO, RESUME_CONFIGS, SIGINT, SIGKILL, SIGTERM, SIGUSR1,  # noqa: F401
                                             assert_bit_identical, env, metrics, model_state, reference_run,
                                             run_pretrain, start_and_signal, tiny_data, total_steps, tree_digest,
                                             write_config)
@@ -206,14 +206,16 @@ def test_skipped_step_leaves_params_and_optimizer_state_alone(process_group):
 
 # ------------------------------------------------------------------------------ pre-emption
 
-@pytest.mark.parametrize("sig", [SIGTERM, SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig", [SIGTERM, SIGUSR1, SIGINT], ids=["SIGTERM", "SIGUSR1", "SIGINT"])
 def test_preemption_signal_checkpoints_exits_75_and_resumes_exactly(tmp_path, tmp_path_factory, tiny_data, sig):
+    """SIGINT is Ctrl-C: the same checkpoint and exit 75, no traceback (a second one: tests/test_interrupts.py)."""
     ref = reference_run(tmp_path_factory, tiny_data, BASE_ID, BASE)
     out = tmp_path / "out"
     config = write_config(tmp_path / "c.yaml", tiny_data, out, BASE)
     stdout, rc, err = start_and_signal(config, 5, sig)
     assert rc == 75, err[-2000:]
     assert "pre-empted" in stdout and "exit 75" in stdout, stdout
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     reached = max(r["step"] for r in metrics(out) if r.get("kind") == "train")
     assert latest(out) == f"step{reached:08d}"  # a checkpoint at the step reached, not the previous one
     assert meta(out, latest(out))["train_state"]["step"] == reached < TOTAL

@@ -186,7 +186,7 @@ def tree_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-SIGKILL, SIGTERM, SIGUSR1 = signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1
+SIGKILL, SIGTERM, SIGUSR1, SIGINT = signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT
 
 
 def reference_run(tmp_path_factory, data_dir: Path, cfg_id: str, overrides: dict) -> Path:
@@ -201,6 +201,21 @@ def reference_run(tmp_path_factory, data_dir: Path, cfg_id: str, overrides: dict
         proc = run_pretrain(config, "--overwrite")
         assert proc.returncode == 0, proc.stderr[-3000:]
     return final
+
+
+def hf_and_task(run_dir: Path, root: Path, lines: int = 80) -> tuple[Path, Path]:
+    """(ROOT/hf: the run exported, ROOT/task.csv: a two-class task of `lines` corpus lines) for finetune tests."""
+    import csv
+
+    from training.export import main as export
+
+    assert export(["--checkpoint", str(run_dir), "--out", str(root / "hf")]) == 0
+    task = root / "task.csv"
+    with open(task, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows([line[:200], i % 2] for i, line in enumerate(corpus_lines(lines)))
+    return root / "hf", task
 
 
 def total_steps(overrides: dict) -> int:

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 
-from training import outdir
+from training import cli_types, outdir
 from training.errors import UserError, exit_on_user_error
 from training.model_io import DEVICES
 
 DEFAULT_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 1 << 16  # rows per forward pass on the CPU; more is a typo, not a batch
 
 
 def _vocab(tokenizer_dir: Path, what: str) -> list[str]:
@@ -56,13 +57,30 @@ def _prepared_seq_len(data_dir) -> int | None:
         return None
 
 
-def _check_out(out: Path | None, overwrite: bool) -> None:
+def _inputs(args) -> list[tuple[str, str]]:
+    """Everything evaluate reads: the model's files, --data (files or a dir), --reference, the run's data dir."""
+    from training.model_io import model_inputs, run_data_dir
+
+    items = model_inputs(args.model) + [("--data", p) for p in args.data or ()]
+    if args.reference is not None:
+        items.append(("--reference", str(args.reference)))
+    model = Path(args.model)
+    for run in (model, model.parent, model.parent.parent):  # a run dir, its checkpoints/ or a tag dir in it
+        if (run / "config.resolved.json").is_file():
+            items.append(("the run's data.dir", run_data_dir(run) or ""))
+            break
+    return items
+
+
+def _check_out(args) -> None:
+    out = args.out
     if out is None:
         return
-    if out.exists() and not overwrite:
+    if out.exists() and not args.overwrite:
         raise UserError(f"--out {out}: exists (pass --overwrite to replace it)")
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory, want a file name")
+    outdir.check_no_clash("--out", out, _inputs(args))
     parent = out.absolute().parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UserError(f"--out {out}: parent directory {parent} is missing or not writable")
@@ -292,7 +310,7 @@ def build_parser(prog: str = "python -m training.evaluate"):
                                              "(.txt/.jsonl/.parquet, as prepare reads them): the held-out score")
     p.add_argument("--blimp", metavar="DIR|hf:NAME", help="BLiMP minimal pairs: a folder of <paradigm>.jsonl[.xz] "
                    "files, or a datasets name such as hf:nyu-mll/blimp (offline: from the datasets cache)")
-    p.add_argument("--per-paradigm", type=int, metavar="N", help="score N pairs of each paradigm, the same ones "
+    p.add_argument("--per-paradigm", type=cli_types.positive_int("--per-paradigm"), metavar="N", help="score N pairs of each paradigm, the same ones "
                    "every time (default: all)")
     p.add_argument("--pll", choices=tuple(PLL_CHOICES), default="word",
                    help="pseudo-log-likelihood: word (a word's later pieces masked too, Kauf & Ivanova 2023), "
@@ -303,9 +321,12 @@ def build_parser(prog: str = "python -m training.evaluate"):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--device", choices=DEVICES, default="auto",
                    help="where the model runs: auto = the CUDA GPU when torch sees one, else the CPU")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
-    p.add_argument("--max-rows", type=int, help="score only the first N rows (default: all)")
-    p.add_argument("--seq-len", type=int, help="row length for raw text (default: the run's or the reference's)")
+    p.add_argument("--batch-size", type=cli_types.positive_int("--batch-size", MAX_BATCH_SIZE),
+                   default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
+    p.add_argument("--max-rows", type=cli_types.positive_int("--max-rows"),
+                   help="score only the first N rows (default: all)")
+    p.add_argument("--seq-len", type=cli_types.seq_len(), help="row length for raw text (default: the run's or the "
+                   "reference's)")
     return p
 
 
@@ -313,22 +334,18 @@ def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if not args.data and not args.blimp:
         raise UserError("give --data (held-out score), --blimp (minimal pairs), or both")
-    for name in ("batch_size", "max_rows", "seq_len", "per_paradigm"):
-        value = getattr(args, name)
-        if value is not None and value < (8 if name == "seq_len" else 1):
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {8 if name == 'seq_len' else 1}")
     return args
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _check_out(args.out, args.overwrite)
+    _check_out(args)
     result = evaluate(args)  # no timing in it: two evaluations of one model write identical files
     if "loss" in result and not math.isfinite(result["loss"]):
         raise UserError(f"--model {args.model}: the loss is not finite ({result['loss']}); the weights are broken")
     if args.out is not None:
-        _check_out(args.out, args.overwrite)  # nobody wrote it meanwhile
+        _check_out(args)  # nobody wrote it meanwhile
         _write_json(args.out, result)
     print(summary_line(result, args.out), flush=True)
     return 0

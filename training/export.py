@@ -14,7 +14,6 @@ checkpoints dir) being exported: a run owns its folders (the run itself writes O
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -46,51 +45,17 @@ def check_export_out(out: Path, overwrite: bool, tag_dir: Path, tokenizer: Path 
     if real == root or root in real.parents:
         raise UserError(f"--out {out}: inside {root}, the run being exported (its folders are the run's own); "
                         "pick an --out outside it")
+    outdir.check_no_clash("--out", out, [("--checkpoint", str(tag_dir)),
+                                         ("--tokenizer", str(tokenizer) if tokenizer else "")])
     if out.exists() or out.is_symlink():
         if not out.is_dir():
             raise UserError(f"--out {out}: exists and is not a directory")
         if any(out.iterdir()):
             if not overwrite:
                 raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
-            outdir.check_holds_no_input(out, [("--checkpoint", str(tag_dir)),
-                                              ("--tokenizer", str(tokenizer) if tokenizer else "")], "--out")
             if not is_hf_dir(out):
                 raise UserError(f"--out {out}: not a Hugging Face model dir (no config.json), so --overwrite will not "
                                 "delete it: delete it by hand, or pick another --out")
-
-
-def write_atomically(out: Path, write) -> None:
-    """`write(tmp_dir)` fills a sibling temporary dir, renamed to `out` only when complete; an existing `out` is
-    moved aside first and deleted after the rename (put back if the rename fails). Nothing partial is left."""
-    out = Path(os.path.abspath(out))
-    parent = out.parent
-    made = [p for p in [parent, *parent.parents] if not p.exists()]
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
-    old = parent / f".{out.name}.old-{os.getpid()}"
-    moved = False
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            os.rename(out, old)
-            moved = True
-        os.rename(tmp, out)
-    except OSError as err:
-        raise UserError(outdir.oserror_line(f"--out {out}", err)) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if moved and not out.exists():
-            os.rename(old, out)  # the new one never arrived: the old one goes back
-            moved = False
-        for p in made:  # parents this export created, now empty after a failure
-            try:
-                p.rmdir()
-            except OSError:
-                break
-    if moved:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build_parser(prog: str = "python -m training.export"):
@@ -113,9 +78,9 @@ def main(argv=None) -> int:
 
     tag_dir = resolve_tag_dir(args.checkpoint)
     tokenizer = args.tokenizer or find_tokenizer(tag_dir)
-    check_export_out(args.out, args.overwrite, tag_dir, args.tokenizer)
+    check_export_out(args.out, args.overwrite, tag_dir, tokenizer)
     model, cfg, _meta = load_checkpoint_model(tag_dir)
-    write_atomically(args.out, lambda tmp: export_hf(model, cfg, tmp, tokenizer_dir=tokenizer))
+    outdir.replace_dir(args.out, lambda tmp: export_hf(model, cfg, tmp, tokenizer_dir=tokenizer))
     print(f"exported {tag_dir} -> {args.out}" + ("" if tokenizer else " (no tokenizer found)"))
     return 0
 

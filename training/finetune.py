@@ -14,15 +14,17 @@ top; AutoTokenizer reads the dir's WordPiece tokenizer).
               accuracy, stsb Pearson and Spearman (regression), mnli accuracy on validation_matched and
               validation_mismatched, the others accuracy.
   csv:TRAIN[,EVAL] / jsonl:TRAIN[,EVAL] (or a path ending .csv / .jsonl / .json): columns `text`, optional
-              `text_pair`, `label`. Integer labels are class ids, strings are mapped to ids in sorted order,
-              floats make a regression task. Without EVAL, a fixed 10% of TRAIN's rows (seed 0, the same
-              rows for every --seed) is held out for evaluation. Scored with accuracy (and F1 of class 1 and
-              Matthews correlation for two classes), or Pearson / Spearman for regression.
+              `text_pair`, `label`. Integer labels 0..K-1 are class ids; other integers and strings are
+              mapped to ids in sorted order (at most 10,000 classes); finite floats make a regression task.
+              Without EVAL, a fixed 10% of TRAIN's rows (seed 0, the same rows for every --seed) is held out
+              for evaluation. Scored with accuracy (and F1 of class 1 and Matthews correlation for two
+              classes), or Pearson / Spearman for regression.
 Output: OUT/<task>/seed<k>/ (the Trainer's output_dir: metrics.json, the model with --save-model) and
 OUT/results.json (every task x seed's metrics, their means over seeds, the command, the machine), rewritten
 after each seed; a table is printed at the end. OUT (default runs/finetune/<model dir name>) is never
 overwritten without --overwrite, which replaces only a directory this command wrote (its .bert-finetune
-marker); the previous one is moved aside and deleted when the new sweep completes (put back if it fails).
+marker); the previous one is moved aside and deleted when the new sweep completes (put back if it fails or is
+stopped by SIGTERM / Ctrl-C; a sweep that does not complete leaves its partial output in OUT.failed-<pid>).
 
 This module is the command: the model and tokenizer checks, the output dir, the Trainer loop and results.json.
 What each --task reads and how it is scored (GLUE_TASKS, the local-file readers, the metrics) is in
@@ -42,24 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
-from training import outdir
+from training import cli_types, outdir
 from training.errors import UserError, exit_on_user_error
 from training.finetune_tasks import Task, _first_line, check_metrics_available, jsonable, load_tasks, score
 
 MARKER = ".bert-finetune"
 WEIGHT_DECAY = 0.01  # BERT's fine-tuning setting
+MAX_EPOCHS = 1e4  # more is a typo (and a run that never ends)
+MAX_BATCH_SIZE = 1 << 16
 
 
 # ------------------------------------------------------------------ the model
-
-def check_model_dir(model: Path) -> None:
-    if not model.is_dir():
-        raise UserError(f"--model {model}: no such directory")
-    if not (model / "config.json").is_file():
-        hint = f" (the run's export is {model / 'hf'})" if (model / "hf" / "config.json").is_file() else \
-            " (export a run with `python -m training.export`)"
-        raise UserError(f"--model {model}: not a Hugging Face model dir, no config.json{hint}")
-
 
 def max_positions(config) -> int:
     """Tokens one sequence may hold: RoBERTa-style models (our Pre-LN export) spend pad_token_id + 1 rows."""
@@ -73,7 +68,9 @@ def load_tokenizer(model: Path):
     """The model dir's tokenizer and config, refusing a tokenizer that does not fit the embedding table."""
     from transformers import AutoConfig, AutoTokenizer
 
-    check_model_dir(model)
+    from training.model.hf_dir import open_hf_dir
+
+    open_hf_dir(model, "--model")  # the check every reader of an HF dir shares: config.json and the weights
     try:
         config = AutoConfig.from_pretrained(model)
     except Exception as err:  # transformers raises OSError / ValueError / KeyError for bad configs
@@ -117,16 +114,27 @@ def tokenize(task: Task, tokenizer, max_len: int):
 
 # ------------------------------------------------------------------ the output dir
 
+def leftovers(out: Path) -> list[Path]:
+    """Earlier sweeps of OUT that an --overwrite moved aside and, killed, never deleted or put back: the
+    OUT.replaced-* siblings OUT's marker names."""
+    named = (outdir.read_marker(out, MARKER) or {}).get("replaces") or []
+    named = [named] if isinstance(named, str) else named
+    return [Path(p) for p in named if isinstance(p, str) and outdir.is_replaced_of(Path(p), out) and Path(p).is_dir()]
+
+
 def check_out(out: Path, overwrite: bool, inputs) -> bool:
-    """True when --overwrite is to replace a previous sweep in `out`; refuses everything else that exists."""
+    """True when --overwrite is to replace a previous sweep in `out`; refuses everything else that exists, and an
+    `out` that is, holds or lies inside an input."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     outdir.check_unlocked(out, "--out")
+    outdir.check_no_clash("--out", out, inputs)
     if not outdir.entries(out):
         return False
     if not overwrite:
-        raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
-    outdir.check_holds_no_input(out, inputs, "--out")
+        aside = leftovers(out)
+        raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)" +
+                        (f"; {aside[0]} holds the sweep an interrupted --overwrite moved aside" if aside else ""))
     if outdir.read_marker(out, MARKER) is None:
         raise UserError(f"--out {out}: has no {MARKER} marker, so it is not recognisably the output of "
                         "training.finetune and --overwrite will not delete it: delete it by hand, or pick another "
@@ -136,37 +144,54 @@ def check_out(out: Path, overwrite: bool, inputs) -> bool:
 
 class OutClaim:
     """OUT locked for this process; with --overwrite the previous sweep moved aside, deleted by `done()`, put
-    back by `failed()` (this sweep's partial output then goes to OUT.failed-<pid>)."""
+    back by `failed()` (this sweep's partial output goes to OUT.failed-<pid> in any case). `failed()` also runs on
+    SIGTERM / Ctrl-C (training/errors.py makes them exceptions). Only a SIGKILL leaves the previous sweep at
+    OUT.replaced-*: OUT's marker names it, and the next --overwrite of OUT says so and deletes it with its own
+    previous sweep when it completes."""
 
     def __init__(self, out: Path, replacing: bool):
         self.out, self.aside = out, None
+        self.pending = leftovers(out) if replacing else []
         try:
             if replacing:
                 self.aside = outdir.replaced_name(out.absolute())
                 os.rename(out, self.aside)
             self.lock = outdir.DirLock(out, "--out").acquire()
             outdir.write_marker(out, MARKER, written_by="training.finetune",
-                                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), replaces=str(self.aside or ""))
+                                created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                replaces=[str(p) for p in [self.aside, *self.pending] if p is not None])
         except OSError as err:
-            self._put_back()
+            if self.aside is not None:
+                self._put_back()
             raise UserError(outdir.oserror_line(f"--out {out}", err)) from None
         except UserError:  # another process took OUT meanwhile
-            self._put_back()
+            if self.aside is not None:
+                self._put_back()
             raise
+        for old in self.pending:
+            print(f"warning: {old}: a sweep of {out} an interrupted --overwrite moved aside; deleted when this "
+                  "sweep completes (move it back by hand to keep it)", file=sys.stderr, flush=True)
 
     def _put_back(self) -> None:
-        if self.aside is None or not self.aside.is_dir():
+        """This sweep's partial output goes to OUT.failed-<pid> (nothing half-written stays in OUT) and the
+        previous sweep, if one was moved aside, comes back."""
+        failed = self.out.with_name(f"{self.out.name}.failed-{os.getpid()}")
+        if self.aside is not None and not self.aside.is_dir():
             return
         if self.out.exists():
-            os.rename(self.out, self.out.with_name(f"{self.out.name}.failed-{os.getpid()}"))
-        os.rename(self.aside, self.out)
-        print(f"warning: the fine-tuning failed; the previous {self.out} is back (this one's partial output: "
-              f"{self.out.name}.failed-{os.getpid()})", file=sys.stderr, flush=True)
+            os.rename(self.out, failed)
+        if self.aside is not None:
+            os.rename(self.aside, self.out)
+        print("warning: the fine-tuning did not complete; " +
+              (f"the previous {self.out} is back; " if self.aside is not None else "") +
+              (f"this one's partial output is in {failed}" if failed.exists() else "it wrote nothing"),
+              file=sys.stderr, flush=True)
 
     def done(self) -> None:
         self.lock.release()
-        if self.aside is not None:
-            shutil.rmtree(self.aside, ignore_errors=True)
+        for old in [self.aside, *self.pending]:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
 
     def failed(self) -> None:
         self.lock.release()
@@ -295,12 +320,12 @@ def finetune(args, argv) -> dict:
                 write_json(args.out / "results.json", results)
         results["complete"] = True
         write_json(args.out / "results.json", results)
-    except OSError as err:
+    except BaseException as err:
+        reason = outdir.fs_failure(err, args.out) if isinstance(err, Exception) else None  # a full disk...
         claim.failed()
-        raise UserError(outdir.oserror_line(f"--out {args.out}", err)) from None
-    except BaseException:
-        claim.failed()
-        raise
+        if reason is None:
+            raise
+        raise UserError(f"--out {args.out}: {reason}") from None
     claim.done()
     return results
 
@@ -315,18 +340,25 @@ def build_parser(prog: str = "python -m training.finetune"):
     p.add_argument("--task", required=True, nargs="+", action="extend",
                    help="glue/NAME, csv:TRAIN[,EVAL] or jsonl:TRAIN[,EVAL]; several run in turn")
     p.add_argument("--out", type=Path, help="output dir (default runs/finetune/<model dir name>)")
-    p.add_argument("--epochs", type=float, default=3.0, help="training epochs over each task's train split")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (BERT-base's; small models want more)")
-    p.add_argument("--batch-size", type=int, default=32, help="examples per optimizer step")
-    p.add_argument("--seed", type=int, nargs="+", default=None, help="one or more seeds (default 0)")
-    p.add_argument("--max-seq-len", type=int, help="truncate inputs to N tokens (default min(128, the model's))")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up: a fraction of the steps, or steps if >= 1")
+    p.add_argument("--epochs", type=cli_types.positive_float("--epochs", MAX_EPOCHS), default=3.0,
+                   help="training epochs over each task's train split")
+    p.add_argument("--lr", type=cli_types.positive_float("--lr", 1.0), default=2e-5,
+                   help="peak learning rate (BERT-base's; small models want more)")
+    p.add_argument("--batch-size", type=cli_types.positive_int("--batch-size", MAX_BATCH_SIZE), default=32,
+                   help="examples per optimizer step")
+    p.add_argument("--seed", type=cli_types.seed(), nargs="+", default=None, help="one or more seeds (default 0)")
+    p.add_argument("--max-seq-len", type=cli_types.seq_len("--max-seq-len"),
+                   help="truncate inputs to N tokens (default min(128, the model's))")
+    p.add_argument("--max-steps", type=cli_types.positive_int("--max-steps"),
+                   help="stop after N optimizer steps (overrides --epochs)")
+    p.add_argument("--warmup", type=cli_types.non_negative_float("--warmup"), default=0.1,
+                   help="warm-up: a fraction of the steps, or steps if >= 1")
     p.add_argument("--task-name", nargs="+", metavar="NAME",
                    help="one name per --task, in order: names OUT/<name> and the results (default: GLUE's name, a "
                         "local file's stem, or its folder's name when the stem is train/dev/...)")
-    p.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps")
-    p.add_argument("--eval-every", type=int, metavar="N",
+    p.add_argument("--log-every", type=cli_types.positive_int("--log-every"), default=50,
+                   help="log the training loss every N steps")
+    p.add_argument("--eval-every", type=cli_types.positive_int("--eval-every"), metavar="N",
                    help="evaluate on the (first) eval split every N steps during training (default: every epoch)")
     p.add_argument("--report-to", nargs="*", default=["tensorboard"], metavar="LOGGER",
                    help="the Trainer's loggers (tensorboard: OUT/<task>/seed<k>/runs/; wandb, ...; none: give the "
@@ -343,15 +375,6 @@ def parse_args(argv=None):
     if args.out is None:  # a run's export (RUN/hf) is named after the run
         model = args.model.absolute()
         args.out = Path("runs/finetune") / (model.parent.name if model.name == "hf" else model.name)
-    for name, low in (("batch_size", 1), ("max_seq_len", 8), ("max_steps", 1), ("log_every", 1), ("eval_every", 1)):
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
-    for name in ("epochs", "lr"):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name} {getattr(args, name)}: must be positive")
-    if args.warmup < 0:
-        raise UserError(f"--warmup {args.warmup}: must not be negative")
     return args
 
 

@@ -3,11 +3,12 @@
 GLUE tasks (`glue/NAME`) load with `datasets.load_dataset("nyu-mll/glue", NAME)`, columns renamed to text[,
 text_pair] and label, with the GLUE metric(s) of each (GLUE_TASKS). Local tasks (`csv:TRAIN[,EVAL]`,
 `jsonl:TRAIN[,EVAL]`, or a bare .csv / .jsonl / .json path) read columns text, optional text_pair and label;
-integer labels are class ids, strings map to ids in sorted order, floats make a regression task; without
-EVAL a fixed 10% of TRAIN is held out; a local task is named after its TRAIN file's stem (its folder's name when
-the stem only names a split: train.csv in sst/ is `sst`) or after --task-name. The metrics come from
-scikit-learn (accuracy, F1 of the positive class = label id 1, whose name each task states, Matthews
-correlation) and scipy (Pearson, Spearman), the libraries GLUE's reference scorer and `evaluate` use; `jsonable`
+integer labels 0..K-1 are class ids, other integers and strings map to ids in sorted order (at most
+MAX_CLASSES), finite floats make a regression task; without EVAL a fixed 10% of TRAIN is held out; a local task is
+named after its TRAIN file's stem (its folder's name when the stem only names a split: train.csv in sst/ is `sst`)
+or after --task-name. The metrics come from scikit-learn (accuracy, F1 of the positive class = label id 1, whose
+name each task states, Matthews correlation) and scipy (Pearson, Spearman), the libraries GLUE's reference scorer
+and `evaluate` use; `jsonable`
 writes an undefined one as null.
 """
 from __future__ import annotations
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from training.errors import UserError
+from training.errors import first_line as _first_line
 
 GLUE_DATASET = "nyu-mll/glue"
 POSITIVE_ID = 1  # F1's positive class: mrpc's "equivalent", qqp's "duplicate", a local task's second label
 # A local TRAIN file whose stem only names a split: the task takes its folder's name instead.
 SPLIT_STEMS = ("train", "training", "dev", "eval", "valid", "validation", "test", "data")
 HOLDOUT_FRACTION, HOLDOUT_SEED = 0.1, 0
+MAX_CLASSES = 10_000  # a classification head over more is an id column or a regression target read as classes
 
 
 @dataclass(frozen=True)
@@ -157,11 +160,6 @@ def _offline() -> bool:
         getattr(datasets.config, "HF_HUB_OFFLINE", False))
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
-
-
 def load_glue(spec: str, name: str) -> Task:
     import datasets
 
@@ -220,6 +218,41 @@ def _label_kind(spec: str, column) -> str:
     raise UserError(f"--task {spec}: column `label` has type {t}; want integers, strings or floats")
 
 
+def _check_finite(spec: str, raw, files) -> None:
+    """Regression targets must be numbers: an inf or NaN label makes every loss and metric NaN."""
+    for split, path in zip(raw, files):
+        values = raw[split].data.column("label").to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = np.nonzero(~np.isfinite(values))[0]
+        if len(bad):
+            raise UserError(f"--task {spec}: {path} has {len(bad)} rows whose `label` is not a finite number (data "
+                            f"row {bad[0] + 1}: {values[bad[0]]}); regression targets must be finite")
+
+
+def _class_ids(spec: str, raw, kind: str):
+    """(raw with `label` as class ids 0..K-1, label names, K). Strings map to ids in sorted order; integers that are
+    already 0..K-1 stay as they are (names empty), other integers (1..5 stars, -1/1, ids like 10^12) map to ids in
+    numeric order, their values kept as names. More than MAX_CLASSES classes is refused: a head that size is an
+    id or a regression target read as classes, not a classification task."""
+    import datasets
+
+    if kind == "str":
+        raw = raw.cast_column("label", datasets.Value("string"))
+        values = sorted({v for d in raw.values() for v in d.unique("label")})
+    else:
+        values = sorted({int(v) for d in raw.values() for v in d.unique("label")})
+    if len(values) < 2:
+        raise UserError(f"--task {spec}: every label is {values[0]}; want at least two classes")
+    if len(values) > MAX_CLASSES:
+        raise UserError(f"--task {spec}: {len(values):,} distinct labels, more than {MAX_CLASSES:,} classes; is "
+                        "`label` an id, or a number to regress (float labels make a regression task)?")
+    if kind == "int" and values == list(range(len(values))):
+        return raw, [], len(values)
+    names = [str(v) for v in values]
+    if kind == "int":  # by name, in numeric order: casting integers to a ClassLabel would read them as ids
+        raw = raw.cast_column("label", datasets.Value("string"))
+    return raw.cast_column("label", datasets.ClassLabel(names=names)), names, len(names)
+
+
 def load_local(spec: str) -> Task:
     import datasets
 
@@ -251,6 +284,10 @@ def load_local(spec: str) -> Task:
                 raise UserError(f"--task {spec}: {path} has {empty} rows without a `{column}`")
     for column in texts:  # a column of numbers is text too
         raw = raw.cast_column(column, datasets.Value("string"))
+    kinds = {_label_kind(spec, d.data.column("label")) for d in raw.values()}
+    kind = "str" if "str" in kinds else "float" if "float" in kinds else "int"
+    if kind == "float":  # before a held-out split is drawn: the rows named are the file's
+        _check_finite(spec, raw, files)
     if "eval" not in raw:
         if len(raw["train"]) < 2:
             raise UserError(f"--task {spec}: {files[0]} has {len(raw['train'])} row; want at least 2 to hold out "
@@ -259,27 +296,11 @@ def load_local(spec: str) -> Task:
         raw = datasets.DatasetDict(train=raw["train"].flatten_indices(keep_in_memory=True),
                                    eval=raw["test"].flatten_indices(keep_in_memory=True))
 
-    kinds = {_label_kind(spec, d.data.column("label")) for d in raw.values()}
-    kind = "str" if "str" in kinds else "float" if "float" in kinds else "int"
-    names: list = []
     if kind == "float":
-        num_labels, metrics = 1, ("pearson", "spearmanr")
+        num_labels, metrics, names = 1, ("pearson", "spearmanr"), []
         raw = raw.cast_column("label", datasets.Value("float32"))
-    elif kind == "str":  # casting strings to a ClassLabel maps each to its index in `names`
-        raw = raw.cast_column("label", datasets.Value("string"))
-        names = sorted({v for d in raw.values() for v in d.unique("label")})
-        raw = raw.cast_column("label", datasets.ClassLabel(names=names))
-        num_labels = len(names)
     else:
-        values = np.concatenate([d.data.column("label").to_numpy() for d in raw.values()])
-        if values.min() < 0:
-            raise UserError(f"--task {spec}: integer label {values.min()} is negative; want class ids 0..K-1")
-        num_labels = int(values.max()) + 1
-    if kind != "float":
-        seen = {v for d in raw.values() for v in d.unique("label")}
-        if len(seen) < 2:
-            raise UserError(f"--task {spec}: every label is {names[0] if names else next(iter(seen))}; want at "
-                            "least two classes")
+        raw, names, num_labels = _class_ids(spec, raw, kind)
         metrics = ("accuracy", "f1", "matthews_correlation") if num_labels == 2 else ("accuracy",)
     stem = files[0].stem
     name = files[0].absolute().parent.name if stem.lower() in SPLIT_STEMS and files[0].absolute().parent.name \

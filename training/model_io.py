@@ -107,7 +107,7 @@ def load_model(path: Path, flag: str = "--model", device: torch.device | str = "
         from training.model.bert import BertForPreTraining
         from training.model.hf import load_hf_weights, model_config_from_hf
 
-        cfg = model_config_from_hf(path)
+        cfg = model_config_from_hf(path, flag)
         model = BertForPreTraining(cfg)
         load_hf_weights(model, path)
         has_tok = (path / "vocab.txt").is_file() or (path / "tokenizer.json").is_file()
@@ -121,6 +121,21 @@ def load_model(path: Path, flag: str = "--model", device: torch.device | str = "
                              find_tokenizer(tag_dir))
     loaded.model.float().eval().to(device)
     return loaded
+
+
+def model_inputs(path: Path, flag: str = "--model") -> list[tuple[str, str]]:
+    """What reading the model at `path` reads, as (what, path) pairs for outdir.check_no_clash, found without
+    loading anything: an HF dir or a checkpoint (tag or checkpoints/) dir whole; of a run dir its checkpoints/,
+    tokenizer/ and config.resolved.json (so a result may still be written into the run dir beside them)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir() and not is_hf_dir(path):
+        return [(f"{flag} {name}", str(path / name)) for name in ("checkpoints", "tokenizer", "config.resolved.json")]
+    items = [(flag, str(path))]
+    if not is_hf_dir(path):  # a tag or checkpoints dir: the run's tokenizer and config beside it
+        for run in (path.parent, path.parent.parent):
+            items += [(f"{flag} {name}", str(run / name)) for name in ("tokenizer", "config.resolved.json")
+                      if (run / name).exists()]
+    return items
 
 
 def run_data_dir(run_dir: Path) -> Optional[str]:

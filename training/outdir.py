@@ -4,8 +4,9 @@
   (training.pretrain) or `DIR/.bert-data` (training.data prepare). `--overwrite` replaces only a directory
   with the right marker; one without (someone's data, a run written before markers existed) is refused with
   a line saying how to proceed, and nothing is deleted.
-* Inputs. `--overwrite` is refused when the directory is, or contains, an input of the command (the config
-  file, data.dir, a tokenizer, an --input corpus, model.init_from_hf...).
+* Inputs. No command writes over its own inputs: an output that is, holds or lies inside an input of the
+  command (the config file, data.dir, a tokenizer, an --input corpus, the model dir, model.init_from_hf...),
+  resolved through links, is refused (`check_no_clash`, used by every entry point).
 * Lock. `DIR/.lock` is held with fcntl.flock (exclusive) while a process works in DIR; it holds `pid@host`
   of the holder, so a second process exits 2 naming it. The kernel drops a flock when its holder dies, so a
   lock file left by a killed process is simply taken over. The holder unlinks the file before releasing; a
@@ -17,6 +18,8 @@ import errno
 import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import sys
 import time
@@ -197,18 +200,72 @@ def entries(directory: Path) -> list[Path]:
     return [p for p in directory.iterdir() if p.name != LOCK_NAME]
 
 
-def check_holds_no_input(directory: Path, inputs: Iterable[tuple[str, str]], flag: str) -> None:
-    """`inputs`: (what, path) pairs. Refuse when `directory` is or contains one of them."""
-    root = Path(os.path.realpath(directory))
+def check_no_clash(flag: str, out: Path, inputs: Iterable[tuple[str, str]], writes: Iterable[Path] = ()) -> None:
+    """Refuse an output that would write over an input of the command: one helper for every entry point.
+
+    `out`: the output as given with `flag`; `writes`: the paths the command writes or replaces (default: `out`
+    itself, a file it writes or a directory it fills or replaces whole). `inputs`: (what, path) pairs; a path is
+    a file or a directory (all of which is read). Both sides are resolved through symbolic links. A clash is a
+    written path that is an input, holds one, or lies inside an input directory; missing inputs are skipped."""
+    written = [Path(os.path.realpath(w)) for w in (list(writes) or [out])]
+    root = Path(os.path.realpath(out))
     for what, path in inputs:
-        if not path:
+        if not path or not os.path.exists(path):
             continue
         p = Path(os.path.realpath(path))
-        if not p.exists():
-            continue
-        if p == root or root in p.parents:
-            raise UserError(f"{flag} {directory} {'is' if p == root else 'contains'} {what}={path}, an input of this "
-                            "command; --overwrite would delete it: pick another output directory")
+        for w in written:
+            if p == w:
+                relation = "is"
+            elif w in p.parents:
+                relation = "contains"
+            elif p in w.parents and p.is_dir():
+                relation = "is inside"
+            else:
+                continue
+            where = f"{flag} {out}" if w == root else f"{flag} {out}: {w}"
+            raise UserError(f"{where} {relation} {what}={path}, an input of this command, which the output would "
+                            f"write over or delete: pick another {flag}")
+
+
+def replace_dir(out: Path, write: Callable[[Path], None], flag: str = "--out") -> None:
+    """`write(tmp_dir)` fills a sibling temporary dir `.NAME.tmp-PID`, renamed to `out` only when complete; an
+    existing `out` is moved aside first (`.NAME.old-PID`) and deleted after the rename (put back if the rename
+    fails). A file-system failure (disk full, read-only: fs_failure) is one UserError line; nothing partial is
+    left, so a kill leaves the previous `out` or nothing (a leftover temporary dir is removed by the next call)."""
+    out = Path(os.path.abspath(out))
+    parent = out.parent
+    made = [p for p in [parent, *parent.parents] if not p.exists()]
+    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+    old = parent / f".{out.name}.old-{os.getpid()}"
+    moved = False
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{out.name}.tmp-*"):
+            if not _pid_alive(stale.name.rpartition("-")[2]):  # left by a killed writer
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        if out.exists():
+            os.rename(out, old)
+            moved = True
+        os.rename(tmp, out)
+    except Exception as err:  # noqa: BLE001 - a full disk comes as OSError, SafetensorError, RuntimeError...
+        reason = fs_failure(err, parent)
+        if reason is None:
+            raise
+        raise UserError(f"{flag} {out}: {reason}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if moved and not out.exists():
+            os.rename(old, out)  # the new one never arrived: the old one goes back
+            moved = False
+        for p in made:  # parents this call created, now empty after a failure
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    if moved:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def replaced_name(directory: Path) -> Path:
@@ -217,11 +274,70 @@ def replaced_name(directory: Path) -> Path:
     return directory.with_name(f"{directory.name}.replaced-{stamp}-{os.getpid()}")
 
 
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_replaced_of(path: Path, out: Path) -> bool:
+    """Whether `path` (named in OUT's marker) is a sibling OUT.replaced-*: the only thing ever deleted as a
+    previous output moved aside (a marker is a file anyone can edit)."""
+    return path.is_absolute() and path.parent.resolve() == out.absolute().parent.resolve() and \
+        path.name.startswith(f"{out.name}.replaced-")
+
+
+def _reason(code: Optional[int], text: str, filename=None) -> str:
+    if code == errno.ENOSPC:
+        text = "no space left on device"
+    elif code == errno.EDQUOT:
+        text = "disk quota exceeded"
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        text = f"not writable ({text})"
+    return text + (f" ({filename})" if filename else "")
+
+
 def oserror_line(what: str, err: OSError) -> str:
-    reason = err.strerror or str(err)
-    if err.errno == errno.ENOSPC:
-        reason = "no space left on device"
-    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        reason = f"not writable ({err.strerror})"
-    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-    return f"{what}: {reason}{where}"
+    return f"{what}: {_reason(err.errno, err.strerror or str(err), getattr(err, 'filename', None))}"
+
+
+# How libraries report a write that failed, without an OSError: safetensors (Rust) says "... (os error 28)",
+# torch.save's zip writer "unexpected pos N vs M" (a short write) or "PytorchStreamWriter failed writing file".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_SHORT_WRITE = ("unexpected pos", "PytorchStreamWriter failed writing", "file write failed")
+
+
+def fs_failure(err: BaseException, where: Union[str, Path, None] = None) -> Optional[str]:
+    """Why a write failed, when `err` (or an exception it was raised from: datasets wraps the OSError of a full
+    disk in its DatasetGenerationError) is a file-system failure; else None (a bug: let it raise). `where`: a
+    path on the file system written to, whose free space tells a full disk from another short write."""
+    seen = 0
+    while err is not None and seen < 20:
+        if isinstance(err, OSError):
+            return _reason(err.errno, err.strerror or str(err), err.filename)
+        text = str(err)
+        found = _OS_ERROR.search(text)
+        if found:
+            code = int(found.group(1))
+            return _reason(code, os.strerror(code))
+        if isinstance(err, RuntimeError) and any(s in text for s in _SHORT_WRITE):
+            return "no space left on device" if _nearly_full(where) else \
+                f"a write failed ({(text.strip().splitlines() or [''])[0][:120]}); is the disk full?"
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        seen += 1
+    return None
+
+
+def _nearly_full(where) -> bool:
+    path = Path(where) if where is not None else None
+    while path is not None and not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        st = os.statvfs(path if path is not None else ".")
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 16 << 20  # under 16 MiB left: what a failed checkpoint write leaves

@@ -33,12 +33,16 @@ from training.config.length import aid_outlasts_run  # noqa: E402
 from training.engine import checkpoint_verify  # noqa: E402
 from training.engine.build import check_precision_supported, compute_dtype  # noqa: E402
 from training.errors import UserError, exit_on_user_error  # noqa: E402
-from training.metrics import measure_peak_tflops  # noqa: E402
+from training.metrics import measure_peak_tflops, truncate_metrics  # noqa: E402,F401
 from training.run_setup import build_initial_model, load_data, resolve_model  # noqa: E402,F401
 from training.pretrain_cli import overrides, parse_args  # noqa: E402,F401
-from training.resume import truncate_metrics  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
+
+# What a run writes in run.out_dir (no input may be one of them): training/engine/checkpoint.py, metrics.py,
+# the DeepSpeed monitor's tensorboard/, the final export hf/, and what _start copies in.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "config.resolved.json", "tokenizer",
+             "deepspeed_config.json", outdir.RUN_MARKER, outdir.LOCK_NAME)
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
@@ -50,8 +54,10 @@ def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
         raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
                         "to start over")
     replacing = has_run and overwrite and not resume
+    # Replaced or new, OUT is written whole; a run resumed in place writes only its own files there.
+    outdir.check_no_clash("run.out_dir", out, inputs, writes=[out / name for name in RUN_FILES] if has_run and
+                          not replacing else [out])
     if replacing:
-        outdir.check_holds_no_input(out, inputs, "run.out_dir")
         if outdir.read_marker(out, outdir.RUN_MARKER) is None:
             raise UserError(f"run.out_dir {out} has no {outdir.RUN_MARKER} marker, so it is not recognisably a run of "
                             "training.pretrain (runs written before the marker existed have none either) and "
@@ -133,7 +139,8 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: 
     try:
         replacing = _check_out_dir(out, resume, overwrite, inputs)  # again, under the lock
         info = outdir.read_marker(out, outdir.RUN_MARKER) or {}
-        pending = [Path(p) for p in info.get("replaces", []) if _is_replaced_of(Path(p), out) and Path(p).is_dir()]
+        pending = [Path(p) for p in info.get("replaces", [])
+                   if outdir.is_replaced_of(Path(p), out) and Path(p).is_dir()]
         me = {"written_by": "training.pretrain", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "host": socket.gethostname(), "pid": os.getpid()}
         if not replacing:
@@ -169,12 +176,6 @@ def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: 
         raise
 
 
-def _is_replaced_of(path: Path, out: Path) -> bool:
-    """Only ever delete a sibling named OUT.replaced-* (a marker is a file anyone can edit)."""
-    return path.is_absolute() and path.parent.resolve() == out.absolute().parent.resolve() and \
-        path.name.startswith(f"{out.name}.replaced-")
-
-
 def log_precision(precision: str, rank: int) -> None:
     """Say which precision trains and why; warn where bf16 was asked for on a device that only emulates it."""
     from training.engine.precision import device_bf16
@@ -202,13 +203,18 @@ def run_inputs(cfg: RunConfig, config_path: str) -> list[tuple[str, str]]:
 
 
 def export_final(runner, cfg: RunConfig, data, out: Path) -> str:
-    from training.model.hf_export import export_hf
+    """OUT/hf, written whole or not at all (through a temporary dir, as training.export does): a kill or a full
+    disk leaves the previous export or none. A model HF cannot represent is reported, not an error; a file-system
+    failure is (outdir.replace_dir: one line)."""
+    from training.model.hf_export import check_exportable, export_hf
 
     try:
-        export_hf(runner.engine.module, runner.model_cfg, out / "hf", tokenizer_dir=data.tokenizer_dir)
-        return str(out / "hf")
+        check_exportable(runner.model_cfg)
     except UserError as err:
         return f"not exported: {err}"
+    outdir.replace_dir(out / "hf", lambda tmp: export_hf(runner.engine.module, runner.model_cfg, tmp,
+                                                         tokenizer_dir=data.tokenizer_dir), flag="run.out_dir")
+    return str(out / "hf")
 
 
 def split_cpu_threads(local_world_size: int) -> None:
@@ -300,7 +306,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
         if env.rank == 0:  # records of an earlier attempt that never checkpointed: not this run's
             truncate_metrics(out / "metrics.jsonl", -1)
     if tag is not None:
-        runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
+        meta = runner.resume(tag)  # restores each rank's RNG as saved: do not reseed after this
         changed = resume.report_schedule_change(runner, out, runner.state.step)  # before the config is rewritten
         if env.rank == 0:
             if bad_tags and args.resume == "latest":  # corrupt ones passed over
@@ -309,7 +315,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
                 resume.set_aside(out / "checkpoints", bad_tags, tag)
             if changed:
                 log.warning("%s", changed)
-            truncate_metrics(out / "metrics.jsonl", runner.state.step)
+            truncate_metrics(out / "metrics.jsonl", runner.state.step, meta.get("metrics_bytes"))
     else:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
         runner.set_model(build_initial_model(cfg), cfg.stage_model(0))
@@ -368,11 +374,11 @@ def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:
         torch.distributed.barrier()
         return EXIT_REQUEUE
 
-    exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
     from training.resume import score_of_finished
 
-    ev = score_of_finished(runner)  # a resumed run that was already finished: its score, evaluated now
+    ev = score_of_finished(runner)  # a resumed run that was already finished: its score (every rank evaluates)
     if rank == 0:
+        exported = export_final(runner, cfg, data, out) if cfg.run.export_hf else "disabled (run.export_hf=false)"
         if runner.stopped_below is not None:
             print(f"stopped at step {state.step} of {runner.total_steps}: {runner.stopped_below:+.3f} nats below the "
                   f"unigram reference reaches run.stop_below_unigram={cfg.run.stop_below_unigram:g}", flush=True)

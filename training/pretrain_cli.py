@@ -8,22 +8,14 @@ its warmup and where it ends) and exits. Neither trains, nor creates the run dir
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
-from training import cli
+from training import cli, cli_types
 
 EXIT_CODES = """exit codes: 0 done (or paused at run.stop_at_step, or stopped at run.stop_below_unigram or run.max_wall_s);
 2 bad input (one `error: ...` line, nothing written); 3 stopped on repeated non-finite losses/gradients; 75 checkpointed
 after SIGTERM/SIGUSR1 (requeue, then --resume); anything else is a crash."""
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
-    return value
 
 
 def build_parser(prog: str = "python -m training.pretrain") -> argparse.ArgumentParser:
@@ -35,7 +27,7 @@ def build_parser(prog: str = "python -m training.pretrain") -> argparse.Argument
     cli.add_set(p)
     p.add_argument("--out", help="output directory (same as --set run.out_dir=DIR; default: the config's "
                                  "run.out_dir)")
-    p.add_argument("--max-steps", type=int, metavar="N",
+    p.add_argument("--max-steps", type=cli_types.positive_int("--max-steps"), metavar="N",
                    help="the run's length (same as --set train.max_steps=N): a staged config's stages, stage "
                         "warmups and train.locality_bias.steps are scaled to it in proportion (default: the "
                         "config's)")
@@ -46,7 +38,7 @@ def build_parser(prog: str = "python -m training.pretrain") -> argparse.Argument
     p.add_argument("--overwrite", action="store_true",
                    help="replace a previous run in the output directory (moved aside, deleted after this run's "
                         "first step; only a directory holding this trainer's .bert-run marker)")
-    p.add_argument("--lock-wait", type=_seconds, default=0.0, metavar="SECONDS",
+    p.add_argument("--lock-wait", type=cli_types.non_negative_float("--lock-wait"), default=0.0, metavar="SECONDS",
                    help="when another process holds the output dir's lock, wait up to this long for it to let go "
                         "before giving up (default 0: give up at once). The Slurm scripts pass it on a requeue, "
                         "whose previous incarnation may still be exiting on a node")
@@ -55,7 +47,8 @@ def build_parser(prog: str = "python -m training.pretrain") -> argparse.Argument
     p.add_argument("--dry-run", action="store_true",
                    help="load config, data and plan, print the stage plan (steps, tokens, seq_len, parameters, "
                         "FLOPs, LR at each boundary) and exit without training or creating the run dir")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # DS launcher
+    p.add_argument("--local_rank", "--local-rank", type=cli_types.non_negative_int("--local_rank"), default=None,
+                   help=argparse.SUPPRESS)  # DS launcher
     return p
 
 

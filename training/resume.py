@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from training import outdir
 from training.cli import nearest
 from training.engine import checkpoint_verify
 from training.errors import UserError
@@ -54,22 +53,6 @@ def set_aside(ckpt_dir: Path, newer: list[str], tag: str) -> None:
     if newer:
         checkpoint_verify.quarantine(ckpt_dir, newer, tag, suffix=ABANDONED_SUFFIX,
                                      why=f"newer than {tag}, which --resume chose")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done. step -1 (a
-    --resume that starts from scratch) drops every record."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except ValueError:
-            continue  # a line cut short by the kill
-        kept.append(line if line.endswith("\n") else line + "\n")
-    outdir.write_atomic(path, "".join(kept))
 
 
 def _previous_config(out: Path):

@@ -1,10 +1,14 @@
-"""Pre-emption: SIGTERM / SIGUSR1 ask the job to checkpoint at the next step boundary and exit 75.
+"""Pre-emption: SIGTERM / SIGUSR1 / SIGINT ask the job to checkpoint at the next step boundary and exit 75.
 
 Slurm sends SIGTERM (or, with `#SBATCH --signal=USR1@120`, SIGUSR1 a while before the time limit) before
 it kills a job. The handler only sets a flag; the step loop folds the flag into its per-step all-reduce
 (MAX), so every rank sees it at the same step, writes the same checkpoint and leaves with
 EXIT_REQUEUE (75, EX_TEMPFAIL): "checkpointed after a pre-emption signal; requeue me". The Slurm scripts
 requeue on 75, and `--resume` continues the run exactly.
+
+Ctrl-C (SIGINT) is treated the same way: the run checkpoints at the next step and exits 75 with one line; a
+second Ctrl-C before that raises KeyboardInterrupt at once, which the entry point turns into one line and exit
+130 (training/errors.py).
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from training.dist import EXIT_REQUEUE  # noqa: F401  (re-exported: the code cal
 
 log = logging.getLogger(__name__)
 
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionFlag:
@@ -33,6 +37,8 @@ class PreemptionFlag:
         if self.signum is None:
             self.signum = signum
             # No logging here: a handler may run while the logging lock is held by the main thread.
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C again: the user will not wait for the checkpoint
 
     def install(self) -> "PreemptionFlag":
         if threading.current_thread() is not threading.main_thread():

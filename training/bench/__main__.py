@@ -19,8 +19,9 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from training import cli  # noqa: E402
-from training.errors import exit_on_user_error  # noqa: E402
+from training import cli, cli_types  # noqa: E402
+from training.bench import steptime  # noqa: E402
+from training.errors import UserError, exit_on_user_error  # noqa: E402
 
 
 def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentParser:
@@ -30,16 +31,14 @@ def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentPar
     t = cli.add_subparser(sub, "throughput", "our model vs HF BertForPreTraining: tokens/s, phases, memory, MFU")
     t.add_argument("--config", required=True, help="run config YAML (its model/train/optimizer/data sections)")
     t.add_argument("--out", required=True, help="output directory (writes throughput.json)")
-    t.add_argument("--steps", type=int, default=10, help="timed optimizer steps per block (default 10)")
-    t.add_argument("--warmup", type=int, default=2, help="untimed steps before every block (default 2)")
-    t.add_argument("--repeats", type=int, default=3, help="alternating blocks per model (default 3)")
+    steptime.add_block_arguments(t, steps=10, warmup=2, repeats=3, blocks="alternating blocks per model")
     t.add_argument("--stage", default=None, help="measure this stage's model and seq_len (name or index); "
                    "default: the top-level model at the data's seq_len")
     t.add_argument("--models", nargs="+", choices=("ours", "ours_compiled", "ours_fused", "ours_padded", "hf"),
                    default=["ours", "hf"], help="ours_compiled: ours with model.compile (torch.compile of each "
                    "layer); ours_fused: ours with every Triton kernel (attention fused, model.fused_ops); "
                    "ours_padded: ours with model.unpad false; blocks alternate")
-    t.add_argument("--profile", type=int, default=0, metavar="N",
+    t.add_argument("--profile", type=cli_types.non_negative_int("--profile"), default=0, metavar="N",
                    help="after the blocks, N more steps per model under torch.profiler: OUT/profile-MODEL.txt")
     cli.add_set(t)
 
@@ -48,7 +47,8 @@ def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentPar
                    help="BASELINE.yaml first, then one config per method")
     c.add_argument("--out", required=True, help="output directory (runs/, logs/, report.*)")
     cli.add_set(c, "data.dir=data/x run.seed=1 (applied to every run)")
-    c.add_argument("--eval-every", type=int, default=None, help="same as --set run.eval_every=N for every run")
+    c.add_argument("--eval-every", type=cli_types.positive_int("--eval-every"), default=None,
+                   help="same as --set run.eval_every=N for every run")
     c.add_argument("--names", nargs="+", default=None, help="run names (default: config file stems)")
     c.add_argument("--launcher", default=None,
                    help="command that replaces `python` for each run, e.g. 'torchrun --nproc_per_node 8'")
@@ -64,9 +64,10 @@ def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentPar
     c.add_argument("--blimp", default=None, metavar="DIR|hf:NAME",
                    help="score BLiMP (training.evaluate --blimp) at each run's checkpoints: the target crossing's "
                    "and the last (checkpoints are kept: run.keep_last is raised)")
-    c.add_argument("--blimp-per-paradigm", type=int, default=100, metavar="N",
+    c.add_argument("--blimp-per-paradigm", type=cli_types.positive_int("--blimp-per-paradigm"), default=100,
+                   metavar="N",
                    help="pairs of each paradigm scored, the same ones every time (default 100)")
-    c.add_argument("--blimp-every", type=int, default=0, metavar="K",
+    c.add_argument("--blimp-every", type=cli_types.non_negative_int("--blimp-every"), default=0, metavar="K",
                    help="also checkpoint every K steps (run.save_every=K) and score BLiMP there (default 0: no)")
     c.add_argument("--only", nargs="+", default=None, metavar="NAME",
                    help="train only these runs (e.g. a method whose config changed); the others' results are "
@@ -89,11 +90,8 @@ def build_parser(prog: str = "python -m training.bench") -> argparse.ArgumentPar
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    if args.command == "compare" and (args.blimp_per_paradigm < 1 or args.blimp_every < 0):
-        p.error("need --blimp-per-paradigm >= 1 and --blimp-every >= 0")
-    if args.command == "throughput" and (args.steps < 1 or args.warmup < 0 or args.repeats < 1
-                                         or not 0 <= args.profile <= args.steps + args.warmup):
-        p.error("need --steps >= 1, --warmup >= 0, --repeats >= 1, 0 <= --profile <= --steps + --warmup")
+    if args.command == "throughput" and args.profile > args.steps + args.warmup:
+        raise UserError(f"--profile {args.profile}: more than --steps + --warmup ({args.steps + args.warmup})")
     return args
 
 

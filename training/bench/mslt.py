@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from training import cli_types
 from training.bench import steptime
 from training.bench.collectives import REDUCING, CollectiveCounter, element_size, summarise_collectives
 
@@ -379,12 +380,12 @@ def format_table(result: dict) -> str:
 def add_arguments(p) -> None:
     p.add_argument("--config", required=True, help="an MSLT run config (its stages, model, train, optimizer, data)")
     p.add_argument("--out", required=True, help="output directory (writes mslt.json)")
-    p.add_argument("--ranks", type=int, default=2, help="processes to spawn when not under a launcher (default 2)")
-    p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per block (default 5)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before every block (default 2)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating full/mslt blocks per stage (default 2)")
+    p.add_argument("--ranks", type=cli_types.positive_int("--ranks", 1024), default=2,
+                   help="processes to spawn when not under a launcher (default 2)")
+    steptime.add_block_arguments(p, steps=5, warmup=2, repeats=2, blocks="alternating full/mslt blocks per stage")
     p.add_argument("--stages", nargs="+", default=None, metavar="NAME", help="only these stages")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default cores / ranks)")
+    p.add_argument("--threads", type=cli_types.positive_int("--threads", 4096), default=None,
+                   help="torch threads per rank (default cores / ranks)")
     from training import cli
 
     cli.add_set(p)

@@ -3,12 +3,14 @@ runner does (training/engine/step.py: token-normalised loss, scalar all-reduces,
 wall and CPU seconds per part."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import time
 from typing import Callable, Optional
 
 import torch
 
+from training import cli_types
 from training.engine.step import optimizer_step
 
 # The step's parts (engine/step.py) as reported: the scalar all-reduces and the fault check count as "sync".
@@ -55,3 +57,13 @@ def timed_step(engine, micro_batches: list[dict], device: torch.device, world_si
     result = optimizer_step(engine, micro_batches, device, world_size=world_size, fp16=fp16,
                             forward_kwargs=forward_kwargs, phase=clock)
     return {**clock.record(), "loss": result.loss}
+
+
+def add_block_arguments(p: argparse.ArgumentParser, steps: int, warmup: int, repeats: int, blocks: str) -> None:
+    """--steps, --warmup and --repeats of a benchmark that times alternating blocks (throughput, mslt)."""
+    p.add_argument("--steps", type=cli_types.positive_int("--steps"), default=steps,
+                   help=f"timed optimizer steps per block (default {steps})")
+    p.add_argument("--warmup", type=cli_types.non_negative_int("--warmup"), default=warmup,
+                   help=f"untimed steps before every block (default {warmup})")
+    p.add_argument("--repeats", type=cli_types.positive_int("--repeats"), default=repeats,
+                   help=f"{blocks} (default {repeats})")

@@ -7,7 +7,11 @@ import argparse
 import os
 import sys
 
-from training.errors import UserError, exit_on_user_error
+from training import cli_types
+from training.data.tokenizer import MAX_TRAIN_VOCAB, MIN_TRAIN_VOCAB
+from training.errors import exit_on_user_error
+
+MAX_PROCS = 1024  # map processes; more is a typo
 
 
 def _parser(prog: str = "python -m training.data") -> argparse.ArgumentParser:
@@ -27,33 +31,38 @@ def _parser(prog: str = "python -m training.data") -> argparse.ArgumentParser:
                       help="the column holding the text in hf: inputs (default: text)")
     prep.add_argument("--out", required=True, metavar="DIR", help="the data dir to write (train/, heldout/, "
                                                                    "tokenizer/, stats.json)")
-    prep.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per packed row")
+    prep.add_argument("--seq-len", type=cli_types.seq_len(), required=True, metavar="N", help="tokens per packed row")
     prep.add_argument("--tokenizer", required=True, metavar="PATH|train:VOCAB_SIZE",
                       help="an existing tokenizer (vocab.txt, tokenizer.json, or a dir holding one), or train:N to "
                            "train a WordPiece vocabulary of N on the train split")
-    prep.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
+    prep.add_argument("--heldout-fraction", type=cli_types.fraction("--heldout-fraction"),
+                      default=DEFAULT_HELDOUT_FRACTION,
                       help="share of the documents held out for evaluation (whole documents, by a hash of their "
                            "text: run_mlm.py's validation_split_percentage 5 as a fraction)")
     prep.add_argument("--doc-sep", choices=DOC_SEPS, default="auto",
                       help=".txt inputs: 'line' = one document per line; 'blank' = documents separated by blank "
                            "lines; 'auto' = per file, blank when its blank lines split it into documents of at most "
                            "100 lines on average, else line (the choice is logged and kept in stats.json)")
-    prep.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
-    prep.add_argument("--max-docs", type=int, default=None, help="stop after N non-blank documents (default: all)")
+    prep.add_argument("--num-proc", type=cli_types.positive_int("--num-proc", MAX_PROCS), default=None,
+                      help="worker processes (default: all cores)")
+    prep.add_argument("--max-docs", type=cli_types.positive_int("--max-docs"), default=None,
+                      help="stop after N non-blank documents (default: all)")
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out made by this command")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the packing order")
+    prep.add_argument("--seed", type=cli_types.seed(), default=0, help="seed of the held-out split and the packing order")
     prep.add_argument("--no-pack", action="store_true",
                       help="one document per row, padded ([CLS] doc [SEP] [PAD]...; a longer document continues in "
                            "the next rows) instead of packed [CLS] A [SEP] B [SEP] rows")
 
     bd = cli.add_subparser(sub, "build-default", "build the default corpus from gensim's Wikipedia sample")
     bd.add_argument("--out", required=True, metavar="DIR", help="the data dir to write")
-    bd.add_argument("--seq-len", type=int, default=128, help="tokens per packed row")
-    bd.add_argument("--vocab", type=int, default=2048, help="WordPiece vocabulary size trained on the train split")
-    bd.add_argument("--heldout-fraction", type=float, default=DEFAULT_HELDOUT_FRACTION,
-                    help="share of the articles held out for evaluation")
-    bd.add_argument("--num-proc", type=int, default=None, help="worker processes (default: all cores)")
-    bd.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the packing order")
+    bd.add_argument("--seq-len", type=cli_types.seq_len(), default=128, help="tokens per packed row")
+    bd.add_argument("--vocab", type=cli_types.integer("--vocab", ge=MIN_TRAIN_VOCAB, le=MAX_TRAIN_VOCAB), default=2048,
+                    help="WordPiece vocabulary size trained on the train split")
+    bd.add_argument("--heldout-fraction", type=cli_types.fraction("--heldout-fraction"),
+                    default=DEFAULT_HELDOUT_FRACTION, help="share of the articles held out for evaluation")
+    bd.add_argument("--num-proc", type=cli_types.positive_int("--num-proc", MAX_PROCS), default=None,
+                    help="worker processes (default: all cores)")
+    bd.add_argument("--seed", type=cli_types.seed(), default=0, help="seed of the held-out split and the packing order")
     return p
 
 
@@ -79,8 +88,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.data") -
     else:
         from training.data.wiki import build_default
 
-        if args.seq_len < 8:
-            raise UserError(f"--seq-len {args.seq_len}: must be at least 8")
         build_default(args.out, args.seq_len, args.vocab, heldout_fraction=args.heldout_fraction,
                       seed=args.seed, num_proc=args.num_proc)
     return 0

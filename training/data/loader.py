@@ -15,6 +15,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from training.data import verify
 from training.data.collator import MLMCollator, seed_for
 from training.errors import UserError
 
@@ -163,13 +164,17 @@ def check_tokenizer_dir(data_dir: str, stats: dict) -> str:
 class PretrainingData:
     def __init__(self, data_dir: str, *, mlm_probability: float = 0.15, whole_word: bool = False,
                  nsp: bool = False, mask_ratio: float = 0.8, random_ratio: float = 0.1):
-        # Verified as it is opened: stats.json, tokenizer/ and both splits (row counts against stats.json).
+        # Verified as it is opened: stats.json, tokenizer/ and both splits (row counts against stats.json, every
+        # file against its digest, token ids against the vocabulary: training/data/verify.py).
         data_dir = str(data_dir)
         self.stats = read_stats(data_dir)
         self.data_dir = data_dir
         self.tokenizer_dir = check_tokenizer_dir(data_dir, self.stats)
         self._train_ids, self._train_sep = _load_split(data_dir, "train", self.stats)
         self._held_ids, self._held_sep = _load_split(data_dir, "heldout", self.stats)
+        verify.check(data_dir, self.stats)  # the files as prepare wrote them (digests in stats.json)
+        for split, ids in (("train", self._train_ids), ("heldout", self._held_ids)):
+            verify.check_ids(os.path.join(data_dir, split), ids, self.stats["vocab_size"])
         if len(self._train_sep) == 0:
             raise UserError(f"data dir {data_dir}: the train split has no rows (corpus too small for seq_len)")
         self.collator = MLMCollator.from_tokenizer_dir(

@@ -13,7 +13,7 @@ only the tail of the stream that cannot fill a last row is dropped (and counted)
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -27,15 +27,21 @@ class Packer:
         self.buf = np.empty(0, dtype=np.int64)  # stream tokens not yet in a row
         self.doc_tokens = 0                     # document tokens fed in
         self.rows = 0
+        self._open = False                      # a document's tokens fed, its closing [SEP] not yet
 
-    def feed(self, docs: Iterable[list[int]]) -> Iterator[tuple[np.ndarray, int]]:
-        """Add documents, yield the (row, sep_index) pairs that became complete."""
+    def feed(self, docs: Iterable[list[int]],
+             cont: Optional[Sequence[bool]] = None) -> Iterator[tuple[np.ndarray, int]]:
+        """Add documents, yield the (row, sep_index) pairs that became complete. `cont[i]`: docs[i] is a piece of
+        a long document whose next piece follows (training/data/pieces.py): no [SEP] after it."""
         parts = [self.buf]
-        for ids in docs:
+        for i, ids in enumerate(docs):
             if len(ids):
                 parts.append(np.asarray(ids, dtype=np.int64))
-                parts.append(np.array([self.sep], dtype=np.int64))
                 self.doc_tokens += len(ids)
+                self._open = True
+            if self._open and (cont is None or not cont[i]):
+                parts.append(np.array([self.sep], dtype=np.int64))
+                self._open = False
         self.buf = np.concatenate(parts)
         yield from self._drain()
 
@@ -83,21 +89,31 @@ class RowPerDocument:
         self.doc_tokens = 0
         self.rows = 0
         self.padding = 0  # [PAD] positions written
+        self.pending = np.zeros(0, dtype=np.int64)  # tokens of a document in pieces not in a row yet
 
-    def feed(self, docs: Iterable[list[int]]) -> Iterator[tuple[np.ndarray, int]]:
+    def feed(self, docs: Iterable[list[int]],
+             cont: Optional[Sequence[bool]] = None) -> Iterator[tuple[np.ndarray, int]]:
+        """As Packer.feed; a document in pieces (`cont`) makes the rows the whole document would."""
         width = self.seq_len - 2
-        for ids in docs:
+        for i, ids in enumerate(docs):
             ids = np.asarray(ids, dtype=np.int64)
             self.doc_tokens += len(ids)
-            for start in range(0, len(ids), width):
-                chunk = ids[start: start + width]
-                row = np.full(self.seq_len, self.pad, dtype=self.dtype)
-                row[0] = self.cls
-                row[1: 1 + len(chunk)] = chunk
-                row[1 + len(chunk)] = self.sep
-                self.rows += 1
-                self.padding += width - len(chunk)
-                yield row, 1 + len(chunk)
+            if len(self.pending):
+                ids = np.concatenate([self.pending, ids])
+            last = cont is None or not cont[i]
+            full = len(ids) if last else max(len(ids) - 1, 0) // width * width  # a piece keeps its last row
+            for start in range(0, full, width):
+                yield self._row(ids[start: start + width], width)
+            self.pending = ids[full:]
+
+    def _row(self, chunk: np.ndarray, width: int) -> tuple[np.ndarray, int]:
+        row = np.full(self.seq_len, self.pad, dtype=self.dtype)
+        row[0] = self.cls
+        row[1: 1 + len(chunk)] = chunk
+        row[1 + len(chunk)] = self.sep
+        self.rows += 1
+        self.padding += width - len(chunk)
+        return row, 1 + len(chunk)
 
     def dropped_tokens(self) -> int:
         return 0

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training import outdir
-from training.data import hf_input, packing, sources, tokenizer as tokmod
+from training.data import hf_input, packing, sources, tokenizer as tokmod, verify
 from training.errors import UserError
 
 FORMAT_VERSION = 1
@@ -44,17 +44,18 @@ def ids_dtype(vocab_size: int):
 
 def check_out_dir(out: str, overwrite: bool, inputs=(), locked: bool = False) -> None:
     """An existing non-empty OUT needs --overwrite, and --overwrite replaces only a data dir this command made
-    (its .bert-data marker; or build-default's stats.json, from before the marker) that holds no input
-    (`inputs`: (what, path) pairs) and that no live process holds (OUT/.lock)."""
+    (its .bert-data marker; or build-default's stats.json, from before the marker) that no live process holds
+    (OUT/.lock). OUT may not be, hold or lie inside an input (`inputs`: (what, path) pairs)."""
     if os.path.exists(out):
         if not os.path.isdir(out):
             raise UserError(f"--out {out}: exists and is not a directory")
         if not locked:
             outdir.check_unlocked(Path(out), "--out")
+    outdir.check_no_clash("--out", Path(out), inputs)
+    if os.path.exists(out):
         if outdir.entries(Path(out)):
             if not overwrite:
                 raise UserError(f"--out {out}: directory exists and is not empty (pass --overwrite to replace it)")
-            outdir.check_holds_no_input(Path(out), inputs, "--out")
             if not _ours(out):
                 raise UserError(f"--out {out}: has no {outdir.DATA_MARKER} marker, so it is not recognisably a data "
                                 "dir of `training.data prepare` (those prepared before the marker existed have none "
@@ -138,14 +139,18 @@ def prepare(inputs: list[str], out: str, seq_len: int, tokenizer: str,
             shutil.move(src, os.path.join(staging, name))
             stats["input_files"] = [f.replace(os.path.abspath(src), os.path.join(out, name))
                                     for f in stats["input_files"]]
+        stats["digests"] = verify.record(staging)  # checked whenever a run opens the data (data/verify.py)
         stats["seconds"] = round(time.time() - start, 2)
         with open(os.path.join(staging, "stats.json"), "w") as f:
             json.dump(stats, f, indent=2)
         outdir.write_marker(Path(staging), outdir.DATA_MARKER, written_by="training.data prepare",
                             format_version=FORMAT_VERSION)
         _commit(staging, out)
-    except OSError as err:  # disk full, read-only, ...: one line, nothing left behind
-        raise UserError(outdir.oserror_line(f"--out {out}", err)) from None
+    except Exception as err:  # noqa: BLE001 - disk full, read-only, ...: one line, nothing left behind
+        reason = outdir.fs_failure(err, staging)  # datasets wraps a full disk's OSError in its own errors
+        if reason is None:
+            raise
+        raise UserError(f"--out {out}: {reason}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         lock.release()
@@ -223,11 +228,26 @@ def _commit(staging: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+ENCODE_CHARS = 1 << 18  # characters per tokenizer call: its state for them is freed after each call
+BATCH_ROWS = 256  # documents (or pieces of one, up to 64 Ki characters each) tokenised or packed at a time
+
+
 def _encode(batch, tokenizer):
+    """Token ids of a batch of documents (or pieces of one), as int32 arrays. The tokenizer is called on at
+    most ENCODE_CHARS characters at a time, so a batch of long pieces (training/data/pieces.py) never has its
+    encoding state for all of them at once."""
     # encode_special_tokens: a literal "[SEP]" in the text must not become a real separator
     tokenizer.encode_special_tokens = True
-    enc = tokenizer.encode_batch_fast(batch["text"], add_special_tokens=False)
-    return {"input_ids": [e.ids for e in enc]}
+    texts, ids, start = batch["text"], [], 0
+    while start < len(texts):
+        end, chars = start, 0
+        while end < len(texts) and (end == start or chars + len(texts[end]) <= ENCODE_CHARS):
+            chars += len(texts[end])
+            end += 1
+        enc = tokenizer.encode_batch_fast(texts[start:end], add_special_tokens=False)
+        ids += [np.asarray(e.ids, dtype=np.int32) for e in enc]
+        start = end
+    return {"input_ids": ids}
 
 
 def _build(staging, files, seq_len, tok, vocab_target, heldout_fraction, num_proc, max_docs, seed, quiet,
@@ -251,38 +271,42 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
 
     cache = os.path.join(staging, "cache")
     features = datasets.Features(text=datasets.Value("string"), replaced=datasets.Value("int64"),
-                                 score=datasets.Value("float64"), error=datasets.Value("string"))
+                                 score=datasets.Value("float64"), error=datasets.Value("string"),
+                                 cont=datasets.Value("bool"))
     gen_procs = 1 if (max_docs or len(files) == 1) else min(num_proc, len(files))
     # Every input, an hf: stream too, is read exactly once, here, into an Arrow cache in the staging dir; the
     # tokenizer trains on that cache below and the encoding reads it again. So a stream is never fetched twice
     # (nor has to come back in the same order), and its documents are on disk, not in memory.
     docs = datasets.Dataset.from_generator(
         sources.generate_documents, features=features, cache_dir=cache, num_proc=gen_procs,
+        writer_batch_size=BATCH_ROWS,
         gen_kwargs={"files": files, "seed": seed, "max_docs": max_docs, "text_column": text_column,
                     "doc_seps": seps})
     errors = docs.data.column("error").drop_null()
     if len(errors):
         raise UserError(errors[0].as_py())
     replaced = int(pc.sum(docs.data.column("replaced")).as_py() or 0)
-    scores = docs.data.column("score").to_numpy()
+    scores, cont = docs.data.column("score").to_numpy(), docs.data.column("cont").to_numpy(zero_copy_only=False)
     keep = np.nonzero(scores < 1.0)[0]  # blank documents carry score 1.0
     if len(keep) == 0:
         raise UserError(f"--input {' '.join(files)}: no non-blank documents")
-    docs = docs.select(keep).select_columns(["text"])
-    scores = scores[keep]
-    is_heldout = _heldout_mask(scores, heldout_fraction)
+    docs, cont = docs.select(keep).select_columns(["text", "cont"]), cont[keep]
+    is_heldout = _heldout_rows(scores[keep], cont, heldout_fraction)
 
     if tok is None:
         train_text = docs.select(np.nonzero(~is_heldout)[0])
-        tok = tokmod.train((b["text"] for b in train_text.iter(batch_size=1000)), vocab_target)
+        batches = (b["text"] for b in train_text.iter(batch_size=64))  # at most 64 pieces of 64 Ki characters
+        tok = tokmod.train(batches, vocab_target)
     tokmod.save(tok, os.path.join(staging, "tokenizer"))
     vocab_size = tok.get_vocab_size()
     cls_id, sep_id, pad_id = (tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
 
     procs = max(1, min(num_proc, math.ceil(len(docs) / DOCS_PER_PROC)))
-    ids = docs.map(_encode, batched=True, num_proc=procs, fn_kwargs={"tokenizer": tok},
-                   remove_columns=["text"], new_fingerprint=f"encode-{os.getpid()}-{time.time_ns()}",
-                   features=datasets.Features(input_ids=datasets.List(datasets.Value("int32"))),
+    ids = docs.map(_encode, batched=True, batch_size=BATCH_ROWS, writer_batch_size=BATCH_ROWS, num_proc=procs,
+                   fn_kwargs={"tokenizer": tok}, remove_columns=["text"],
+                   new_fingerprint=f"encode-{os.getpid()}-{time.time_ns()}",
+                   features=datasets.Features(cont=datasets.Value("bool"),
+                                              input_ids=datasets.List(datasets.Value("int32"))),
                    desc="tokenizing")
 
     stats = {"seq_len": seq_len, "vocab_size": vocab_size, "dtype": np.dtype(ids_dtype(vocab_size)).name,
@@ -300,7 +324,7 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
         packed = datasets.Dataset.from_file(arrow)
         # An empty split saved with 0 shards cannot be loaded back: always write at least one.
         packed.save_to_disk(os.path.join(staging, split), num_shards=1 if len(packed) == 0 else None)
-        stats["documents"][split] = len(part)
+        stats["documents"][split] = int(np.count_nonzero(~cont[mask]))  # a long document's pieces: one
         stats["tokens"][split] = packer.doc_tokens
         stats["rows"][split] = packer.rows
         stats["dropped_tokens"][split] = packer.dropped_tokens()
@@ -309,6 +333,14 @@ def _build_datasets(staging, files, seq_len, tok, vocab_target, heldout_fraction
     del docs, ids, part
     shutil.rmtree(cache, ignore_errors=True)
     return stats
+
+
+def _heldout_rows(scores: np.ndarray, cont: np.ndarray, fraction: float) -> np.ndarray:
+    """Per row, whether it is held out: every piece of a long document goes where its whole document does,
+    decided by the score on its last piece (sources.generate_documents)."""
+    last = np.nonzero(~cont)[0]
+    doc_of_row = np.searchsorted(last, np.arange(len(scores)))
+    return _heldout_mask(scores[last], fraction)[doc_of_row]
 
 
 def _heldout_mask(scores: np.ndarray, fraction: float) -> np.ndarray:
@@ -341,11 +373,12 @@ def _pack_to_arrow(ds, packer, path: str, quiet: bool, split: str) -> None:
 
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer, \
             tqdm(total=len(ds), desc=f"packing {split}", unit="docs", disable=quiet) as bar:
-        for table in ds.with_format("arrow").iter(batch_size=2000):
+        for table in ds.with_format("arrow").iter(batch_size=BATCH_ROWS):
             col = table.column("input_ids").combine_chunks()
             offsets = col.offsets.to_numpy()
             values = col.flatten().to_numpy()
-            for row, sep in packer.feed(np.split(values, offsets[1:-1] - offsets[0])):
+            cont = table.column("cont").to_numpy()
+            for row, sep in packer.feed(np.split(values, offsets[1:-1] - offsets[0]), cont):
                 rows.append(row)
                 seps.append(sep)
                 if len(rows) >= 4096:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 
-from training.data import hf_input
+from training.data import hf_input, pieces
 from training.errors import UserError
 
 COMPRESSION = {".xz": lzma.open, ".bz2": bz2.open, ".gz": gzip.open}
@@ -112,17 +112,19 @@ AUTO_MAX_LINES_PER_DOC = 100
 
 
 def _txt_layout(path: str) -> tuple[int, int]:
-    """(non-blank lines, blocks of them separated by blank lines) of a .txt file."""
+    """(non-blank lines, blocks of them separated by blank lines) of a .txt file, read in parts of at most
+    pieces.LINE_CHUNK bytes (no line is held whole)."""
     lines = blocks = 0
-    previous_blank = True
+    previous_blank, line_text = True, False
     with open_binary(path) as f:
-        for line in f:
-            if line.strip():
+        for data, ends in pieces.read_lines(f):
+            line_text = line_text or bool(data.strip())
+            if not ends:
+                continue
+            if line_text:
                 lines += 1
                 blocks += previous_blank
-                previous_blank = False
-            else:
-                previous_blank = True
+            previous_blank, line_text = not line_text, False
     return lines, blocks
 
 
@@ -155,22 +157,38 @@ def doc_seps(files: list[str], doc_sep: str = "auto", say=None) -> dict[str, str
 
 
 def _txt_docs(path: str, doc_sep: str = "auto"):
+    """(piece, replaced bytes, cont) of a .txt file's documents, a line or a blank-line block each (`doc_sep`:
+    choose_doc_sep), read in parts of at most pieces.LINE_CHUNK bytes (training/data/pieces.py): no line is ever
+    held whole."""
     blocks = choose_doc_sep(path, doc_sep)[0] == "blank"
+    doc, bad = pieces.Document(), 0
+    in_block, line_start, line_text = False, True, False  # blocks: a line of it added; at a line's start; text
     with open_binary(path) as f:
-        buf, bad = [], 0
-        for raw in f:
-            text, n = decode(raw)
+        for data, ends in pieces.read_lines(f):
+            text, n = decode(data)
             bad += n
-            if not blocks:
-                yield text.strip(), bad
+            if blocks:  # "\n".join of the block's lines, each without its line break
+                line_text = line_text or bool(text.strip())
+                part = text.rstrip("\r\n") if ends else text
+                out = list(doc.add(("\n" if line_start and in_block else "") + part))
+                if ends:
+                    in_block = line_text
+                    if not line_text:  # a blank line ends the block (its whitespace is trailing: stripped)
+                        out += list(doc.end())
+                    line_text = False
+                line_start = ends
+            else:
+                out = list(doc.add(text)) + (list(doc.end()) if ends else [])
+                if ends and not out:
+                    out = [("", False)]  # a blank line: only its replaced bytes count
+            for piece, cont in out:
+                yield piece, bad, cont
                 bad = 0
-            elif text.strip():
-                buf.append(text.rstrip("\r\n"))
-            elif buf:
-                yield "\n".join(buf).strip(), bad
-                buf, bad = [], 0
-        if buf:
-            yield "\n".join(buf).strip(), bad
+        for piece, cont in doc.end():
+            yield piece, bad, cont
+            bad = 0
+    if bad:
+        yield "", bad, False
 
 
 def _jsonl_docs(path: str):
@@ -190,6 +208,7 @@ def _jsonl_docs(path: str):
 
 
 def _parquet_docs(path: str):
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,13 +225,16 @@ def _parquet_docs(path: str):
             raise UserError(f"--input {path}: not a readable parquet file ({err})")
         if "text" not in pf.schema_arrow.names:
             raise UserError(f"--input {path}: parquet file has no 'text' column")
+        kind = pf.schema_arrow.field("text").type
+        binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+        if not (binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"--input {path}: column 'text' holds {kind}, not text (strings)")
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
             col = batch.column(0)
-            if col.type not in ("string", "large_string"):
-                # binary columns: decode ourselves so bad bytes are counted, not fatal
+            if binary:  # decode ourselves so bad bytes are counted, not fatal
                 for raw in col.to_pylist():
                     if raw is not None:
-                        text, bad = decode(raw if isinstance(raw, bytes) else str(raw).encode())
+                        text, bad = decode(raw)
                         yield text.strip(), bad
                 continue
             for doc in col.to_pylist():
@@ -226,46 +248,69 @@ def input_paths(files: list[str]) -> list[str]:
 
 
 def iter_documents(path: str, text_column: str = "text", doc_sep: str = "auto"):
-    """(text, replaced_bytes) per document of one file or hf: stream; blank documents carry only their count.
-    `doc_sep` (line, blank, auto) says how a .txt file holds its documents."""
+    """(piece, replaced_bytes, cont) per document of one file or hf: stream: a document longer than
+    pieces.PIECE_CHARS comes in pieces, cont True on all but its last (training/data/pieces.py); a blank document
+    is ("", its replaced bytes, False). `doc_sep` (line, blank, auto) says how a .txt file holds its documents."""
     if hf_input.is_hf(path):
-        yield from hf_input.documents(path, text_column)
+        yield from _in_pieces(hf_input.documents(path, text_column))
         return
     fmt, _ = split_suffix(path)
     try:
-        yield from _txt_docs(path, doc_sep) if fmt == ".txt" else \
-            {".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt](path)
+        if fmt == ".txt":
+            yield from _txt_docs(path, doc_sep)
+        else:
+            yield from _in_pieces({".jsonl": _jsonl_docs, ".parquet": _parquet_docs}[fmt](path))
     except (OSError, EOFError, lzma.LZMAError) as err:
         raise UserError(f"--input {path}: cannot read ({err})")
 
 
+def _in_pieces(docs):
+    for text, bad in docs:
+        out = list(pieces.text_pieces(text)) or [("", False)]
+        for i, (piece, cont) in enumerate(out):
+            yield piece, bad if i == 0 else 0, cont
+
+
+def _hasher(seed: int):
+    return hashlib.blake2b(digest_size=8, key=str(seed).encode())
+
+
+def _score(hasher) -> float:
+    return int.from_bytes(hasher.digest(), "little") / 2.0 ** 64
+
+
 def heldout_score(text: str, seed: int) -> float:
     """Uniform [0,1) from a hash of (seed, text): a stable split that also keeps duplicates together."""
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8,
-                             key=str(seed).encode()).digest()
-    return int.from_bytes(digest, "little") / 2.0 ** 64
+    h = _hasher(seed)
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return _score(h)
 
 
 def generate_documents(files: list[str], seed: int, max_docs: int | None = None, text_column: str = "text",
                        doc_seps: dict[str, str] | None = None):
-    """`Dataset.from_generator` body: yields rows {text, replaced, score, error}.
+    """`Dataset.from_generator` body: yields rows {text, replaced, score, error, cont}.
 
     Blank documents are yielded with empty text (so their replaced bytes still count) and are
-    filtered out afterwards; `doc_seps` holds each .txt file's --doc-sep choice (doc_seps()); `max_docs` counts
-    non-blank documents only (and stops an hf: stream there, closing it: nothing past it is fetched). A UserError
-    becomes a
-    row with `error` set (exceptions from generator worker processes lose their type), which the
-    caller re-raises.
+    filtered out afterwards; `doc_seps` holds each .txt file's --doc-sep choice (doc_seps()); `max_docs` counts non-blank documents only (and stops an hf: stream there,
+    closing it: nothing past it is fetched). A long document is several rows (`cont`: another piece of it
+    follows); its score, a hash of the whole document, is on its last row (the caller gives it to every piece).
+    A UserError becomes a row with `error` set (exceptions from generator worker processes lose their type),
+    which the caller re-raises.
     """
-    kept = 0
+    kept, hasher = 0, None
     try:
         for path in files:
-            for text, bad in iter_documents(path, text_column, (doc_seps or {}).get(path, "auto")):
+            for text, bad, cont in iter_documents(path, text_column, (doc_seps or {}).get(path, "auto")):
+                score = 1.0
                 if text:
-                    if max_docs is not None and kept >= max_docs:
-                        return
-                    kept += 1
-                yield {"text": text, "replaced": bad, "score": heldout_score(text, seed) if text else 1.0,
-                       "error": None}
+                    if hasher is None:  # a document starts
+                        if max_docs is not None and kept >= max_docs:
+                            return
+                        kept += 1
+                        hasher = _hasher(seed)
+                    hasher.update(text.encode("utf-8", "surrogatepass"))
+                    score = 0.0 if cont else _score(hasher)
+                    hasher = hasher if cont else None
+                yield {"text": text, "replaced": bad, "score": score, "error": None, "cont": cont}
     except UserError as err:
-        yield {"text": "", "replaced": 0, "score": 1.0, "error": str(err)}
+        yield {"text": "", "replaced": 0, "score": 1.0, "error": str(err), "cont": False}

@@ -11,6 +11,7 @@ from training.errors import UserError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # [PAD] first so its id is 0
 MIN_TRAIN_VOCAB = 64
+MAX_TRAIN_VOCAB = 1 << 20  # more WordPiece tokens than any BERT has; a typo, and a huge embedding table
 
 
 def parse_spec(spec: str) -> int | None:
@@ -21,8 +22,8 @@ def parse_spec(spec: str) -> int | None:
         size = int(spec.split(":", 1)[1])
     except ValueError:
         raise UserError(f"--tokenizer {spec}: expected train:VOCAB_SIZE with an integer size")
-    if size < MIN_TRAIN_VOCAB:
-        raise UserError(f"--tokenizer {spec}: vocab size must be at least {MIN_TRAIN_VOCAB}")
+    if not MIN_TRAIN_VOCAB <= size <= MAX_TRAIN_VOCAB:
+        raise UserError(f"--tokenizer {spec}: vocab size must be in [{MIN_TRAIN_VOCAB}, {MAX_TRAIN_VOCAB}]")
     return size
 
 

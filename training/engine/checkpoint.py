@@ -26,7 +26,6 @@ temporary directory is removed and `latest` still names the previous complete ch
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -43,7 +42,7 @@ import torch.distributed as dist
 from training.engine import faults, inject
 from training.engine.checkpoint_verify import HASH, TAG_RE, _checksums, _manifest, _rank, latest_tag, read_meta
 from training.errors import UserError
-from training.outdir import fsync_dir, write_atomic
+from training.outdir import fs_failure, fsync_dir, write_atomic
 from training.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -96,20 +95,13 @@ def tag_for(state: TrainState) -> str:
     return f"step{state.step:08d}"
 
 
-def _is_fs_error(err: BaseException) -> bool:
-    """An OSError, or torch's RuntimeError for a failed write (torch.save reports ENOSPC that way)."""
-    if isinstance(err, OSError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("write" in text or "no space" in text or "read-only" in text)
-
-
 # ------------------------------------------------------------------------------------------------ save
 
 def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep_last: int,
-         run_info: Optional[dict] = None) -> Path:
+         run_info: Optional[dict] = None, metrics_bytes: Optional[int] = None) -> Path:
     """Write the checkpoint of `state` atomically (see the module doc). Collective: call on every rank.
-    `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`."""
+    `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`;
+    `metrics_bytes`, rank 0's metrics.jsonl length now, as `metrics_bytes` (a resume cuts the file there)."""
 
     tag = tag_for(state)
     final, tmp_tag = ckpt_dir / tag, tag + TMP_SUFFIX
@@ -138,6 +130,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
                     "checksums": {"algorithm": HASH, "files": _checksums(tmp, files)}}
             if run_info is not None:
                 meta["run"] = run_info
+            if metrics_bytes is not None:
+                meta["metrics_bytes"] = metrics_bytes
             write_atomic(tmp / "meta.json", json.dumps(meta, indent=1), fsync=True)
             if final.exists():
                 # Left from an abandoned timeline (never named by `latest`), or a second save of the same step.
@@ -151,17 +145,13 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
             fsync_dir(ckpt_dir)
             write_atomic(ckpt_dir / "latest", tag, fsync=True)
             _prune(ckpt_dir, keep_last, tag)
-    except Exception as err:
+    except BaseException as err:  # a second Ctrl-C in a save too: no half checkpoint left behind
+        reason = fs_failure(err, tmp) if isinstance(err, Exception) else None  # before the clean-up frees space
         if rank == 0 and not published:
             shutil.rmtree(tmp, ignore_errors=True)  # never leave half a checkpoint behind
-        if not _is_fs_error(err):
+        if reason is None:
             raise
         previous = latest_tag(ckpt_dir, check=False)
-        if isinstance(err, OSError):
-            reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-            reason += f" ({err.filename})" if err.filename else ""
-        else:
-            reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise UserError(f"checkpoint {final} of step {state.step} could not be written: {reason}; "
                         + (f"{ckpt_dir / 'latest'} still names {previous}, complete (resume from it with --resume)"
                            if previous else "no earlier checkpoint")) from None

@@ -18,7 +18,6 @@ table shifted back by pad_token_id + 1 rows (hf_export.py's module doc says why)
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -46,13 +45,15 @@ POOLER_KEYS = ("bert.pooler.dense.weight", "bert.pooler.dense.bias")
 PRE_LN_TYPE = "roberta-prelayernorm"  # transformers' model_type of RobertaPreLayerNormForMaskedLM
 
 
-def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
+def model_config_from_hf(hf_dir: PathLike, flag: str = "model.init_from_hf", **overrides) -> ModelConfig:
     """ModelConfig from an HF BERT config.json. `overrides` set our own fields (attention, nsp, ...);
-    they default to ModelConfig's defaults (e.g. nsp=False even for a BertForPreTraining checkpoint)."""
+    they default to ModelConfig's defaults (e.g. nsp=False even for a BertForPreTraining checkpoint).
+    config.json is read by training/model/hf_dir.py (`flag` names the dir in a message), as every reader of an
+    HF dir reads it; the weights are checked when load_hf_weights reads them (hf_dir.read_weights)."""
+    from training.model.hf_dir import read_config
+
+    hf = read_config(Path(hf_dir), flag)
     path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found: expected a Hugging Face model directory")
-    hf = json.loads(path.read_text())
     model_type = hf.get("model_type", "bert")
     if model_type not in ("bert", PRE_LN_TYPE):
         raise UserError(f"{path}: model_type {model_type!r} is neither 'bert' nor {PRE_LN_TYPE!r}")
@@ -62,6 +63,10 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
         raise UserError(f"{path}: hidden_act {act!r} is not supported (only exact 'gelu')")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         raise UserError(f"{path}: position_embedding_type {hf['position_embedding_type']!r} is not supported")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+               if k not in hf]
+    if missing:
+        raise UserError(f"{path}: {missing[0]} is missing; not a BERT config")
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -70,7 +75,8 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
         ffn_size=hf["intermediate_size"],
         # RoBERTa numbers real positions from pad_token_id + 1 (see hf_export._pre_ln_tensors): the rows before
         # are not ours.
-        max_position=hf.get("max_position_embeddings", 512) - ((hf.get("pad_token_id") or 0) + 1 if pre else 0),
+        max_position=_int(hf.get("max_position_embeddings", 512), path) - (
+            _int(hf.get("pad_token_id") or 0, path) + 1 if pre else 0),
         type_vocab_size=hf.get("type_vocab_size", 2),
         pad_token_id=hf.get("pad_token_id") or 0,
         norm="pre" if pre else "post",
@@ -89,30 +95,18 @@ def model_config_from_hf(hf_dir: PathLike, **overrides) -> ModelConfig:
                         f"{first['msg'].removeprefix('Value error, ')}") from None
 
 
-def _checkpoint_names(hf_dir: Path) -> list[str]:
-    """The tensor names of the checkpoint in `hf_dir` (safetensors: without reading the tensors)."""
-    st = hf_dir / "model.safetensors"
-    if st.is_file():
-        from safetensors import safe_open
-        with safe_open(str(st), framework="pt") as f:
-            return list(f.keys())
-    return list(_read_checkpoint(hf_dir))
+def _int(value, path: Path) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UserError(f"{path}: {value!r} where an integer belongs (max_position_embeddings, pad_token_id)")
+    return value
 
 
 def checkpoint_has_pooler(hf_dir: PathLike) -> bool:
     """Whether the HF checkpoint in `hf_dir` holds a pooler (bert.pooler.dense, any HF key spelling)."""
-    names = _normalise_keys(dict.fromkeys(_checkpoint_names(Path(hf_dir))))
+    from training.model.hf_dir import tensor_names
+
+    names = _normalise_keys(dict.fromkeys(tensor_names(Path(hf_dir))))
     return all(k in names for k in POOLER_KEYS)
-
-
-def _read_checkpoint(hf_dir: Path) -> dict[str, torch.Tensor]:
-    st, pt = hf_dir / "model.safetensors", hf_dir / "pytorch_model.bin"
-    if st.is_file():
-        from safetensors.torch import load_file
-        return load_file(str(st))
-    if pt.is_file():
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise UserError(f"{hf_dir}: no model.safetensors or pytorch_model.bin")
 
 
 def _normalise_keys(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -198,8 +192,10 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
     model has no place for (pooler without carry_pooler, NSP classifier when cfg.nsp is false) are
     ignored. Full-rank FFN weights are SVD-factorised into a low-rank model (cfg.ffn_rank).
     """
+    from training.model.hf_dir import read_weights
+
     hf_dir = Path(hf_dir)
-    raw = _read_checkpoint(hf_dir)
+    raw = read_weights(hf_dir)
     pre = any(k.startswith(_PRE_LN_PREFIX) for k in raw)
     if pre != (model.cfg.norm == "pre"):
         kind = "a Pre-LN RobertaPreLayerNorm" if pre else "a Post-LN BERT"

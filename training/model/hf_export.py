@@ -62,7 +62,7 @@ _PRE_LN_DROPPED = ("bert.pooler.", "cls.seq_relationship.")  # no NSP head in Ro
 PRE_LN_POSITIONS = "roberta_prelayernorm.embeddings.position_embeddings.weight"
 
 
-def _check_exportable(cfg: ModelConfig) -> None:
+def check_exportable(cfg: ModelConfig) -> None:
     target = "RobertaPreLayerNorm" if cfg.norm == "pre" else "BERT"  # the HF architecture export_hf writes
     if cfg.attention == "linear":
         raise UserError(f"cannot export to HF: HF {target} has softmax attention only, not linear attention")
@@ -119,6 +119,32 @@ def _token_id(tokenizer_dir: Path, token: str) -> int | None:
     return None
 
 
+def tokenizer_size(tokenizer_dir: Path) -> int | None:
+    """Tokens of the tokenizer in `tokenizer_dir` (tokenizer.json, else vocab.txt), None without either."""
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        try:
+            return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+        except Exception as err:  # tokenizers raises plain Exceptions for a broken file
+            raise UserError(f"{tokenizer_dir / 'tokenizer.json'}: cannot be read ({err})") from None
+    if (tokenizer_dir / "vocab.txt").is_file():
+        try:
+            with open(tokenizer_dir / "vocab.txt", encoding="utf-8") as f:
+                return sum(1 for _ in f)
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"{tokenizer_dir / 'vocab.txt'}: cannot be read ({err})") from None
+    return None
+
+
+def _check_tokenizer_fits(tokenizer_dir: Path, cfg: ModelConfig) -> None:
+    """A tokenizer of another vocabulary size than the model's embedding table would give ids the model has
+    no row for (or rows no token reaches): the export would load and then fail, or score garbage."""
+    size = tokenizer_size(tokenizer_dir)
+    if size is not None and size != cfg.vocab_size:
+        raise UserError(f"tokenizer {tokenizer_dir} has {size} tokens but the model's vocab_size is "
+                        f"{cfg.vocab_size}: it belongs to another model; give the model's own tokenizer")
+
+
 def _set_tokenizer_config(out: Path, cfg: ModelConfig) -> None:
     """The exported tokenizer_config.json: `model_max_length` = the model's max_position (without it transformers
     assumes no limit, so truncation=True cuts nothing and a long input overruns the position table), and, for a
@@ -152,7 +178,9 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
     """
     from safetensors.torch import save_file
 
-    _check_exportable(cfg)
+    check_exportable(cfg)
+    if tokenizer_dir is not None:
+        _check_tokenizer_fits(Path(tokenizer_dir), cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 

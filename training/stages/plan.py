@@ -112,28 +112,35 @@ def check_transitions(cfg: RunConfig) -> None:
         prev_model, prev_seq = model, seq if seq is not None else prev_seq
 
 
-def check_warmups(cfg: RunConfig) -> None:
-    """Each stage's LR warmup must fit in the stage (training/engine/schedule.py refuses it otherwise).
-    Checked when the config loads where the steps are known then; a stage given in tokens gets its steps at run
-    time (Plan)."""
-    first = cfg.stages[0]
-    if first.steps is not None:
-        where = (f"train.max_steps={first.steps}" if cfg.train.max_steps is not None and len(cfg.stages) == 1
-                 and first.name == "main" else f"stages.0.steps={first.steps} (stage '{first.name}')")
-        if cfg.optimizer.warmup_steps is not None and cfg.optimizer.warmup_steps > first.steps:
-            raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds {where}: the "
+def check_warmups(cfg: RunConfig, steps: Optional[list[int]] = None) -> None:
+    """Each stage's LR warmup must fit in the stage (training/engine/schedule.py refuses it otherwise). Checked
+    when the config loads where the steps are known then (`steps` None: stages given in tokens are skipped),
+    and again by Plan with every stage's steps, once the data's sequence length has converted the tokens."""
+    steps = steps or [s.steps for s in cfg.stages]
+
+    def where(i: int) -> str:
+        stage = cfg.stages[i]
+        if i == 0 and cfg.train.max_steps is not None and len(cfg.stages) == 1 and stage.name == "main":
+            return f"train.max_steps={steps[0]}"
+        given = f"stages.{i}.steps={steps[i]}" if stage.steps is not None else \
+            f"stages.{i}.tokens={stage.tokens} ({steps[i]} optimizer steps at data.dir's sequence length)"
+        return f"{given} (stage '{stage.name}')"
+
+    if steps[0] is not None:
+        if cfg.optimizer.warmup_steps is not None and cfg.optimizer.warmup_steps > steps[0]:
+            raise ValueError(f"optimizer.warmup_steps={cfg.optimizer.warmup_steps} exceeds {where(0)}: the "
                              "first stage's LR warmup must fit in it")
-        if cfg.optimizer.warmup_steps is None and all(s.steps is not None for s in cfg.stages):
-            total = sum(s.steps for s in cfg.stages)
+        if cfg.optimizer.warmup_steps is None and all(n is not None for n in steps):
+            total = sum(steps)
             warmup = cfg.warmup_steps(total)
-            if warmup > first.steps:
+            if warmup > steps[0]:
                 raise ValueError(f"optimizer.warmup_fraction={cfg.optimizer.warmup_fraction:g} of the run's "
-                                 f"{total} steps is {warmup} warmup steps, more than {where}; set "
+                                 f"{total} steps is {warmup} warmup steps, more than {where(0)}; set "
                                  "optimizer.warmup_steps")
     for i, stage in enumerate(cfg.stages[1:], 1):
-        if stage.steps is not None and stage.warmup_steps > stage.steps:
-            raise ValueError(f"stages.{i}.warmup_steps={stage.warmup_steps} exceeds stages.{i}.steps="
-                             f"{stage.steps} (stage '{stage.name}'): its LR warmup must fit in it")
+        if steps[i] is not None and stage.warmup_steps > steps[i]:
+            raise ValueError(f"stages.{i}.warmup_steps={stage.warmup_steps} exceeds {where(i)}: its LR warmup "
+                             "must fit in it")
 
 
 def seq_lens(cfg: RunConfig, data_seq_len: int, data_dir: Optional[str] = None) -> list[int]:
@@ -172,6 +179,10 @@ class Plan:
         for i, (stage, steps, seq_len) in enumerate(zip(cfg.stages, _steps(cfg, world_size, lengths), lengths)):
             self.stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i), make_hook(stage)))
             start += steps
+        try:
+            check_warmups(cfg, [p.steps for p in self.stages])
+        except ValueError as err:
+            raise UserError(str(err)) from None
         self._check_locality_schedule()
         self.lr_segments = self._lr_segments()
 

@@ -112,8 +112,9 @@ class StageRunner:
         checkpoint.check_resumable(meta, self.run_info(stage_index), self.ckpt_dir / tag)
         return meta
 
-    def resume(self, tag: str) -> None:
-        """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition."""
+    def resume(self, tag: str) -> dict:
+        """Load a checkpoint taken anywhere: mid-stage, at a stage's end, or right after a transition. Returns its
+        meta.json."""
         meta = self.check_resume(tag)
         stage_index = meta["train_state"]["stage_index"]
         # The saved model config is the truth: a hook may have resolved per-layer sizes at run time. Whether to
@@ -128,6 +129,7 @@ class StageRunner:
         if stage_index > 0:  # the actual start of the current stage
             self.plan.move_boundary(stage_index, self.state.step - self.state.stage_step)
         log.info("resumed from %s at step %d (stage %s)", tag, self.state.step, self.plan[stage_index].name)
+        return meta
 
     def _enter_stage(self, index: int) -> float:
         """The boundary into stage `index`, in one place: the hook gets the old model's fp32 weights and (with
@@ -248,7 +250,7 @@ class StageRunner:
         if getattr(self, "_saved_step", None) == self.state.step:
             return  # e.g. a pre-emption signal at a step that was just saved
         checkpoint.save(self.engine, self.ckpt_dir, self.state, self.model_cfg, self.cfg.run.keep_last,
-                        run_info=self.run_info(self.state.stage_index))
+                        run_info=self.run_info(self.state.stage_index), metrics_bytes=self.metrics.size())
         self._saved_step = self.state.step
 
     def _locality(self, stage, plan: StagePlan) -> dict:
