@@ -53,6 +53,13 @@ def test_pairs_from_a_folder_with_fields_and_a_fixed_subsample(tmp_path):
     assert [p.pair_ids for p in load(str(PAIRS), per_paradigm=3)] == [p.pair_ids for p in together]
 
 
+def test_the_one_paradigm_spelling_its_field_syntax_slash_semantics_joins_syntax_semantics(tmp_path):
+    row = {"sentence_good": "A b.", "sentence_bad": "B a.", "field": "syntax/semantics",
+           "linguistics_term": "binding", "UID": "principle_A_case_2"}
+    (tmp_path / "principle_A_case_2.jsonl").write_text(json.dumps(row) + "\n")
+    assert load(str(tmp_path))[0].field == "syntax_semantics"
+
+
 def test_pairs_through_datasets_from_a_hub_layout(tmp_path):
     """hf:NAME goes through datasets.get_dataset_config_names / load_dataset(NAME, CONFIG, split='train'): the
     same calls on a local folder laid out as the hub's nyu-mll/blimp (one config per paradigm)."""

@@ -47,7 +47,10 @@ def _paradigm(uid: str, records: list[dict], where: str, per_paradigm: int | Non
         rng = np.random.default_rng(zlib.crc32(uid.encode()))
         keep = np.sort(rng.choice(len(records), per_paradigm, replace=False))
     kept = [records[i] for i in keep]
-    return Paradigm(uid, kept[0]["field"], kept[0]["linguistics_term"], tuple(r["sentence_good"] for r in kept),
+    # BLiMP's fields are morphology, syntax, semantics and syntax_semantics; one published paradigm spells the last
+    # "syntax/semantics": one name, so that its field's mean is over all of them.
+    field = kept[0]["field"].replace("/", "_")
+    return Paradigm(uid, field, kept[0]["linguistics_term"], tuple(r["sentence_good"] for r in kept),
                     tuple(r["sentence_bad"] for r in kept), tuple(int(i) for i in keep))
 
 
