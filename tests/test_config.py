@@ -283,3 +283,34 @@ def test_a_bad_base_is_one_line(tmp_path, text, message):
     (tmp_path / "y.yaml").write_text("base: x.yaml\n")
     with pytest.raises(UserError, match=message):
         load_config(tmp_path / "x.yaml")
+
+
+def test_shipped_configs_resolve_to_what_they_said_in_full():
+    """The bench folders and method recipes name a `base:` instead of repeating its model, data and optimizer;
+    each still resolves to exactly the config it was when written out in full (tests/data/
+    shipped_configs_flat.json: every shipped file's whole mapping before the `base:` chains)."""
+    from pathlib import Path
+
+    from training.config import read_config
+
+    repo = Path(__file__).resolve().parent.parent
+    flat = json.loads((Path(__file__).resolve().parent / "data" / "shipped_configs_flat.json").read_text())
+    assert len(flat) >= 40
+    for name, mapping in flat.items():
+        assert read_config(repo / name) == RunConfig.model_validate(mapping), name
+    based = [name for name in flat if name.startswith(("configs/bench/small/", "configs/bench/bert-base/"))
+             and not name.endswith("/baseline.yaml")]
+    assert based and all((repo / name).read_text().count("\nbase: ") == 1 for name in based)
+
+
+def test_print_config_shows_a_based_config_merged(capsys):
+    from pathlib import Path
+
+    from training.pretrain_cli import print_config
+
+    repo = Path(__file__).resolve().parent.parent
+    print_config(load_config(repo / "configs/bench/small/stacking.yaml"))
+    shown = capsys.readouterr().out
+    assert "vocab_size: 2048" in shown and "norm: pre" in shown  # from baseline.yaml
+    assert "name: layers1" in shown and "out_dir: runs/bench/small/stacking" in shown  # its own
+    assert "max_steps: null" in shown and "base" not in shown
