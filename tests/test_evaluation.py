@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_run import make_runner, tiny_config
+from tests.helpers.tiny_run import make_runner, tiny_config
 
 
 def test_a_model_that_predicts_token_frequencies_scores_the_unigram_loss(tmp_path, tiny_data, dist_single):
