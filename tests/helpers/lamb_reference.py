@@ -36,3 +36,20 @@ def reference_lamb_step(params, grads, states, *, lr, betas=(0.9, 0.999), eps=1e
         w.sub_(lr * trust * update)
         trusts.append(trust)
     return trusts
+
+
+# A module with every kind of parameter the LAMB groups tell apart (HF-style names, a LayerNorm matched by type,
+# a bias-free Linear, a frozen Linear).
+class TinyLambModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(10, 8)
+        self.LayerNorm = torch.nn.LayerNorm(8)  # HF-style name
+        self.dense = torch.nn.Linear(8, 8)
+        self.norm = torch.nn.LayerNorm(8)  # matched by type, not name
+        self.out = torch.nn.Linear(8, 3, bias=False)
+        self.frozen = torch.nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        return self.out(self.norm(self.dense(self.LayerNorm(self.embed(x)))))

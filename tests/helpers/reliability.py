@@ -19,9 +19,10 @@ import pytest
 import torch
 import yaml
 
+from tests.helpers import paths as PATHS
 from tests.helpers.corpus import real_text_lines
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = PATHS.REPO
 
 # A fast fp32 run with dropout on (so the RNG state matters), a checkpoint every 2 steps.
 BASE_CONFIG = {

@@ -190,7 +190,7 @@ ROWS = [
     ("resume-other-max-position", lambda c: (c.copy_run(),
                                              c.cfg().pretrain("--resume", *_set("model.max_position=64")))[1],
      ["holds a different model", "max_position: checkpoint 32, config 64"], "inproc"),
-    # A corrupt newest checkpoint is passed over for the newest one that verifies (tests/test_nothing_lost.py);
+    # A corrupt newest checkpoint is passed over for the newest one that verifies (tests/integration/test_nothing_lost.py);
     # these rows corrupt every checkpoint, so none is left to resume from.
     ("resume-truncated-model-states", lambda c: (_every_tag(c, lambda t: truncate(t / "mp_rank_00_model_states.pt")),
                                                  c.cfg().pretrain("--resume"))[1],

@@ -3,7 +3,7 @@ DeepSpeed on the GPU (bf16 with every kernel, fp16 with dynamic loss scaling, re
 LAMB against the rule our docs say it follows. Without a GPU every test here skips with its reason; the
 kernels' own tests (tests/test_kernels_*.py) run compiled on CUDA too.
 
-On a GPU machine: DS_ACCELERATOR=cuda pytest -q tests/test_cuda.py tests/test_kernels_*.py
+On a GPU machine: DS_ACCELERATOR=cuda pytest -q tests/integration/test_cuda.py tests/test_kernels_*.py
 """
 import json
 import os

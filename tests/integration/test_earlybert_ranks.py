@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import paths as PATHS
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = PATHS.REPO
 SEARCH = """
 stages:
   - {name: search, steps: 6, model: {slimming: true, slimming_l1: 1.0e-3}}

@@ -8,46 +8,16 @@ randomly initialised one of ours, exported with a WordPiece vocabulary trained o
 """
 from __future__ import annotations
 
-import csv
-import functools
 import json
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers.finetune import (EVAL_PER_CLASS, TRAIN_PER_CLASS, export_tiny, finetune, genre_corpora, results,
+                                    write_genre_task, write_rows)
 from tests.helpers.reliability import tree_digest
-
-TRAIN_PER_CLASS, EVAL_PER_CLASS = 1000, 150
-TINY = dict(hidden_size=64, num_layers=2, num_heads=2, ffn_size=128, max_position=64, dropout=0.0,
-            attention_dropout=0.0)
-
-
-def _sentences(paragraphs) -> list[str]:
-    return [s for p in paragraphs for s in re.split(r"(?<=[.!?])\s+", p.strip()) if len(s.split()) >= 8]
-
-
-@functools.cache
-def genre_corpora() -> dict:
-    """{"wiki"|"news": (train sentences, held-out sentences)}, shuffled; every fifth article (document) is
-    held out, so held-out sentences come from other articles than the training ones, on the same mix of topics."""
-    from gensim.test.utils import datapath
-
-    from training.data.wiki import articles, gensim_dump
-
-    with open(datapath("lee_background.cor"), encoding="utf-8") as f:
-        news_docs = [[line] for line in f if line.strip()]
-    wiki_articles = [paragraphs for _title, paragraphs in articles(gensim_dump())]
-    rng = np.random.default_rng(1)
-    out = {}
-    for name, docs in (("news", news_docs), ("wiki", wiki_articles)):
-        train = _sentences([p for i, d in enumerate(docs) if i % 5 for p in d])
-        held = _sentences([p for i, d in enumerate(docs) if i % 5 == 0 for p in d])
-        assert len(train) >= TRAIN_PER_CLASS and len(held) >= EVAL_PER_CLASS, (name, len(train), len(held))
-        out[name] = ([train[k] for k in rng.permutation(len(train))], [held[k] for k in rng.permutation(len(held))])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,46 +25,9 @@ def corpora() -> dict:
     return genre_corpora()
 
 
-def write_rows(path: Path, rows: list[dict], fields=("text", "label")) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(fields))
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
-def write_genre_task(root: Path, train_per_class: int = TRAIN_PER_CLASS,
-                     eval_per_class: int = EVAL_PER_CLASS) -> tuple[Path, Path]:
-    """(ROOT/genre.csv, ROOT/genre_eval.csv): label `news` or `wiki` (string labels: ids in sorted order)."""
-    corpora, rng = genre_corpora(), np.random.default_rng(0)
-    files = []
-    for name, (i, n) in (("genre.csv", (0, train_per_class)), ("genre_eval.csv", (1, eval_per_class))):
-        rows = [{"text": s, "label": label} for label in ("news", "wiki") for s in corpora[label][i][:n]]
-        files.append(write_rows(root / name, [rows[k] for k in rng.permutation(len(rows))]))
-    return files[0], files[1]
-
-
 @pytest.fixture(scope="module")
 def genre_task(tmp_path_factory) -> tuple[Path, Path]:
     return write_genre_task(tmp_path_factory.mktemp("genre"))
-
-
-def export_tiny(out: Path, texts: list[str], norm: str, seed: int = 0) -> Path:
-    """A randomly initialised tiny model of ours exported as a Hugging Face dir with a WordPiece vocab trained
-    on `texts` (Post-LN: BertForMaskedLM family; Pre-LN: RobertaPreLayerNormForMaskedLM)."""
-    import torch
-
-    from training.data import tokenizer as wordpiece
-    from training.model.bert import BertForPreTraining
-    from training.model.config import ModelConfig
-    from training.model.hf_export import export_hf
-
-    tok = wordpiece.train(texts, 1024)
-    wordpiece.save(tok, str(out.parent / f"{out.name}-tok"))
-    cfg = ModelConfig(vocab_size=tok.get_vocab_size(), norm=norm, **TINY)
-    torch.manual_seed(seed)
-    export_hf(BertForPreTraining(cfg), cfg, out, tokenizer_dir=out.parent / f"{out.name}-tok")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -102,16 +35,6 @@ def tiny_models(tmp_path_factory, corpora) -> dict:
     root = tmp_path_factory.mktemp("finetune_models")
     texts = corpora["wiki"][0][:TRAIN_PER_CLASS] + corpora["news"][0][:TRAIN_PER_CLASS]
     return {norm: export_tiny(root / norm, texts, norm) for norm in ("pre", "post")}
-
-
-def finetune(*args: str) -> int:
-    from training.finetune import main
-
-    return main(list(args))
-
-
-def results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
 
 
 # ------------------------------------------------------------------ fine-tuning
@@ -404,3 +327,58 @@ def test_glue_offline_is_one_error_line(tiny_models, tmp_path, monkeypatch, caps
     assert "glue/sst2" in errors[0] and "offline" in errors[0] and "HF_DATASETS_OFFLINE" in errors[0]
     assert not out.exists()
 
+
+# ---------------------------------------------------------- names, positive class, evaluation, metrics
+# Issue 30 item 8: a local task is named after its file (or --task-name), the results say which class F1
+# counts as positive, evaluation runs during training and is logged to TensorBoard, and the GLUE metrics are
+# scikit-learn's.
+
+def test_a_split_named_file_takes_its_folders_name_and_task_name_wins(tiny_models, tmp_path):
+    sst = tmp_path / "sst"
+    sst.mkdir()
+    train, held = write_genre_task(tmp_path, 40, 10)
+    shutil.copy(train, sst / "train.csv")
+    shutil.copy(held, sst / "dev.csv")
+    out = tmp_path / "ft"
+    with pytest.raises(SystemExit) as exit_:  # one name for two tasks: one line, nothing written
+        finetune("--model", str(tiny_models["post"]), "--task", f"csv:{sst / 'train.csv'},{sst / 'dev.csv'}",
+                 f"csv:{train}", "--task-name", "genre40", "--out", str(out), "--max-steps", "2", "--report-to")
+    assert exit_.value.code == 2 and not out.exists()
+    assert finetune("--model", str(tiny_models["post"]), "--task", f"csv:{sst / 'train.csv'},{sst / 'dev.csv'}",
+                    "--out", str(out), "--max-steps", "2", "--batch-size", "8", "--max-seq-len", "32",
+                    "--report-to") == 0
+    assert list(results(out)["tasks"]) == ["sst"]  # not "train"
+    out2 = tmp_path / "ft2"
+    assert finetune("--model", str(tiny_models["post"]), "--task", f"csv:{sst / 'train.csv'},{sst / 'dev.csv'}",
+                    "--task-name", "genre_small", "--out", str(out2), "--max-steps", "2", "--batch-size", "8",
+                    "--max-seq-len", "32", "--report-to") == 0
+    assert list(results(out2)["tasks"]) == ["genre_small"] and (out2 / "genre_small" / "seed0").is_dir()
+
+
+def test_positive_class_stated_eval_during_training_and_tensorboard(tiny_models, genre_task, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, held = genre_task
+    out = tmp_path / "ft"
+    assert finetune("--model", str(tiny_models["post"]), "--task", f"csv:{train},{held}", "--out", str(out),
+                    "--max-steps", "20", "--eval-every", "10", "--log-every", "10", "--lr", "1e-3", "--batch-size", "16",
+                    "--max-seq-len", "32") == 0
+    task = results(out)["tasks"]["genre"]
+    assert task["f1_positive_class"] == {"id": 1, "label": "wiki"}  # labels sorted: news 0, wiki 1
+    events = list((out / "genre" / "seed0" / "runs").rglob("events.out.tfevents.*"))
+    assert events and len({e.parent for e in events}) == 1  # the Trainer's TensorBoard dir of this seed
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    evals = [e.step for e in acc.Scalars("eval/loss")]
+    assert evals[:2] == [10, 20]  # during training, every --eval-every steps
+    assert "eval/accuracy" in acc.Tags()["scalars"] and "train/loss" in acc.Tags()["scalars"]
+
+
+def test_metrics_are_scikit_learns():
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    from training import finetune_tasks as ft
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+    assert ft.f1_binary(p, y) == f1_score(y, p) and ft.matthews_corr(p, y) == matthews_corrcoef(y, p)

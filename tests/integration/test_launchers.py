@@ -201,7 +201,7 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm_cluster, job, t
 def test_slurm_glue_sweep_sbatch(slurm_cluster, tmp_path):  # noqa: F811
     """slurm/glue_sweep.sbatch as an array job, with local tasks standing in for GLUE (which needs the hub): one
     array task per entry of TASKS, each its own OUT/<task>; an index past TASKS is one error line, exit 2."""
-    from tests.test_finetune import export_tiny, genre_corpora, write_genre_task, write_rows
+    from tests.helpers.finetune import export_tiny, genre_corpora, write_genre_task, write_rows
 
     corpora = genre_corpora()
     model = export_tiny(tmp_path / "model", corpora["wiki"][0][:300] + corpora["news"][0][:300], "post")

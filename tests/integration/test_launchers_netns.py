@@ -35,7 +35,7 @@ from tests.helpers.launch import install_slurm, slurm_unavailable_reason
 from tests.helpers.netns import (DATA_IF, MGMT_NET, NetnsCluster, NetnsSlurmCluster, SshNodes,  # noqa: F401
                                   install_ssh,
                                   netns_cluster, ssh_unavailable_reason)
-from tests.test_launchers import REPO, Job, clean_env
+from tests.integration.test_launchers import REPO, Job, clean_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.launchers]
 

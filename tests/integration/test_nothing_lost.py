@@ -2,7 +2,7 @@
 run per output directory (a lock naming its holder); checkpoints verified by checksum, on resume and export;
 file-system faults end in one `error:` line; a killed DeepSpeed op build never makes later runs hang.
 
-The rows that are plain bad input live in tests/test_bad_input.py (exit 2, one error line, untouched out dir);
+The rows that are plain bad input live in tests/integration/test_bad_input.py (exit 2, one error line, untouched out dir);
 here are the ones that need a process running, killed, locked or a file system misbehaving.
 """
 from __future__ import annotations

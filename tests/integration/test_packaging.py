@@ -9,8 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from tests.helpers import paths as PATHS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = PATHS.REPO
 COMMANDS = {"bert-prepare": "training.data.__main__:prepare_main", "bert-pretrain": "training.pretrain:main",
             "bert-evaluate": "training.evaluate:main", "bert-export": "training.export:main",
             "bert-finetune": "training.finetune:main", "bert-bench": "training.bench.__main__:main"}

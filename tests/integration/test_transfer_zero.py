@@ -1,6 +1,6 @@
 """A stage boundary under ZeRO 1/2 with bf16 loses no precision (training/stages/transfer.py).
 
-Two gloo ranks (`python -m torch.distributed.run --nproc_per_node 2 tests/test_transfer_zero.py DATA OUT`) train
+Two gloo ranks (`python -m torch.distributed.run --nproc_per_node 2 tests/integration/test_transfer_zero.py DATA OUT`) train
 a 1-layer tiny model for two steps under ZeRO 1 (LAMB) and ZeRO 2 (AdamW), bf16, then stack it to 2 layers
 through StageRunner._enter_stage. Each rank saves the slice of every fp32 master it holds (read straight from
 DeepSpeed's fragment mapping, not through transfer.py) before and after the boundary; the test assembles the
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import paths as PATHS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = PATHS.REPO
 CASES = {"zero1_lamb": (1, "lamb"), "zero2_adamw": (2, "adamw")}
 STACK = """
 stages:

@@ -7,7 +7,6 @@ import json
 import lzma
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from training.blimp import pass_rate, summary_text
 from training.blimp.pairs import load
 from training.blimp.score import CountModels, encode, masked_copies, pll
 from training.errors import UserError
+from tests.helpers import paths as PATHS
 
-PAIRS = Path(__file__).parent / "data" / "blimp"
+PAIRS = PATHS.DATA / "blimp"
 UIDS = ["adjunct_island", "anaphor_gender_agreement", "determiner_noun_agreement_1",
         "existential_there_quantifiers_1"]
 

@@ -1,3 +1,4 @@
+"""The run config: YAML, overrides, the schema's domains, `base:` inheritance and the shipped configs."""
 import json
 
 import pytest
@@ -6,6 +7,7 @@ from training.config import RunConfig, apply_overrides
 from training.stages.plan import load_config
 from training.engine.ds_config import deepspeed_json
 from training.errors import UserError
+from tests.helpers import paths as PATHS
 
 
 def _write(tmp_path, text):
@@ -92,8 +94,7 @@ def test_template_may_not_set_owned_keys(tmp_path):
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
-    paths = sorted(Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml"))  # bench and plateau too
+    paths = sorted(PATHS.REPO.glob("configs/**/*.yaml"))  # bench and plateau too
     assert any(p.parent.name == "small" for p in paths)
     for path in paths:
         cfg = load_config(path)
@@ -103,9 +104,8 @@ def test_shipped_configs_load():
 def test_configs_and_docs_name_no_path_of_a_particular_machine():
     """Paths in what we ship are relative to the repository or given by the user."""
     import re
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = PATHS.REPO
     machine_path = re.compile(r"(?<![\w.])/(work|home|root|mnt|scratch)/\w")
     shipped = [p for pattern in ("configs/**/*.yaml", "configs/**/*.md", "*.md", "docs/*.md", "slurm/*",
                                  "deepspeed_configs/*", "training/**/*.py", "training/**/*.md", "kernels/*")
@@ -230,8 +230,7 @@ def test_the_domains_are_in_the_json_schema():
 
 
 def test_every_shipped_config_loads_with_the_domains():
-    from pathlib import Path
-    configs = Path(__file__).resolve().parent.parent / "configs"
+    configs = PATHS.REPO / "configs"
     paths = sorted([*configs.glob("*.yaml"), *configs.glob("bench/*/*.yaml"), *configs.glob("plateau/*.yaml")])
     assert len(paths) > 20
     for path in paths:
@@ -289,12 +288,11 @@ def test_shipped_configs_resolve_to_what_they_said_in_full():
     """The bench folders and method recipes name a `base:` instead of repeating its model, data and optimizer;
     each still resolves to exactly the config it was when written out in full (tests/data/
     shipped_configs_flat.json: every shipped file's whole mapping before the `base:` chains)."""
-    from pathlib import Path
 
     from training.config import read_config
 
-    repo = Path(__file__).resolve().parent.parent
-    flat = json.loads((Path(__file__).resolve().parent / "data" / "shipped_configs_flat.json").read_text())
+    repo = PATHS.REPO
+    flat = json.loads((PATHS.DATA / "shipped_configs_flat.json").read_text())
     assert len(flat) >= 40
     for name, mapping in flat.items():
         assert read_config(repo / name) == RunConfig.model_validate(mapping), name
@@ -304,11 +302,10 @@ def test_shipped_configs_resolve_to_what_they_said_in_full():
 
 
 def test_print_config_shows_a_based_config_merged(capsys):
-    from pathlib import Path
 
     from training.pretrain_cli import print_config
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = PATHS.REPO
     print_config(load_config(repo / "configs/bench/small/stacking.yaml"))
     shown = capsys.readouterr().out
     assert "vocab_size: 2048" in shown and "norm: pre" in shown  # from baseline.yaml

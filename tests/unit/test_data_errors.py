@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tests.helpers.data import make_docs, quiet_prepare, write_lines
 from training.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -78,11 +74,3 @@ def test_bad_jsonl(tmp_path):
     expect_error(f"{path}:2", [path], tmp_path / "o", seq_len=16, tokenizer="train:100")
 
 
-def test_cli_exit_code_and_one_line(tmp_path):
-    missing = tmp_path / "missing.txt"
-    proc = subprocess.run([sys.executable, "-m", "training.data", "prepare", "--input", str(missing),
-                           "--out", str(tmp_path / "o"), "--seq-len", "16", "--tokenizer", "train:100"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]

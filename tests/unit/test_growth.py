@@ -137,7 +137,7 @@ def test_grow_ffn_preserves_the_loss(norm):
 
 def test_grow_ffn_moments_scale_like_the_gradients_not_the_weights():
     """exp_avg x g, exp_avg_sq x g**2 with g the gradient's factor (measured with autograd in
-    tests/test_moments.py): a copied output.dense column (weight / k) keeps its gradient, a copied
+    tests/unit/test_moments.py): a copied output.dense column (weight / k) keeps its gradient, a copied
     intermediate.dense row (weight unchanged) gets 1/k of it."""
     old, new, k = cfg(), cfg(ffn_size=192), 3
     moments = {k_: torch.rand_like(p) + 0.5 for k_, p in random_model(old).named_parameters()}
@@ -214,7 +214,7 @@ def test_grow_hidden_with_pruned_heads_preserves_the_loss():
 
 def test_grow_hidden_moments_scale_like_the_gradients_not_the_weights():
     """Every tiled output axis: gradient x 1/k (Q weight divided by k too, embeddings not); the MLM
-    transform LayerNorm (weight / k for the tied decoder) keeps its gradient (autograd: tests/test_moments.py)."""
+    transform LayerNorm (weight / k for the tied decoder) keeps its gradient (autograd: tests/unit/test_moments.py)."""
     old, new, k = cfg(), cfg(hidden_size=64, num_heads=4), 2
     moments = {n: torch.rand_like(p) + 0.5 for n, p in random_model(old).named_parameters()}
     for moment in (1, 2):

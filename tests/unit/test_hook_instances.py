@@ -12,8 +12,9 @@ from training.errors import UserError
 from training.stages.hooks import HOOKS, make_hook
 from training.stages.plan import Plan, load_config
 from training.stages.protocol import Hook
+from tests.helpers import paths as PATHS
 
-ROOT = Path(__file__).resolve().parent.parent / "training"
+ROOT = PATHS.TRAINING
 STACKS = """
 model: {vocab_size: 64, hidden_size: 16, num_layers: 1, num_heads: 2, ffn_size: 32, max_position: 16}
 train: {micro_batch_size: 2}

@@ -6,8 +6,9 @@ import ast
 from pathlib import Path
 
 from training.model.config import ModelConfig
+from tests.helpers import paths as PATHS
 
-ROOT = Path(__file__).resolve().parent.parent / "training"
+ROOT = PATHS.TRAINING
 
 
 def imports(path: Path) -> set[str]:

@@ -19,7 +19,7 @@ Optimizer state (`optimizer_state: carry`): every copied parameter keeps its Ada
 unscaled. Moments follow the gradients (see growth.py), and there is no exact gradient rule here: the
 switch to softmax attention changes the function, so every gradient changes; copying is the documented
 option (with the attention unchanged, refining only the FFN, the copied tensors' gradients are exactly
-the old ones: tests/test_moments.py). The moments of the factors say nothing about the moments of their
+the old ones: tests/unit/test_moments.py). The moments of the factors say nothing about the moments of their
 product (the factors' gradients are V^T G and G U^T of the product's G, which cannot be inverted), so
 the new full FFN weights start with fresh state: the moment transforms (moment 1 and 2) drop them, and
 `transfer.load_into_engine` installs state only for a parameter present in both exp_avg and exp_avg_sq.

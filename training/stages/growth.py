@@ -12,7 +12,7 @@ object), new copies are fresh tensors. Keys are Hugging Face BertForPreTraining 
 result has exactly the keys of the grown model.
 
 Optimizer moments follow the gradients, not the weights. Each operator knows, per tensor, the factor g
-its gradient gets on the grown model (measured with autograd in tests/test_moments.py); `exp_avg` is
+its gradient gets on the grown model (measured with autograd in tests/unit/test_moments.py); `exp_avg` is
 multiplied by g and `exp_avg_sq` by g**2, so the carried moments are what the grown model's own gradients
 would have accumulated. For the width operators the weight's factor and the gradient's differ:
 
