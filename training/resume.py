@@ -14,7 +14,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from training import outdir
 from training.cli import nearest
 from training.engine import checkpoint_verify
 from training.errors import UserError
@@ -54,22 +53,6 @@ def set_aside(ckpt_dir: Path, newer: list[str], tag: str) -> None:
     if newer:
         checkpoint_verify.quarantine(ckpt_dir, newer, tag, suffix=ABANDONED_SUFFIX,
                                      why=f"newer than {tag}, which --resume chose")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop the records a killed process wrote after the checkpoint: they are re-done. step -1 (a
-    --resume that starts from scratch) drops every record."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line).get("step", 0) > step:
-                continue
-        except ValueError:
-            continue  # a line cut short by the kill
-        kept.append(line if line.endswith("\n") else line + "\n")
-    outdir.write_atomic(path, "".join(kept))
 
 
 def _previous_config(out: Path):
@@ -119,7 +102,7 @@ def report_schedule_change(runner, out: Path, step: int) -> Optional[str]:
         old_plan = Plan(old_cfg, runner.data.seq_len, runner.world_size, old_cfg.data.dir)
     except (UserError, ValueError):
         return None
-    changes = schedule_changes(old_plan, runner.plan, step)
+    changes = schedule_changes(old_plan, runner.schedule.plan, step)
     if not changes:
         return None
     return (f"--resume at step {step} with a schedule that differs from the one this run was started with "
@@ -129,8 +112,8 @@ def report_schedule_change(runner, out: Path, step: int) -> Optional[str]:
 def score_of_finished(runner) -> dict:
     """A resumed run that is already finished trained nothing: its held-out score, measured now (every rank
     takes part in the evaluation's all-reduce)."""
-    if runner.last_eval or runner.state.step < runner.total_steps:
-        return runner.last_eval
+    if runner.evaluator.last or runner.state.step < runner.total_steps:
+        return runner.evaluator.last
     log.info("the run was already finished at step %d: evaluating its last checkpoint", runner.state.step)
-    runner.last_eval = runner.evaluate()
-    return runner.last_eval
+    runner.evaluator.last = runner.evaluate()
+    return runner.evaluator.last

@@ -31,7 +31,7 @@ def test_refine_in_the_running_job_carries_state_except_the_new_ffn(tmp_path, ti
     runner = make_runner(cfg)
     runner.run()
     old = transfer.fp32_weights(runner.engine)
-    runner._enter_stage(1)
+    runner.enter_stage(1)
     assert runner.model_cfg.attention == "sdpa" and runner.model_cfg.ffn_rank is None
     new = transfer.fp32_weights(runner.engine)
     key = "bert.encoder.layer.1.output.dense."

@@ -80,7 +80,7 @@ def _own_out_dir(root: Path, scenario: str, rank: int) -> None:
 
 
 def _pruned(runner) -> dict:
-    runner._enter_stage(1)
+    runner.enter_stage(1)
     assert not runner.model_cfg.slimming
     return {k: v.detach().clone() for k, v in runner.engine.module.state_dict().items()}
 
@@ -105,7 +105,7 @@ def worker(data_dir: Path, root: Path) -> None:
     _own_out_dir(root, "split", rank)
     runner = _runner(data_dir, root, "split", rank, world, ["run.stop_at_step=2"])
     runner.run()
-    assert runner.plan[0].steps == 2
+    assert runner.schedule[0].steps == 2
     torch.save(_pruned(runner), results / f"split_rank{rank}.pt")
 
     # 3. The same, stopped mid-search (step 1) and resumed by new runners: rank 0's masks and initial weights.
@@ -115,7 +115,7 @@ def worker(data_dir: Path, root: Path) -> None:
     runner.resume(checkpoint.latest_tag(runner.ckpt_dir))
     assert runner.state.step == 1 and runner.state.stage_index == 0
     runner.run()
-    assert runner.plan[0].steps == 2 and runner.state.step == 2
+    assert runner.schedule[0].steps == 2 and runner.state.step == 2
     torch.save(_pruned(runner), results / f"resumed_rank{rank}.pt")
 
 

@@ -36,13 +36,13 @@ def test_search_draws_early_rewinds_and_prunes_in_the_running_job(tmp_path, tiny
     runner = make_runner(cfg)
     init = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
     runner.run()  # the ticket is drawn at step 2 (two masks within distance < 1): the search stage ends
-    assert runner.state.stage_index == 0 and runner.plan[0].steps == 2
-    assert runner.plan[1].start_step == 2 and runner.plan[1].steps == 7 and runner.total_steps == 9
+    assert runner.state.stage_index == 0 and runner.schedule[0].steps == 2
+    assert runner.schedule[1].start_step == 2 and runner.schedule[1].steps == 7 and runner.total_steps == 9
     saved = torch.load(tmp_path / "out" / "earlybert" / "init.pt", weights_only=True)
     torch.testing.assert_close(saved["bert.embeddings.word_embeddings.weight"],
                                init["bert.embeddings.word_embeddings.weight"], rtol=0, atol=0)
-    assert runner._lr(2) == 0.0 and runner._lr(3) > 0.0  # the pruned stage's warmup (1 step) moved to step 2
-    runner._enter_stage(1)
+    assert runner.schedule.lr(2) == 0.0 and runner.schedule.lr(3) > 0.0  # the pruned stage's warmup (1 step) moved to step 2
+    runner.enter_stage(1)
     assert runner.model_cfg.heads_per_layer == [2, 2] and not runner.model_cfg.slimming
     assert sum(runner.model_cfg.ffn_per_layer) == int(0.6 * 2 * 64 + 0.5)
     module = runner.engine.module

@@ -289,7 +289,7 @@ def test_blimp_bad_input_is_one_line(tiny_run, tmp_path, capsys, argv, message):
 
 def test_a_model_that_predicts_token_frequencies_scores_the_unigram_loss(tmp_path, tiny_data, dist_single):
     runner = make_runner(tiny_config(tmp_path, tiny_data, ["run.eval_batches=3"]))
-    runner._build()
+    runner.build()
     module = runner.engine.module
     logp = runner.data.unigram_log_probs()
     with torch.no_grad():  # the transform outputs 0, so the logits are the output bias: the unigram table
@@ -319,7 +319,7 @@ def test_an_evaluation_over_no_target_is_an_error_not_zero(tmp_path, tiny_data, 
     from training.errors import UserError
 
     runner = make_runner(tiny_config(tmp_path, tiny_data))
-    runner._build()
+    runner.build()
     empty = lambda *a, **k: iter(())  # noqa: E731
     monkeypatch.setattr(runner.data, "heldout_batches", empty)
     with pytest.raises(UserError, match="no masked token"):

@@ -21,7 +21,7 @@ def test_the_runner_passes_weights_and_moments_through_their_own_paths(tmp_path,
     runner.run()
     weights = transfer.fp32_weights(runner.engine)
     moments, _ = transfer.optimizer_moments(runner.engine)
-    runner._enter_stage(1)
+    runner.enter_stage(1)
     new_weights = transfer.fp32_weights(runner.engine)
     new_moments, steps = transfer.optimizer_moments(runner.engine)
     assert set(steps.values()) == {2}

@@ -50,7 +50,7 @@ def _params(runner):
 def _spy_transitions(runner) -> tuple[dict, dict]:
     """Weights just before each stage boundary (the previous stage's end) and right after it."""
     before, after = {}, {}
-    enter = runner._enter_stage
+    enter = runner.enter_stage
 
     def spy(index):
         before[index] = _params(runner)
@@ -58,7 +58,7 @@ def _spy_transitions(runner) -> tuple[dict, dict]:
         after[index] = _params(runner)
         return seconds
 
-    runner._enter_stage = spy
+    runner.enter_stage = spy
     return before, after
 
 

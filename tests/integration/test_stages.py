@@ -55,7 +55,7 @@ def test_stack_carries_weights_and_moments_by_name(tmp_path, tiny_data, dist_sin
     runner.run()  # stage s1 (1 layer), stops at its end
     weights, moments, steps = _stage_state(runner)
     assert set(steps.values()) == {2}
-    runner._enter_stage(1)
+    runner.enter_stage(1)
     new_weights, new_moments, new_steps = _stage_state(runner)
     prefix = "bert.encoder.layer.{}.intermediate.dense.weight"
     for layer in (0, 1):  # both new layers are copies of old layer 0, weights and moments
@@ -72,7 +72,7 @@ def test_reset_drops_optimizer_state(tmp_path, tiny_data, dist_single):
     runner = make_runner(cfg)
     runner.run()  # through s2
     assert _stage_state(runner)[2]
-    runner._enter_stage(2)
+    runner.enter_stage(2)
     _, moments, steps = _stage_state(runner)
     assert not steps and not moments["exp_avg"]
 
@@ -95,7 +95,7 @@ stages:
     runner.run()
     batch = next(runner.data.heldout_batches(8, max_batches=1))
     before = _fixed_batch_loss(runner, batch)
-    runner._enter_stage(1)
+    runner.enter_stage(1)
     assert runner.model_cfg.hidden_size == 32 and runner.model_cfg.ffn_size == 64
     after = _fixed_batch_loss(runner, batch)
     assert abs(after - before) / before < 1e-5
@@ -116,7 +116,7 @@ def test_lr_and_data_continue_across_boundaries(tmp_path, tiny_data, dist_single
     assert state.step == 6 and state.samples == 6 * 4
     train = [m for m in _metrics(tmp_path / "out") if m["kind"] == "train"]
     lrs = [m["lr"] for m in train]
-    assert lrs == [runner._lr(s) for s in range(6)]
+    assert lrs == [runner.schedule.lr(s) for s in range(6)]
     assert lrs[4] == 0.0 and lrs[3] > 0  # stage s3 restarts its warmup, s2 continued s1's decay
     transitions = [m for m in _metrics(tmp_path / "out") if m["kind"] == "transition"]
     assert [t["stage"] for t in transitions] == ["s2", "s3"] and all(t["seconds"] > 0 for t in transitions)
@@ -147,7 +147,10 @@ def test_layer_drop_decisions_agree_across_ranks(tmp_path, tiny_data, dist_singl
     cfg = tiny_config(tmp_path, tiny_data, yaml_text=text)
     runner = make_runner(cfg)
     runner.state.step = 7
-    a, b = runner._layer_drop(cfg.stages[0]), runner._layer_drop(cfg.stages[0])
+    def forward_kwargs():  # the stage's modifiers' arguments for the step at the runner's position
+        return {k: v for m in runner.modifiers for k, v in m.forward_kwargs(runner.step_context()).items()}
+
+    a, b = forward_kwargs(), forward_kwargs()
     assert a["layer_keep_prob"] == b["layer_keep_prob"] and a["layer_keep_prob"][-1] < 1.0
     draws = [torch.rand(8, generator=kw["layer_drop_generator"]) for kw in (a, b)]
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)  # a rank-independent stream
@@ -166,7 +169,7 @@ def test_tokens_per_s_leaves_eval_and_checkpoint_time_out_of_the_window(tmp_path
     cfg = tiny_config(tmp_path, tiny_data, ["train.max_steps=8", "run.log_every=4", "run.eval_every=2",
                                             "run.save_every=3"])
     runner = make_runner(cfg)
-    runner._build()
+    runner.build()
 
     def step(micro, **kwargs):
         time.sleep(0.05)  # every step trains 0.05 s

@@ -2,7 +2,7 @@
 
 Two gloo ranks (`python -m torch.distributed.run --nproc_per_node 2 tests/integration/test_transfer_zero.py DATA OUT`) train
 a 1-layer tiny model for two steps under ZeRO 1 (LAMB) and ZeRO 2 (AdamW), bf16, then stack it to 2 layers
-through StageRunner._enter_stage. Each rank saves the slice of every fp32 master it holds (read straight from
+through StageRunner.enter_stage. Each rank saves the slice of every fp32 master it holds (read straight from
 DeepSpeed's fragment mapping, not through transfer.py) before and after the boundary; the test assembles the
 full masters and checks, bit for bit, that the new engine's masters are the old masters stacked.
 """
@@ -57,8 +57,8 @@ def _worker(data_dir: str, out_dir: str) -> None:
                              torch.device("cpu"), peak_tflops=1.0)
         torch.manual_seed(0)  # the same initial weights on both ranks
         runner.set_model(BertForPreTraining(cfg.stage_model(0)), cfg.stage_model(0))
-        runner._build()
-        stream = runner._micro_batches()
+        runner.build()
+        stream = runner.batches()
         for _ in range(2):  # LR large enough that the masters leave the bf16 grid
             set_lr(runner.engine, 1e-3)
             runner.train_step([next(stream)])
@@ -66,7 +66,7 @@ def _worker(data_dir: str, out_dir: str) -> None:
         before = _master_slices(runner.engine)
         via_transfer = transfer.fp32_weights(runner.engine)  # collective: every rank calls it
         old_cfg = runner.model_cfg
-        runner._enter_stage(1)
+        runner.enter_stage(1)
         results[label] = {"before": before, "after": _master_slices(runner.engine), "old_cfg": old_cfg,
                           "new_cfg": runner.model_cfg, "via_transfer": via_transfer,
                           "module_after": {n: p.detach().clone() for n, p in runner.engine.module.named_parameters()}}

@@ -301,13 +301,14 @@ def test_shipped_configs_resolve_to_what_they_said_in_full():
     assert based and all((repo / name).read_text().count("\nbase: ") == 1 for name in based)
 
 
-def test_print_config_shows_a_based_config_merged(capsys):
+def test_print_config_shows_a_based_config_merged():
+    import io
 
     from training.pretrain_cli import print_config
 
-    repo = PATHS.REPO
-    print_config(load_config(repo / "configs/bench/small/stacking.yaml"))
-    shown = capsys.readouterr().out
+    out = io.StringIO()
+    print_config(load_config(PATHS.REPO / "configs/bench/small/stacking.yaml"), out)
+    shown = out.getvalue()
     assert "vocab_size: 2048" in shown and "norm: pre" in shown  # from baseline.yaml
     assert "name: layers1" in shown and "out_dir: runs/bench/small/stacking" in shown  # its own
     assert "max_steps: null" in shown and "base" not in shown

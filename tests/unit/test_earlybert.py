@@ -46,19 +46,21 @@ def test_l1_penalty_only_in_training_and_its_gradient():
     labels = ids.clone()
     model.eval()
     plain = model(ids, labels=labels)
-    assert "slimming_penalty" not in plain
+    assert "slimming_penalty" not in plain.get("aux_losses", {})
     model.train()
     out = model(ids, labels=labels)
     n = 2 * (4 + 64)
     expected = 1e-2 * (n - 1 + 2.0)
-    assert abs(float(out["slimming_penalty"]) - expected) < 1e-6
-    assert abs(float(out["mlm_loss"].detach()) - float(plain["mlm_loss"].detach()) - expected) < 1e-5
+    # A named auxiliary loss of the model (its add-on's), in the loss it trains on, not in the MLM loss it reports.
+    assert abs(float(out["aux_losses"]["slimming_penalty"].detach()) - expected) < 1e-6
+    assert abs(float(out["loss"].detach()) - float(plain["loss"].detach()) - expected) < 1e-5
+    assert float(out["mlm_loss"]) == pytest.approx(float(plain["mlm_loss"]), abs=1e-6)
     # The penalty's gradient is lambda * sign(c) on top of the MLM gradient: compare with lambda 0.
-    out["mlm_loss"].backward()
+    out["loss"].backward()
     with_penalty = model.bert.encoder.layer[0].attention.self.head_coef.grad.clone()
     model.zero_grad()
     model.cfg = cfg.model_copy(update={"slimming_l1": 0.0})
-    model(ids, labels=labels)["mlm_loss"].backward()
+    model(ids, labels=labels)["loss"].backward()
     without = model.bert.encoder.layer[0].attention.self.head_coef.grad
     torch.testing.assert_close(with_penalty - without, torch.tensor([1e-2, -1e-2, 1e-2, 1e-2]), rtol=0, atol=1e-7)
 
@@ -98,8 +100,8 @@ class _Coefs(torch.nn.Module):
 
 
 def test_early_bird_draws_once_the_last_masks_agree(tmp_path):
-    args = eb.parse_args({"ratio_heads": 0.5, "ratio_ffn": 0.5, "rewind": "keep",
-                          "search": {"interval": 2, "window": 3, "threshold": 0.1}})
+    args = eb.Prune({"ratio_heads": 0.5, "ratio_ffn": 0.5, "rewind": "keep",
+                     "search": {"interval": 2, "window": 3, "threshold": 0.1}}).args
     records = []
     search = eb.EarlyBirdSearch(args, tmp_path, records.append)
     gen = torch.Generator().manual_seed(0)
@@ -216,7 +218,7 @@ def test_shipped_configs_load():
 
     for name in ("earlybert_default", "earlybert_bert_base"):
         cfg = load_config(f"configs/{name}.yaml")
-        args = eb.parse_args(cfg.stages[1].hook_args)
+        args = eb.Prune(cfg.stages[1].hook_args).args
         assert cfg.stage_model(0).slimming and not cfg.stage_model(1).slimming
         assert args.ratio_ffn == 0.4 and args.rewind == "init" and args.search.threshold == 0.1
         heads = eb.draw_ticket([torch.rand(cfg.model.num_heads)], [torch.rand(10)], args.ratio_heads, 0.4)
@@ -272,7 +274,6 @@ def test_rewind_init_refuses_a_missing_or_stale_init_file(tmp_path):
 def test_enter_draws_one_ticket_for_the_weights_and_every_moment(tmp_path):
     """Hook.enter, the boundary's one call: the prune hook resolves the ticket once and cuts the weights and
     both moments with it (the moments carry no coefficients of their own), the same as resolve + transform."""
-    from types import SimpleNamespace
 
     from training.stages.protocol import Boundary
 
@@ -283,9 +284,8 @@ def test_enter_draws_one_ticket_for_the_weights_and_every_moment(tmp_path):
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     moments = {"exp_avg": {k: torch.randn_like(v) for k, v in weights.items()},
                "exp_avg_sq": {k: torch.rand_like(v) for k, v in weights.items()}}
-    stage = SimpleNamespace(name="pruned", hook="prune", hook_args=args, optimizer_state="carry")
-    entered = hook.enter(Boundary(step=5, rank=0, out_dir=tmp_path, stage=stage, old=cfg, declared=declared,
-                                  weights=weights, moments=moments))
+    entered = hook.enter(Boundary(step=5, out_dir=tmp_path, old=cfg, declared=declared, weights=weights,
+                                  moments=moments))
     ctx = HookContext(step=5, out_dir=tmp_path)
     new_cfg = hook.resolve(cfg, declared, weights, ctx)
     assert entered.model == new_cfg

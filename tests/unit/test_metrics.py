@@ -2,7 +2,7 @@
 
 
 def test_truncate_metrics_to_minus_one_drops_every_record(tmp_path):
-    from training.pretrain import truncate_metrics
+    from training.metrics import truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "config"}\n{"kind": "train", "step": 0}\n{"kind": "train", "step": 3}\n{"cut')

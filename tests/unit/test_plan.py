@@ -37,7 +37,7 @@ def test_lr_warms_up_per_stage_and_a_moved_boundary_moves_its_warmup(tmp_path):
     plan = Plan(cfg, 32, world_size=1)
     assert lr_at(plan.lr_segments, 0) == 0.0 and lr_at(plan.lr_segments, 2) == pytest.approx(1.0)
     assert lr_at(plan.lr_segments, 6) == 0.0  # stage b's warmup starts at its first step
-    plan.move_boundary(1, 4)  # stage a ended early, at step 4: b takes over its steps
+    plan = plan.with_boundary(1, 4)  # stage a ended early, at step 4: b takes over its steps
     assert [(p.steps, p.start_step, p.ended_early) for p in plan] == [(4, 0, True), (8, 4, False)]
     assert plan.total_steps == 12 and lr_at(plan.lr_segments, 4) == 0.0 and lr_at(plan.lr_segments, 6) > 0
 

@@ -126,20 +126,22 @@ def summarise(subject: Subject, flops_per_token: float, peak_tflops: float, toke
 
 def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
     """Stage `index` as the runner trains it, applied to `model`: its hook's `prepare` (MSLT freezes the lower
-    layers), and its layer drop from the stage's first global step on. Returns (step -> forward kwargs,
-    trainable parts, keep probabilities at the first step or None)."""
+    layers), and its training modifiers from the stage's first global step on (layer dropping's keep
+    probabilities). Returns (step -> forward kwargs, trainable parts, keep probabilities at the first step or
+    None)."""
     from training.model.flops import trainable_parts
-    from training.stages import layerdrop
+    from training.stages.modifiers import stage_modifiers
     from training.stages.plan import Plan
+    from training.stages.protocol import StepContext
 
-    planned, stage = Plan(cfg, data_seq_len, world_size=1)[index], cfg.stages[index]
+    planned = Plan(cfg, data_seq_len, world_size=1)[index]
     if planned.hook is not None:
         planned.hook.prepare(model)
-    start = planned.start_step
-    layers = cfg.stage_model(index).num_layers
+    modifiers = stage_modifiers(cfg, index)
 
     def kwargs(step: int) -> dict:
-        return layerdrop.forward_kwargs(stage.layer_drop, start + step, layers, cfg.run.seed)
+        at = StepContext(planned.start_step + step, step, planned.steps, cfg.stage_model(index), cfg.run.seed)
+        return {k: v for m in modifiers for k, v in m.forward_kwargs(at).items()}
 
     first = kwargs(0).get("layer_keep_prob")
     return kwargs, trainable_parts(model), first

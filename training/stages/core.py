@@ -35,7 +35,7 @@ import sys
 import torch
 
 from training.model.config import ModelConfig
-from training.stages.protocol import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookContext, Tensors, Transition
 
 # Everything but ModelConfig.RELAXED_FIELDS must agree between the relaxed and the refined model; regularisation
 # (REGULARISATION_FIELDS) may change at the boundary (e.g. no dropout in the short refine phase).
@@ -51,7 +51,7 @@ def relaxed_config(cfg: ModelConfig, rank: int | None = None) -> ModelConfig:
     return cfg.model_copy(update={"attention": "linear", "ffn_rank": rank})
 
 
-def _validate(old: ModelConfig, new: ModelConfig, stage) -> None:
+def _validate(old: ModelConfig, new: ModelConfig) -> None:
     if not is_relaxed(old):
         raise ValueError("the previous stage must be the relaxed model (model.attention: linear and/or "
                          "model.ffn_rank set); it is already full-rank softmax BERT")
@@ -93,8 +93,8 @@ class CoreRefine(Hook):
     """The relaxed model (linear attention, low-rank FFN) becomes full BERT: the FFN factors are multiplied."""
     name = "core_refine"
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
-        _validate(old, new, stage)
+    def validate(self, t: Transition) -> None:
+        _validate(t.old, t.new)
 
     def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
                   ctx: HookContext) -> Tensors:
