@@ -8,6 +8,7 @@ from tests.helpers.tiny_run import make_runner, tiny_config
 from training.engine import checkpoint
 from training.errors import UserError
 from training.stages import transfer
+from training.stages.modifiers import StageTraining
 
 STACK = """
 stages:
@@ -147,10 +148,8 @@ def test_layer_drop_decisions_agree_across_ranks(tmp_path, tiny_data, dist_singl
     cfg = tiny_config(tmp_path, tiny_data, yaml_text=text)
     runner = make_runner(cfg)
     runner.state.step = 7
-    def forward_kwargs():  # the stage's modifiers' arguments for the step at the runner's position
-        return {k: v for m in runner.modifiers for k, v in m.forward_kwargs(runner.step_context()).items()}
-
-    a, b = forward_kwargs(), forward_kwargs()
+    training = StageTraining(cfg, 0, cfg.stage_model(0), seq_len=64)  # the stage's modifiers, as the runner's
+    a, b = training.forward_kwargs(runner.step_context()), training.forward_kwargs(runner.step_context())
     assert a["layer_keep_prob"] == b["layer_keep_prob"] and a["layer_keep_prob"][-1] < 1.0
     draws = [torch.rand(8, generator=kw["layer_drop_generator"]) for kw in (a, b)]
     torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)  # a rank-independent stream

@@ -130,7 +130,6 @@ def test_a_training_modifier_is_a_module_and_a_registry_line(tmp_path, tiny_data
     with MODIFIERS.added(FixedLayerDrop):
         cfg = tiny_config(tmp_path, tiny_data, ["run.eval_every=2"], yaml_text=text)
         runner = make_runner(cfg)
-        assert [type(m) for m in runner.modifiers] == [FixedLayerDrop]
         seen = []
         forward = runner.model.forward
 
@@ -140,6 +139,7 @@ def test_a_training_modifier_is_a_module_and_a_registry_line(tmp_path, tiny_data
 
         runner.model.forward = spy
         runner.run()
+    assert [type(m) for m in runner.training.modifiers] == [FixedLayerDrop]
     training = [p for p in seen if p is not None]
     assert len(training) == 4 and all(p == [1.0, 0.25] for p in training)
     full = flops_per_token(cfg.model, 64, cfg.data.mlm_probability)

@@ -130,18 +130,18 @@ def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
     probabilities). Returns (step -> forward kwargs, trainable parts, keep probabilities at the first step or
     None)."""
     from training.model.flops import trainable_parts
-    from training.stages.modifiers import stage_modifiers
+    from training.stages.modifiers import StageTraining
     from training.stages.plan import Plan
     from training.stages.protocol import StepContext
 
     planned = Plan(cfg, data_seq_len, world_size=1)[index]
     if planned.hook is not None:
         planned.hook.prepare(model)
-    modifiers = stage_modifiers(cfg, index)
+    training = StageTraining(cfg, index, planned.model, planned.seq_len)
 
     def kwargs(step: int) -> dict:
-        at = StepContext(planned.start_step + step, step, planned.steps, cfg.stage_model(index), cfg.run.seed)
-        return {k: v for m in modifiers for k, v in m.forward_kwargs(at).items()}
+        return training.forward_kwargs(StepContext(planned.start_step + step, step, planned.steps, planned.model,
+                                                   cfg.run.seed))
 
     first = kwargs(0).get("layer_keep_prob")
     return kwargs, trainable_parts(model), first

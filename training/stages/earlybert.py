@@ -2,9 +2,10 @@
 
 Search stage (`model: {slimming: true}`): every attention head has a coefficient scaling its context
 output (`...attention.self.head_coef`, before attention.output.dense) and every FFN neuron one scaling
-its post-GELU activation (`...intermediate.neuron_coef`), all initialised to 1. In training mode the
-model adds `slimming_l1 * sum|c|` (lambda, default 1e-4 as the authors' scripts) to its `mlm_loss`
-(training/model/bert.py), so the runner needs no change for the penalty.
+its post-GELU activation (`...intermediate.neuron_coef`), all initialised to 1: a model add-on
+(training/model/slimming.py). In training mode the model returns `slimming_l1 * sum|c|` (lambda, default 1e-4
+as the authors' scripts) as its auxiliary loss `slimming_penalty`, which the optimizer step trains on beside
+the MLM loss without knowing what it is.
 
 Ticket (`draw_ticket`): by coefficient magnitude, heads layerwise (`ratio_heads` of each layer's heads
 pruned, default 1/3, at least one head kept) and FFN neurons globally (`ratio_ffn` of all neurons
@@ -41,9 +42,10 @@ search broadcasts the masks read from search.json, so every rank rewinds to the 
 the same early-bird decision whatever its own OUT holds (nothing, or a stale file of an earlier run).
 
 Runner integration: the prune hook (`Prune`, one instance per prune stage) watches the stage before its
-own: the runner asks the next stage's hook for `watch(ctx, write_metrics, rank)` and, given a watcher, calls `start(step, stage_step,
-engine)` when the stage (re)starts and `observe(step, engine)` after every optimizer step; either
-returning True ends the stage now. Records of kind "earlybird" (mask distances, coefficient
+own: the stage schedule (stages/schedule.py) asks the next stage's hook for `watch(ctx, write_metrics, rank)`
+and, given a watcher, calls `start(step, stage_step, engine)` when the stage (re)starts and `observe(step,
+engine)` after every optimizer step; either returning True ends the stage now (the schedule records the early
+end, and a checkpoint keeps it). Records of kind "earlybird" (mask distances, coefficient
 statistics) go to metrics.jsonl.
 
 hook_args of the prune stage:

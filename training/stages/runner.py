@@ -33,10 +33,10 @@ from training.errors import UserError
 from training.metrics import MetricsWriter, TrainLog, run_metrics
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
-from training.model.flops import flops_per_token, trainable_parts
+from training.model.flops import trainable_parts
 from training.signals import preemption
 from training.stages import transfer
-from training.stages.modifiers import stage_modifiers
+from training.stages.modifiers import StageTraining
 from training.stages.plan import Plan
 from training.stages.protocol import Boundary, HookContext, StepContext, enter_without_hook
 from training.stages.schedule import StageSchedule
@@ -57,7 +57,7 @@ class StageRunner:
         self.preempted: Optional[str] = None  # the signal's name once the run stopped for a pre-emption
         self.metrics = metrics or run_metrics(cfg, out_dir, rank)  # one writer (and monitor) for the whole run
         self.schedule = StageSchedule(Plan(cfg, data.seq_len, world_size, cfg.data.dir))  # the plan, built once
-        self.modifiers = stage_modifiers(cfg, 0)  # the current stage's
+        self.training: Optional[StageTraining] = None  # the current stage's modifiers (stages/modifiers.py)
         self.faults = FaultCounter(cfg.run, cfg.train.precision, self.metrics.write)
         self.evaluator = Evaluator(cfg.run, data, cfg.data.dir, device, rank, world_size)
         self.checkpointer = Checkpointer(self.ckpt_dir, cfg.run, {"schedule": self.schedule})
@@ -124,10 +124,7 @@ class StageRunner:
         """A stage (re)starts: its modifiers, its FLOPs (frozen parts from requires_grad), its watcher, its data."""
         index = self.state.stage_index
         stage = self.schedule[index]
-        self.modifiers = stage_modifiers(self.cfg, index)
-        self._base_flops = functools.partial(flops_per_token, self.model_cfg, stage.seq_len,
-                                             self.cfg.data.mlm_probability, trainable_parts(self.model))
-        self._stage_flops = self._base_flops()
+        self.training = StageTraining(self.cfg, index, self.model_cfg, stage.seq_len, trainable_parts(self.model))
         stream = self.batches()
         self.schedule.start_watching(self.state, self.engine, HookContext(self.state.step, self.out_dir),
                                      self.metrics.write, self.rank)
@@ -152,13 +149,13 @@ class StageRunner:
         state = self.state
         lr = self.schedule.lr(state.step)
         set_lr(self.engine, lr)
-        kwargs = {k: v for m in self.modifiers for k, v in m.forward_kwargs(self.step_context()).items()}
+        kwargs = self.training.forward_kwargs(self.step_context())
         start = time.perf_counter()
         result = self.train_step(micro, **kwargs)
         while self._after_first_step:
             self._after_first_step.pop(0)()
         self.log.stepped(state.step + 1, self.schedule[state.stage_index].name, time.perf_counter() - start,
-                         result.tokens, self._step_flops(kwargs))
+                         result.tokens, self.training.flops(kwargs))
         state.step += 1
         state.stage_step += 1
         state.tokens += result.tokens
@@ -166,14 +163,6 @@ class StageRunner:
         self.faults.check(result, state)
         self.schedule.observe(state, self.engine)
         return result, lr
-
-    def _step_flops(self, kwargs: dict) -> float:
-        """FLOPs per token of this step, as computed: the stage's, as its modifiers change them."""
-        extra = {k: v for m in self.modifiers for k, v in m.flops_args(kwargs).items()}
-        flops = self._base_flops(**extra) if extra else self._stage_flops
-        for m in self.modifiers:
-            flops *= m.flops_factor(kwargs)
-        return flops
 
     def train_step(self, micro_batches: list[dict], **forward_kwargs) -> StepResult:
         """One optimizer step over `grad_accum` micro-batches (training/engine/step.py: the global token-mean
@@ -194,9 +183,7 @@ class StageRunner:
         """The run's score now, beside what the stage's modifiers add (the model as it trains, during the locality
         anneal), as an `eval` record."""
         score = self.evaluator.score(self.engine.module, self.state.step)
-        extra = {}
-        for m in self.modifiers:
-            extra.update(m.eval_record(self.step_context(), self.evaluate))
+        extra = self.training.eval_record(self.step_context(), self.evaluate)
         self.metrics.write({"kind": "eval", "step": self.state.step, "stage": stage.name, "tokens": self.state.tokens,
                             **score, **extra, "wall_s": self.log.wall_s()})
 
