@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from training.errors import UserError
+from training.model import params
 
 Tensors = dict[str, torch.Tensor]
 
@@ -29,6 +30,11 @@ class Addon:
     # (part, pattern, axes): part "layer" patterns match the name inside an encoder layer ("attention.self.x"),
     # the others the whole name (params.py).
     ROLES: ClassVar[tuple[tuple[str, str, tuple[str, ...]], ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if isinstance(getattr(cls, "name", None), str):
+            params.register_roles(cls.name, cls.ROLES)
 
     def __init__(self, cfg):
         self.args: dict[str, Any] = dict(cfg.addons.get(self.name, {}))

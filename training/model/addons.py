@@ -11,5 +11,8 @@ ADDONS = Registry("model add-on", (
 
 
 def addons_of(cfg) -> list:
-    """The add-ons a model of `cfg` has, as instances, in the order listed."""
+    """The add-ons a model of `cfg` has, as instances, in the order listed (ValueError for a name `model.addons`
+    gives that no add-on has)."""
+    for name in cfg.addons:
+        ADDONS.lookup(name)
     return [cls(cfg) for cls in ADDONS.values() if cls.enabled(cfg)]

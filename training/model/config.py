@@ -131,7 +131,8 @@ class ModelConfig(BaseModel):
     # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
     init_from_hf: Optional[str] = None
     # Model add-ons by name, with their arguments (training/model/addons.py: methods that add parameters; EarlyBERT's
-    # slimming is one, switched by `slimming` above).
+    # slimming is one, switched by `slimming` above). Names are checked against the registry by the model and when
+    # the config loads (stages/plan.check_stages).
     addons: dict[str, dict[str, Any]] = {}
 
     # Field groups: every module that asks which fields a change may touch asks these (and diff) instead of
@@ -190,11 +191,6 @@ class ModelConfig(BaseModel):
             raise ValueError("model.fused_ops: residual_layernorm fuses the post-LN residual; it needs model.norm: post")
         if self.ffn_rank is not None and not 0 < self.ffn_rank <= min(self.hidden_size, self.ffn_size):
             raise ValueError(f"model.ffn_rank must be in [1, {min(self.hidden_size, self.ffn_size)}]")
-        if self.addons:
-            from training.model.addons import ADDONS  # the registry imports this module
-
-            for name in self.addons:
-                ADDONS.lookup(name)
         return self
 
     # An MLM-only model (nsp false) carries the pooler (bert.pooler.dense) of its `init_from_hf` checkpoint

@@ -1,7 +1,7 @@
 """What a parameter name of BertForPreTraining is: which part of the model, which layer, which role, which axes,
 tied to what. One place answers it (Hugging Face's names, training/model/bert.py); growth, MSLT, EarlyBERT,
 export and the FLOPs count ask here instead of keeping a regex each, and a model add-on (training/model/addons.py)
-declares the names it adds in the same terms, so every one of them knows those too.
+declares the names it adds in the same terms, so every one of them knows those too (`register_roles`).
 
 Axes, one letter per tensor dimension: `H` the hidden size, `A` the attention width (heads x head_dim), `N` the
 heads themselves (one entry per head), `F` the FFN's neurons, `""` an axis no width changes (vocabulary, rank,
@@ -75,13 +75,19 @@ def layer_name(index: int, role: str) -> str:
     return f"{LAYER_PREFIX}{index}.{role}"
 
 
-def _addon_roles() -> Iterable[tuple[str, str, str, tuple[str, ...]]]:
-    """(add-on, part, pattern, axes) of every name a registered add-on declares (addon.py ROLES)."""
-    from training.model.addons import ADDONS  # the registry imports the model, which imports this module
+# (add-on, part, pattern, axes) of the names each model add-on adds: an Addon subclass registers its ROLES here
+# when it is defined (training/model/addon.py), so whatever has the class knows its tensors.
+_ADDON_ROLES: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = {}
 
-    for addon in ADDONS.values():
-        for part, pattern, axes in addon.ROLES:
-            yield addon.name, part, pattern, axes
+
+def register_roles(addon: str, roles) -> None:
+    _ADDON_ROLES[addon] = tuple(roles)
+
+
+def _addon_roles() -> Iterable[tuple[str, str, str, tuple[str, ...]]]:
+    for addon, roles in _ADDON_ROLES.items():
+        for part, pattern, axes in roles:
+            yield addon, part, pattern, axes
 
 
 def describe(name: str) -> Param:

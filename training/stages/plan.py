@@ -29,6 +29,7 @@ from training.config.length import scale_to_max_steps
 from training.engine.precision import resolve_precision
 from training.engine.schedule import staged_segments
 from training.errors import UserError
+from training.model.addons import ADDONS
 from training.model.config import ModelConfig
 from training.stages.hooks import make_hook
 from training.stages.modifiers import check_modifiers
@@ -85,6 +86,11 @@ def check_stages(cfg: RunConfig) -> RunConfig:
     prev_model, prev_seq = None, None
     for i, stage in enumerate(stages):
         model = cfg.stage_model(i)
+        for name in model.addons:
+            try:
+                ADDONS.lookup(name)
+            except ValueError as err:
+                raise ValueError(f"stage '{stage.name}': model.addons: {err}") from None
         if stage.seq_len is not None:
             try:
                 model.check_seq_len(stage.seq_len)
