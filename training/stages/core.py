@@ -34,6 +34,7 @@ import sys
 
 import torch
 
+from training.model import params
 from training.model.config import ModelConfig
 from training.stages.protocol import Hook, HookContext, Tensors, Transition
 
@@ -64,7 +65,7 @@ def _validate(old: ModelConfig, new: ModelConfig) -> None:
 
 
 def _ffn_prefixes(cfg: ModelConfig) -> list[str]:
-    return [f"bert.encoder.layer.{i}.{part}." for i in range(cfg.num_layers) for part in ("intermediate", "output")]
+    return [params.layer_name(i, f"{part}.") for i in range(cfg.num_layers) for part in ("intermediate", "output")]
 
 
 def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
