@@ -1,13 +1,11 @@
-"""`python -m training.data prepare` as a command: bad input is one `error:` line and exit 2, Hugging Face inputs
-(a saved dataset directory, an unresolvable name offline)."""
+"""`python -m training.data prepare` as a command (a fresh process): bad input is one `error:` line and exit 2,
+a Hugging Face dataset name that cannot be resolved offline among it."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import pytest
 
 from tests.helpers import paths as PATHS
 from tests.helpers.corpus import real_text_lines
@@ -29,45 +27,6 @@ def test_cli_exit_code_and_one_line(tmp_path):
 # --------------------------------------------------------------------------------- Hugging Face inputs
 
 ROOT = str(PATHS.REPO)
-
-
-@pytest.fixture
-def streamed(monkeypatch):
-    """Record every `datasets.load_dataset` call (the generator runs in this process with num_proc 1)."""
-    import datasets
-
-    calls = []
-    real = datasets.load_dataset
-
-    def load_dataset(*args, **kwargs):
-        calls.append((args, kwargs))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    return calls
-
-
-def test_dataset_directory_with_text_column_trains_a_tokenizer(tmp_path, streamed):
-    """A directory of jsonl (field `body`) through the CLI: --text-column, train:N, --max-docs stops the stream."""
-    from training.data.__main__ import main
-
-    lines = real_text_lines(400)
-    ds_dir = tmp_path / "ds"
-    ds_dir.mkdir()
-    with open(ds_dir / "part-0.jsonl", "w") as f:
-        for i, line in enumerate(lines):
-            f.write(json.dumps({"id": i, "body": line}) + "\n")
-    out = tmp_path / "out"
-    assert main(["prepare", "--input", f"hf:{ds_dir}:train", "--text-column", "body", "--out", str(out),
-                 "--seq-len", "48", "--tokenizer", "train:300", "--heldout-fraction", "0.1", "--max-docs", "250",
-                 "--num-proc", "1"]) == 0
-    assert streamed and all(args == (str(ds_dir),) and k["streaming"] is True and k["split"] == "train"
-                            for args, k in streamed)
-    stats = json.load(open(out / "stats.json"))
-    assert stats["documents"]["train"] + stats["documents"]["heldout"] == 250
-    assert stats["documents"]["heldout"] > 0 and stats["rows"]["heldout"] > 0
-    assert stats["input_files"] == [f"hf:{ds_dir}:train"] and stats["text_column"] == "body"
-    assert 200 < stats["vocab_size"] <= 300 and (out / "tokenizer" / "vocab.txt").is_file()
 
 
 def test_unresolvable_name_offline_exits_2_and_writes_nothing(tmp_path):

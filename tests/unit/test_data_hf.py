@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from tests.helpers.corpus import real_text_lines
-from tests.helpers.data import quiet_prepare, write_lines
-from tests.helpers.data import MINILM, load_split
+from tests.helpers.data import MINILM, load_split, quiet_prepare, write_lines
 from training.data import hf_input
 from training.errors import UserError
 
@@ -111,3 +110,26 @@ def test_overwrite_refuses_an_out_holding_a_local_hf_input(tmp_path):
     with pytest.raises(UserError, match=r"contains --input=.*mine\.parquet"):
         quiet_prepare([f"hf:{parquet}"], out, seq_len=32, tokenizer=MINILM, overwrite=True)
     assert parquet.is_file()
+
+
+def test_dataset_directory_with_text_column_trains_a_tokenizer(tmp_path, streamed):
+    """A directory of jsonl (field `body`) through the CLI: --text-column, train:N, --max-docs stops the stream."""
+    from training.data.__main__ import main
+
+    lines = real_text_lines(400)
+    ds_dir = tmp_path / "ds"
+    ds_dir.mkdir()
+    with open(ds_dir / "part-0.jsonl", "w") as f:
+        for i, line in enumerate(lines):
+            f.write(json.dumps({"id": i, "body": line}) + "\n")
+    out = tmp_path / "out"
+    assert main(["prepare", "--input", f"hf:{ds_dir}:train", "--text-column", "body", "--out", str(out),
+                 "--seq-len", "48", "--tokenizer", "train:300", "--heldout-fraction", "0.1", "--max-docs", "250",
+                 "--num-proc", "1"]) == 0
+    assert streamed and all(args == (str(ds_dir),) and k["streaming"] is True and k["split"] == "train"
+                            for args, k in streamed)
+    stats = json.load(open(out / "stats.json"))
+    assert stats["documents"]["train"] + stats["documents"]["heldout"] == 250
+    assert stats["documents"]["heldout"] > 0 and stats["rows"]["heldout"] > 0
+    assert stats["input_files"] == [f"hf:{ds_dir}:train"] and stats["text_column"] == "body"
+    assert 200 < stats["vocab_size"] <= 300 and (out / "tokenizer" / "vocab.txt").is_file()
