@@ -26,7 +26,7 @@ Two stage hooks (classes `Mslt`, `MsltJoint`; training/stages/protocol.py for th
   (``training.engine.lamb.param_groups_for``), and DeepSpeed 0.19.8 reduces only those (ZeRO 0:
   ``engine._get_gradients_for_reduction`` skips frozen params; ZeRO 1/2 and the bf16/fp16 wrappers only know
   the optimizer's groups), so the gradient all-reduce carries exactly the trainable parameters' gradients
-  (measured by ``python -m training.bench mslt``, tested in tests/unit/test_mslt.py).
+  (measured by ``python -m training.bench mslt``, tested in tests/integration/test_mslt_runs.py).
 
   ``hook_args`` (all optional; the config loader fills in ``train_top``, so ``prepare`` is a pure function of
   the stage config and the model shape and a resumed run freezes the same parameters):
