@@ -69,7 +69,10 @@ def test_resume_across_the_prune_matches_an_uninterrupted_run(tmp_path, tiny_dat
     make_runner(tiny_config(tmp_path / "cut", tiny_data, HEADS4 + [f"run.stop_at_step={stop_at}"],
                             yaml_text=SEARCH)).run()
     resumed = make_runner(tiny_config(tmp_path / "cut", tiny_data, HEADS4, yaml_text=SEARCH), seed=9)
-    resumed.resume(checkpoint.latest_tag(tmp_path / "cut" / "out" / "checkpoints"))
+    meta = resumed.resume(checkpoint.latest_tag(tmp_path / "cut" / "out" / "checkpoints"))
+    # The early end is the schedule's state, in the checkpoint, and the resume restores it (no replayed plan).
+    assert meta["components"]["schedule"] == {"ends": {"0": 2}}
+    assert resumed.schedule.ends == {0: 2} and resumed.schedule[1].start_step == 2 and resumed.total_steps == 9
     if stop_at == 4:  # per-layer sizes come from the checkpoint's meta.json
         assert resumed.model_cfg.heads_per_layer == [2, 2]
     resumed.run()

@@ -1,5 +1,7 @@
 """The resolved schedule (training/stages/plan.py): stage lengths from step or token budgets per world size,
 start steps, sequence lengths checked once, LR segments, and a boundary moved by an early-ended stage."""
+import json
+
 import pytest
 
 from training.stages.plan import load_config
@@ -52,3 +54,48 @@ def test_sequence_lengths_are_checked_once_here(tmp_path, stages, data_seq, need
         seq_lens(cfg, data_seq)
     with pytest.raises(UserError, match=needle):
         Plan(cfg, data_seq, world_size=1)
+
+
+def test_the_schedule_announces_an_early_end_keeps_it_as_state_and_a_resume_restores_it(tmp_path):
+    """The plan is never changed: an early end gives the plan in force, the checkpoint keeps the end, a resume
+    gets it back (a checkpoint from before the schedule kept state: the stage's start from the train position)."""
+    from training.engine.checkpoint import TrainState
+    from training.stages.schedule import StageSchedule
+
+    cfg = config(tmp_path, "stages:\n  - {name: a, steps: 6}\n  - {name: b, steps: 6, warmup_steps: 2}\n")
+    plan = Plan(cfg, 32, world_size=1)
+    schedule = StageSchedule(plan)
+    at_4 = TrainState(step=4, stage_index=0, stage_step=4)
+    assert not schedule.stage_over(at_4) and schedule[0].steps == 6
+    schedule.end_stage(0, 4)  # a watcher's announcement
+    assert schedule.stage_over(at_4) and [(p.steps, p.start_step) for p in schedule.plan] == [(4, 0), (8, 4)]
+    assert [(p.steps, p.start_step) for p in plan] == [(6, 0), (6, 6)]  # the plan itself is as it was
+    assert schedule.lr(4) == 0.0 and schedule.lr(6) > 0 and schedule.total_steps == 12
+    saved = json.loads(json.dumps(schedule.state_dict()))  # as meta.json holds it
+    assert saved == {"ends": {"0": 4}}
+    resumed = StageSchedule(Plan(cfg, 32, world_size=1))
+    resumed.load_state_dict(saved, TrainState(step=5, stage_index=1, stage_step=1))
+    assert [(p.steps, p.start_step, p.ended_early) for p in resumed.plan] == [(4, 0, True), (8, 4, False)]
+    legacy = StageSchedule(Plan(cfg, 32, world_size=1))
+    legacy.load_state_dict(None, TrainState(step=5, stage_index=1, stage_step=1))
+    assert [(p.steps, p.start_step) for p in legacy.plan] == [(4, 0), (8, 4)]
+    unmoved = StageSchedule(Plan(cfg, 32, world_size=1))
+    unmoved.load_state_dict({"ends": {}}, TrainState(step=7, stage_index=1, stage_step=1))
+    assert unmoved.plan is unmoved.planned
+
+
+def test_the_loop_components_decide_their_own_timing():
+    from types import SimpleNamespace
+
+    from training.engine.checkpoint import Checkpointer
+    from training.engine.evaluator import Evaluator
+    from training.metrics import MetricsWriter, TrainLog
+
+    run = SimpleNamespace(log_every=10, eval_every=50, eval_at_stage_end=True, save_every=20, keep_last=2,
+                          progress=False)
+    evaluator = Evaluator(run, data=None, data_dir="d", device=None, rank=0, world_size=1)
+    assert [s for s in range(1, 101) if evaluator.should_eval(s, s == 100, s == 30)] == [30, 50, 100]
+    saver = Checkpointer(None, run, {})
+    assert [s for s in range(1, 61) if saver.should_save(s, s == 55, bad_streak=int(s == 40))] == [20, 55, 60]
+    log = TrainLog(MetricsWriter(None, False), run, 1.0, 1, 0)
+    assert [s for s in range(1, 31) if log.should_log(s, s == 25)] == [10, 20, 25, 30]

@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints plus what DeepSpeed does not keep: the train position and per-rank RNG state.
 
 Layout: OUT/checkpoints/<tag>/ holds DeepSpeed's files, `rng_rank<r>.pt` (each rank's RNG) and
-`meta.json` (model shape, train position, and a manifest of every file with its size; written by rank 0
+`meta.json` (model shape, train position, the state of the run's components (`components`: the stage
+schedule's early ends, see Checkpointer), and a manifest of every file with its size; written by rank 0
 last). `OUT/checkpoints/latest` names the newest complete tag.
 
 Atomicity: a checkpoint is written into `<tag>.tmp` (DeepSpeed writes there too, with its own
