@@ -7,7 +7,7 @@ symlink: the project's checkpoints need a shared file system anyway), so that on
 mid-search. The pruned model right after the boundary must be the same on both ranks, and the same as
 with one shared OUT.
 
-The worker (`python -m tests.test_earlybert_ranks DATA ROOT`, one process per rank, RANK/WORLD_SIZE/
+The worker (`python -m tests.integration.test_earlybert_ranks DATA ROOT`, one process per rank, RANK/WORLD_SIZE/
 MASTER_* in the environment) runs three scenarios in one process group and writes ROOT/results/*.pt.
 """
 from __future__ import annotations
@@ -133,7 +133,7 @@ def test_rewind_init_on_two_ranks_with_their_own_output_directories(tmp_path, ti
     for rank in range(2):
         env = dict(base, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.test_earlybert_ranks", str(tiny_data),
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.integration.test_earlybert_ranks", str(tiny_data),
                                        str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     logs = []

@@ -20,10 +20,11 @@ import pytest
 
 from tests.helpers.launch import final_loss, slurm_cluster  # noqa: F401  (slurm_cluster is a fixture)
 from training.dist import free_port
+from tests.helpers import paths as PATHS
 
 pytestmark = [pytest.mark.slow, pytest.mark.launchers]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = PATHS.REPO
 MICRO = 4
 USE_PRETRAIN = (os.environ.get("LAUNCH_TEST_JOB", "auto") != "standin"
                 and (REPO / "training" / "pretrain.py").is_file() and (REPO / "configs" / "tiny.yaml").is_file())
