@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM := false
 # sharing ~/.cache/torch_extensions rebuild each other's op whenever their paths differ (training/engine/ops.py).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: train test test-fast test-slow data venv clean
+.PHONY: train test test-unit test-integration test-fast test-slow data venv clean
 
 venv: $(STAMP)
 
@@ -37,10 +37,17 @@ data: $(STAMP)
 train: data
 	$(PY) -m training.pretrain --config $(CONFIG) $(ARGS)
 
-test: test-fast test-slow
+# Three tiers (README "Tests"): tests/unit (no subprocess, no DeepSpeed engine: seconds each), tests/integration
+# (engines, subprocesses, end to end) without its slow tests, then every test marked slow in its own step.
+test: test-unit test-integration test-slow
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration -m "not slow" $(PYTEST_ARGS)
+
+test-fast: test-unit test-integration
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m "slow" $(PYTEST_ARGS)

@@ -376,7 +376,7 @@ def fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softm
 def attention_dropout_mask(seed, B, H, S, dropout_p, device):
     """The kernel's dropout multiplier for `seed`: [B, H, S, S] float, 0 or 1/(1-p).
 
-    Debug/test path: tests/kernels_reference.py reference_attention(..., dropout_mask=this) reproduces the kernel.
+    Debug/test path: tests/helpers/kernels_reference.py reference_attention(..., dropout_mask=this) reproduces the kernel.
     """
     keep = torch.empty((B, H, S, S), dtype=torch.int8, device=device)
     blk = 16

@@ -28,7 +28,7 @@ def _need_gpu():
     if torch.cuda.is_available():
         return False
     print("kernels.bench: no CUDA GPU found; timings need a GPU, nothing measured.\n"
-          "Correctness on CPU: TRITON_INTERPRET=1 pytest tests/test_kernels_*.py")
+          "Correctness on CPU: TRITON_INTERPRET=1 pytest tests/unit/test_kernels_*.py")
     return True
 
 

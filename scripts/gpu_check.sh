@@ -14,7 +14,7 @@
 # Steps, in priority order (what is left when the deadline comes is skipped; a failing step does not stop the next;
 # ONLY="kernels cuda" runs only those, e.g. a rerun after a fix while the machine is still warm):
 #   kernels   the Triton kernels' tests, compiled on the GPU (fp32/fp16/bf16; pytest-xdist where installed)
-#   cuda      tests/test_cuda.py: the model with every kernel vs PyTorch, bf16/fp16 training through DeepSpeed,
+#   cuda      tests/integration/test_cuda.py: the model with every kernel vs PyTorch, bf16/fp16 training through DeepSpeed,
 #             resume in-process, NCCL collectives in the group a run makes (one rank: NCCL refuses two ranks on
 #             one GPU)
 #   kbench    python -m kernels.bench --quick: each kernel vs PyTorch eager / SDPA, bf16, %peak of a measured matmul
@@ -48,9 +48,9 @@ gpu_setup || { finish; exit 1; }
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)  # Triton compiles on the CPU: 8 processes share the GPU
 PYTEST=($PY -m pytest -q -p no:cacheprovider -rs)
-step kernels 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} --maxfail=10 tests/test_kernels_attention.py \
-  tests/test_kernels_fused.py
-step cuda 120 "${PYTEST[@]}" --maxfail=10 tests/test_cuda.py -k "not fused_lamb and not pretrain_command"
+step kernels 120 "${PYTEST[@]}" ${XDIST[@]+"${XDIST[@]}"} --maxfail=10 tests/unit/test_kernels_attention.py \
+  tests/unit/test_kernels_fused.py
+step cuda 120 "${PYTEST[@]}" --maxfail=10 tests/integration/test_cuda.py -k "not fused_lamb and not pretrain_command"
 step kbench 45 $PY -m kernels.bench --quick --out "$WORK/kernels_bench.json"
 TP=($PY -m training.bench throughput --steps 10 --warmup 3 --repeats 3)
 BASE=(--config configs/bench/bert-base/baseline.yaml --set data.dir=$BASE_DATA train.micro_batch_size=128
@@ -58,8 +58,8 @@ BASE=(--config configs/bench/bert-base/baseline.yaml --set data.dir=$BASE_DATA t
 step tp_base 120 "${TP[@]}" "${BASE[@]}" --models ours ours_fused ours_compiled hf --out "$WORK/tp_base"
 step tp_pad 60 "${TP[@]}" "${BASE[@]}" --set data.dir=$PAD_DATA --models ours ours_padded ours_fused hf \
   --out "$WORK/tp_pad"
-step ckpt 90 "${PYTEST[@]}" tests/test_cuda.py -k pretrain_command
-step lamb 90 "${PYTEST[@]}" tests/test_cuda.py -k fused_lamb
+step ckpt 90 "${PYTEST[@]}" tests/integration/test_cuda.py -k pretrain_command
+step lamb 90 "${PYTEST[@]}" tests/integration/test_cuda.py -k fused_lamb
 step tp_small 60 "${TP[@]}" --config configs/baseline.yaml --models ours ours_compiled hf --out "$WORK/tp_small"
 
 for name in tp_base tp_pad tp_small; do

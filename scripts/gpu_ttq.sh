@@ -38,7 +38,7 @@
 #   python -m training.data prepare --input ../shared/corpus/debian-docs.txt.xz --out data/bench-base-gpu \
 #       --seq-len 128 --tokenizer train:30522 --heldout-fraction 0.01
 #
-# On the CPU, the whole script at a tiny shape (tests/test_gpu_scripts.py runs it so):
+# On the CPU, the whole script at a tiny shape (tests/integration/test_gpu_scripts.py runs it so):
 #   TTQ_TINY=1 TTQ_DATA=data/default OUT=/tmp/ttq TTQ_RUNS=/tmp/ttq-runs bash scripts/gpu_ttq.sh
 # swaps in a hidden-64 model, fp32, micro batch 8, a 40-step schedule, a 3 s budget and 2 BLiMP pairs per paradigm
 # of tests/data/blimp.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.corpus import write_real_text
+from tests.helpers.corpus import write_real_text
 
 
 def write_small_corpus(path: Path, lines: int = 1200) -> Path:

@@ -11,12 +11,17 @@
   of the holder, so a second process exits 2 naming it. The kernel drops a flock when its holder dies, so a
   lock file left by a killed process is simply taken over. The holder unlinks the file before releasing; a
   process that locked an unlinked file notices (the path names another inode) and tries again.
+* A run's claim (`prepare_out_dir`, `OutClaim`: training.pretrain's protocol). An existing run needs --resume
+  or --overwrite; --overwrite moves the previous run aside (OUT.replaced-<time>-<pid>, named in the marker) and
+  deletes it only once the new run has trained its first step; a failure before that puts it back.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,6 +36,7 @@ from training.errors import UserError
 LOCK_NAME = ".lock"
 RUN_MARKER = ".bert-run"
 DATA_MARKER = ".bert-data"
+_log = logging.getLogger("training.pretrain")  # the claim's lines are the run's
 
 
 def holder_of(path: Path) -> Optional[str]:
@@ -341,3 +347,140 @@ def _nearly_full(where) -> bool:
     except OSError:
         return False
     return st.f_bavail * st.f_frsize < 16 << 20  # under 16 MiB left: what a failed checkpoint write leaves
+
+
+# ---------------------------------------------------------------- a run's claim on run.out_dir (training.pretrain)
+
+# What a run writes in run.out_dir (no input may be one of them): training/engine/checkpoint.py, metrics.py,
+# the DeepSpeed monitor's tensorboard/, the final export hf/, and what pretrain copies in.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "config.resolved.json", "tokenizer",
+             "deepspeed_config.json", RUN_MARKER, LOCK_NAME)
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
+    """The checks of prepare_out_dir; True when --overwrite is to replace a previous run."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"run.out_dir {out} exists and is not a directory")
+    has_run = bool(entries(out))
+    if has_run and not (resume or overwrite):
+        raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
+                        "to start over")
+    replacing = has_run and overwrite and not resume
+    # Replaced or new, OUT is written whole; a run resumed in place writes only its own files there.
+    check_no_clash("run.out_dir", out, inputs, writes=[out / name for name in RUN_FILES] if has_run and
+                   not replacing else [out])
+    if replacing:
+        if read_marker(out, RUN_MARKER) is None:
+            raise UserError(f"run.out_dir {out} has no {RUN_MARKER} marker, so it is not recognisably a run of "
+                            "training.pretrain (runs written before the marker existed have none either) and "
+                            "--overwrite will not delete it: delete it by hand, or pick another run.out_dir")
+    elif has_run and resume and read_marker(out, RUN_MARKER) is None and not (
+            (out / "checkpoints").is_dir() or (out / "config.resolved.json").is_file()):
+        raise UserError(f"run.out_dir {out} holds files but no run of training.pretrain (no {RUN_MARKER}, no "
+                        "checkpoints/); --resume will not write into it: pick another run.out_dir")
+    return replacing
+
+
+class OutClaim:
+    """Rank 0's hold on the output directory for this process: the lock on OUT/.lock and, with --overwrite,
+    the previous run moved aside to OUT.replaced-<time>-<pid>. The previous run is deleted once this run has
+    trained (`trained()`: its first optimizer step); a failure before that puts it back (`failed()`); a killed
+    process leaves it there, named in OUT/.bert-run, and the next run on OUT says so (and deletes it after
+    its first step, as this one would have)."""
+
+    def __init__(self, out: Path, lock: DirLock, pending: list[Path], old_lock=None, moved=None):
+        self.out, self.lock, self.pending, self.old_lock, self.moved = out, lock, pending, old_lock, moved
+        self.done = False
+
+    def trained(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for old in self.pending:
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+                _log.info("deleted the previous run %s (moved aside by --overwrite; this run has trained)", old)
+        if self.pending:
+            info = read_marker(self.out, RUN_MARKER) or {}
+            with contextlib.suppress(OSError):
+                write_marker(self.out, RUN_MARKER, **{**info, "replaces": []})
+        self.pending = []
+
+    def failed(self) -> None:
+        """Before training: put the previous run back where it was (if this process moved it)."""
+        if self.done:
+            return
+        self.done = True
+        if self.moved is None or not self.moved.is_dir():
+            return
+        failed = self.out.with_name(f"{self.out.name}.failed-{os.getpid()}")
+        try:
+            os.rename(self.out, failed)
+            os.rename(self.moved, self.out)
+        except OSError as err:
+            print(f"warning: this run failed before training; the previous run is kept at {self.moved} "
+                  f"(could not move it back to {self.out}: {err.strerror})", file=sys.stderr, flush=True)
+            return
+        if self.old_lock is not None:
+            self.old_lock.moved_to(self.out)
+        shutil.rmtree(failed, ignore_errors=True)
+        print(f"warning: this run failed before its first step; the previous run is back in {self.out}",
+              file=sys.stderr, flush=True)
+
+    def release(self) -> None:
+        self.lock.release()
+        if self.old_lock is not None:
+            self.old_lock.release()
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: bool = True,
+                    inputs=()) -> Optional[OutClaim]:
+    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite.
+
+    With claim=False only checks (main() has checked before that no live process holds OUT/.lock); main()
+    claims (locks OUT, creates it, moves a previous run aside with --overwrite) only once the config, data and
+    checkpoint have been accepted, so bad input never costs the previous run. `inputs` ((what, path) pairs)
+    may not lie in an OUT that --overwrite replaces. Returns rank 0's OutClaim (None otherwise).
+    """
+    if claim and rank != 0:
+        return None  # checked with claim=False; rank 0 claims (its marker would read as "holds a run" here)
+    _check_out_dir(out, resume, overwrite, inputs)
+    if not claim:
+        return None
+    lock = DirLock(out, "run.out_dir").acquire()
+    try:
+        replacing = _check_out_dir(out, resume, overwrite, inputs)  # again, under the lock
+        info = read_marker(out, RUN_MARKER) or {}
+        pending = [Path(p) for p in info.get("replaces", []) if is_replaced_of(Path(p), out) and Path(p).is_dir()]
+        me = {"written_by": "training.pretrain", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "host": socket.gethostname(), "pid": os.getpid()}
+        if not replacing:
+            if not info:
+                write_marker(out, RUN_MARKER, **me, replaces=[])
+            for old in pending:
+                _log.warning("%s: a previous run of %s, moved aside by --overwrite; deleted after this run's first "
+                            "step (move it back by hand to keep it)", old, out)
+            return OutClaim(out, lock, pending)
+        staging = out.with_name(f"{out.name}.new-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        new_lock = DirLock(staging, "run.out_dir").acquire()
+        aside = replaced_name(out.absolute())
+        write_marker(staging, RUN_MARKER, **me, replaces=[str(aside)] + [str(p) for p in pending])
+        os.rename(out, aside)
+        lock.moved_to(aside)
+        try:
+            os.rename(staging, out)
+        except OSError as err:
+            new_lock.release()
+            shutil.rmtree(staging, ignore_errors=True)
+            raise UserError(f"run.out_dir {out}: taken by another process while replacing it ({err.strerror}); the "
+                            f"previous run is at {aside}") from None
+        new_lock.moved_to(out)
+        _log.info("--overwrite: moved the previous run to %s; it is deleted after this run's first step (and put "
+                 "back if this run fails before)", aside)
+        return OutClaim(out, new_lock, [aside] + pending, old_lock=lock, moved=aside)
+    except OSError as err:
+        lock.release()
+        raise UserError(oserror_line(f"run.out_dir {out}", err)) from None
+    except BaseException:
+        lock.release()
+        raise

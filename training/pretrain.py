@@ -16,17 +16,15 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
 from training import outdir  # noqa: E402
+from training.outdir import prepare_out_dir  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.stages.plan import load_config  # noqa: E402
 from training.config.length import aid_outlasts_run  # noqa: E402
@@ -38,143 +36,6 @@ from training.run_setup import build_initial_model, load_data, resolve_model  # 
 from training.pretrain_cli import overrides, parse_args  # noqa: E402,F401
 
 log = logging.getLogger("training.pretrain")
-
-# What a run writes in run.out_dir (no input may be one of them): training/engine/checkpoint.py, metrics.py,
-# the DeepSpeed monitor's tensorboard/, the final export hf/, and what _start copies in.
-RUN_FILES = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "config.resolved.json", "tokenizer",
-             "deepspeed_config.json", outdir.RUN_MARKER, outdir.LOCK_NAME)
-
-
-def _check_out_dir(out: Path, resume: bool, overwrite: bool, inputs) -> bool:
-    """The checks of prepare_out_dir; True when --overwrite is to replace a previous run."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"run.out_dir {out} exists and is not a directory")
-    has_run = bool(outdir.entries(out))
-    if has_run and not (resume or overwrite):
-        raise UserError(f"run.out_dir {out} already holds a run; pass --resume to continue it or --overwrite "
-                        "to start over")
-    replacing = has_run and overwrite and not resume
-    # Replaced or new, OUT is written whole; a run resumed in place writes only its own files there.
-    outdir.check_no_clash("run.out_dir", out, inputs, writes=[out / name for name in RUN_FILES] if has_run and
-                          not replacing else [out])
-    if replacing:
-        if outdir.read_marker(out, outdir.RUN_MARKER) is None:
-            raise UserError(f"run.out_dir {out} has no {outdir.RUN_MARKER} marker, so it is not recognisably a run of "
-                            "training.pretrain (runs written before the marker existed have none either) and "
-                            "--overwrite will not delete it: delete it by hand, or pick another run.out_dir")
-    elif has_run and resume and outdir.read_marker(out, outdir.RUN_MARKER) is None and not (
-            (out / "checkpoints").is_dir() or (out / "config.resolved.json").is_file()):
-        raise UserError(f"run.out_dir {out} holds files but no run of training.pretrain (no {outdir.RUN_MARKER}, no "
-                        "checkpoints/); --resume will not write into it: pick another run.out_dir")
-    return replacing
-
-
-class OutClaim:
-    """Rank 0's hold on the output directory for this process: the lock on OUT/.lock and, with --overwrite,
-    the previous run moved aside to OUT.replaced-<time>-<pid>. The previous run is deleted once this run has
-    trained (`trained()`: its first optimizer step); a failure before that puts it back (`failed()`); a killed
-    process leaves it there, named in OUT/.bert-run, and the next run on OUT says so (and deletes it after
-    its first step, as this one would have)."""
-
-    def __init__(self, out: Path, lock: outdir.DirLock, pending: list[Path], old_lock=None, moved=None):
-        self.out, self.lock, self.pending, self.old_lock, self.moved = out, lock, pending, old_lock, moved
-        self.done = False
-
-    def trained(self) -> None:
-        if self.done:
-            return
-        self.done = True
-        for old in self.pending:
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-                log.info("deleted the previous run %s (moved aside by --overwrite; this run has trained)", old)
-        if self.pending:
-            info = outdir.read_marker(self.out, outdir.RUN_MARKER) or {}
-            with contextlib.suppress(OSError):
-                outdir.write_marker(self.out, outdir.RUN_MARKER, **{**info, "replaces": []})
-        self.pending = []
-
-    def failed(self) -> None:
-        """Before training: put the previous run back where it was (if this process moved it)."""
-        if self.done:
-            return
-        self.done = True
-        if self.moved is None or not self.moved.is_dir():
-            return
-        failed = self.out.with_name(f"{self.out.name}.failed-{os.getpid()}")
-        try:
-            os.rename(self.out, failed)
-            os.rename(self.moved, self.out)
-        except OSError as err:
-            print(f"warning: this run failed before training; the previous run is kept at {self.moved} "
-                  f"(could not move it back to {self.out}: {err.strerror})", file=sys.stderr, flush=True)
-            return
-        if self.old_lock is not None:
-            self.old_lock.moved_to(self.out)
-        shutil.rmtree(failed, ignore_errors=True)
-        print(f"warning: this run failed before its first step; the previous run is back in {self.out}",
-              file=sys.stderr, flush=True)
-
-    def release(self) -> None:
-        self.lock.release()
-        if self.old_lock is not None:
-            self.old_lock.release()
-
-
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool, rank: int, claim: bool = True,
-                    inputs=()) -> Optional[OutClaim]:
-    """Never silently overwrite a previous run: an existing run needs --resume or --overwrite.
-
-    With claim=False only checks (main() has checked before that no live process holds OUT/.lock); main()
-    claims (locks OUT, creates it, moves a previous run aside with --overwrite) only once the config, data and
-    checkpoint have been accepted, so bad input never costs the previous run. `inputs` ((what, path) pairs)
-    may not lie in an OUT that --overwrite replaces. Returns rank 0's OutClaim (None otherwise).
-    """
-    if claim and rank != 0:
-        return None  # checked with claim=False; rank 0 claims (its marker would read as "holds a run" here)
-    _check_out_dir(out, resume, overwrite, inputs)
-    if not claim:
-        return None
-    lock = outdir.DirLock(out, "run.out_dir").acquire()
-    try:
-        replacing = _check_out_dir(out, resume, overwrite, inputs)  # again, under the lock
-        info = outdir.read_marker(out, outdir.RUN_MARKER) or {}
-        pending = [Path(p) for p in info.get("replaces", [])
-                   if outdir.is_replaced_of(Path(p), out) and Path(p).is_dir()]
-        me = {"written_by": "training.pretrain", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "host": socket.gethostname(), "pid": os.getpid()}
-        if not replacing:
-            if not info:
-                outdir.write_marker(out, outdir.RUN_MARKER, **me, replaces=[])
-            for old in pending:
-                log.warning("%s: a previous run of %s, moved aside by --overwrite; deleted after this run's first "
-                            "step (move it back by hand to keep it)", old, out)
-            return OutClaim(out, lock, pending)
-        staging = out.with_name(f"{out.name}.new-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        new_lock = outdir.DirLock(staging, "run.out_dir").acquire()
-        aside = outdir.replaced_name(out.absolute())
-        outdir.write_marker(staging, outdir.RUN_MARKER, **me, replaces=[str(aside)] + [str(p) for p in pending])
-        os.rename(out, aside)
-        lock.moved_to(aside)
-        try:
-            os.rename(staging, out)
-        except OSError as err:
-            new_lock.release()
-            shutil.rmtree(staging, ignore_errors=True)
-            raise UserError(f"run.out_dir {out}: taken by another process while replacing it ({err.strerror}); the "
-                            f"previous run is at {aside}") from None
-        new_lock.moved_to(out)
-        log.info("--overwrite: moved the previous run to %s; it is deleted after this run's first step (and put "
-                 "back if this run fails before)", aside)
-        return OutClaim(out, new_lock, [aside] + pending, old_lock=lock, moved=aside)
-    except OSError as err:
-        lock.release()
-        raise UserError(outdir.oserror_line(f"run.out_dir {out}", err)) from None
-    except BaseException:
-        lock.release()
-        raise
-
 
 def log_precision(precision: str, rank: int) -> None:
     """Say which precision trains and why; warn where bf16 was asked for on a device that only emulates it."""
@@ -328,7 +189,7 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
         except OSError as err:
             raise UserError(outdir.oserror_line(f"run.out_dir {out}", err)) from None
     if claimed is not None and claimed.pending:
-        _after_first_step(runner, claimed.trained)
+        runner.after_first_step(claimed.trained)
     # A rank that dies or freezes makes the others exit within dist.heartbeat_timeout_s, naming it
     # (training/dist/watchdog.py); without the watchdog only the process-group timeout, dist.timeout_s, would.
     use_watchdog = env.world_size > 1 and cfg.dist.heartbeat_timeout_s is not None
@@ -340,19 +201,6 @@ def _start(runner, cfg, data, out, env, args, tag, bad_tags, claimed, start_watc
     elif claimed is not None and not claimed.done:
         claimed.failed()  # ended before training anything: the previous run goes back
     return code
-
-
-def _after_first_step(runner, callback) -> None:
-    """Call `callback` once, after the runner's first optimizer step (instance attribute over the method)."""
-    step = runner.train_step
-
-    def first_step(*args, **kwargs):
-        result = step(*args, **kwargs)
-        del runner.train_step
-        callback()
-        return result
-
-    runner.train_step = first_step
 
 
 def train(runner, cfg: RunConfig, data, out: Path, rank: int) -> int:

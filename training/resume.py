@@ -102,7 +102,7 @@ def report_schedule_change(runner, out: Path, step: int) -> Optional[str]:
         old_plan = Plan(old_cfg, runner.data.seq_len, runner.world_size, old_cfg.data.dir)
     except (UserError, ValueError):
         return None
-    changes = schedule_changes(old_plan, runner.plan, step)
+    changes = schedule_changes(old_plan, runner.schedule.plan, step)
     if not changes:
         return None
     return (f"--resume at step {step} with a schedule that differs from the one this run was started with "
@@ -112,8 +112,8 @@ def report_schedule_change(runner, out: Path, step: int) -> Optional[str]:
 def score_of_finished(runner) -> dict:
     """A resumed run that is already finished trained nothing: its held-out score, measured now (every rank
     takes part in the evaluation's all-reduce)."""
-    if runner.last_eval or runner.state.step < runner.total_steps:
-        return runner.last_eval
+    if runner.evaluator.last or runner.state.step < runner.total_steps:
+        return runner.evaluator.last
     log.info("the run was already finished at step %d: evaluating its last checkpoint", runner.state.step)
-    runner.last_eval = runner.evaluate()
-    return runner.last_eval
+    runner.evaluator.last = runner.evaluate()
+    return runner.evaluator.last

@@ -150,20 +150,22 @@ def kernel_caveats(name: str, ops) -> list[str]:
 
 def stage_training(cfg, index: int, model: nn.Module, data_seq_len: int):
     """Stage `index` as the runner trains it, applied to `model`: its hook's `prepare` (MSLT freezes the lower
-    layers), and its layer drop from the stage's first global step on. Returns (step -> forward kwargs,
-    trainable parts, keep probabilities at the first step or None)."""
+    layers), and its training modifiers from the stage's first global step on (layer dropping's keep
+    probabilities). Returns (step -> forward kwargs, trainable parts, keep probabilities at the first step or
+    None)."""
     from training.model.flops import trainable_parts
-    from training.stages import layerdrop
+    from training.stages.modifiers import StageTraining
     from training.stages.plan import Plan
+    from training.stages.protocol import StepContext
 
-    planned, stage = Plan(cfg, data_seq_len, world_size=1)[index], cfg.stages[index]
+    planned = Plan(cfg, data_seq_len, world_size=1)[index]
     if planned.hook is not None:
         planned.hook.prepare(model)
-    start = planned.start_step
-    layers = cfg.stage_model(index).num_layers
+    training = StageTraining(cfg, index, planned.model, planned.seq_len)
 
     def kwargs(step: int) -> dict:
-        return layerdrop.forward_kwargs(stage.layer_drop, start + step, layers, cfg.run.seed)
+        return training.forward_kwargs(StepContext(planned.start_step + step, step, planned.steps, planned.model,
+                                                   cfg.run.seed))
 
     first = kwargs(0).get("layer_keep_prob")
     return kwargs, trainable_parts(model), first

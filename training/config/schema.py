@@ -103,7 +103,8 @@ class LocalityScheduleSection(_Strict):
     """The locality bias over the run's first `steps` optimizer steps, whatever the stages (training/model/ops.py
     locality_bias): its strength falls linearly from `start` at step 0 to `end` at step `steps`, then stops. Use
     this when stage boundaries (a growth, a freeze, a pruning) fall inside the anneal: every method of a
-    comparison then gets the same aid at the same steps. Each stage it covers needs eager or sdpa attention."""
+    comparison then gets the same aid at the same steps. Each stage it covers needs eager or sdpa attention
+    (training/stages/locality.py)."""
     start: NonNegativeFloat = 1.0
     end: NonNegativeFloat = 0.0
     steps: PositiveInt
@@ -238,6 +239,8 @@ class StageSection(_Strict):
     optimizer_state: Literal["reset", "carry"] = "reset"
     layer_drop: Optional[LayerDropSection] = None
     locality_bias: Optional[LocalityBiasSection] = None
+    # Other training modifiers by name, with their arguments (training/stages/modifiers.py; typed there).
+    modifiers: dict[str, dict[str, Any]] = {}
 
     @model_validator(mode="after")
     def _check(self):
@@ -287,18 +290,11 @@ class RunConfig(_Strict):
             raise ValueError(f"stage '{stage.name}': {_error_line(err.errors()[0], ('model',))}") from None
 
     def _check_stage_sections(self) -> None:
-        """What each stage asks of the run's settings. Whether one stage's model may follow another's (the
-        hooks) is stages/plan.py's check, made when the config loads (plan.load_config)."""
+        """What each stage asks of the run's settings: each stage's model is valid, and carried optimizer state
+        needs ZeRO 0. Whether one stage's model may follow another's (the hooks) and whether a stage's training
+        modifiers suit its model are the stages' checks, made once when the config loads (stages/plan.load_config)."""
         for i, stage in enumerate(self.stages):
-            model = self.stage_model(i)
-            if stage.locality_bias is not None and self.train.locality_bias is not None:
-                raise ValueError(f"stage '{stage.name}': give either train.locality_bias (the run's schedule) or "
-                                 "stages[].locality_bias, not both")
-            if stage.locality_bias is not None and model.attention not in ("eager", "sdpa"):
-                raise ValueError(f"stage '{stage.name}': locality_bias needs model.attention eager or sdpa, "
-                                 f"not {model.attention}")
-            if stage.layer_drop is not None and model.norm != "pre":
-                raise ValueError(f"stage '{stage.name}': layer_drop needs model.norm: pre")
+            self.stage_model(i)
             if stage.optimizer_state == "carry" and i > 0 and self.train.zero_stage > 0:
                 raise ValueError(f"stage '{stage.name}': optimizer_state carry needs train.zero_stage 0 "
                                  "(ZeRO 1/2 state lives in flat partitions); use reset")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from training.data.text import decode
 from training.errors import UserError
 
 PREFIX = "hf:"
@@ -196,8 +197,6 @@ def _first_line(err: Exception) -> str:
 
 def documents(spec: str, text_column: str):
     """(text, replaced_bytes) per record of the stream, in the stream's (deterministic) order."""
-    from training.data.sources import decode
-
     _inp, ds = open_stream(spec)
     it = iter(ds.select_columns([text_column]) if ds.features is not None else ds)
     n = 0

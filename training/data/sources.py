@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 from training.data import hf_input, pieces
+from training.data.text import decode
 from training.errors import UserError
 
 COMPRESSION = {".xz": lzma.open, ".bz2": bz2.open, ".gz": gzip.open}
@@ -84,24 +85,6 @@ def sniff(path: str, size: int = 1 << 16) -> str:
 def open_binary(path: str):
     _, comp = split_suffix(path)
     return COMPRESSION[comp](path, "rb") if comp else open(path, "rb")
-
-
-def decode(raw: bytes) -> tuple[str, int]:
-    """UTF-8 decode replacing bad bytes with U+FFFD (like errors='replace'), counting the bytes."""
-    try:
-        return raw.decode("utf-8"), 0
-    except UnicodeDecodeError:
-        pass
-    parts, bad, pos = [], 0, 0
-    while True:
-        try:
-            parts.append(raw[pos:].decode("utf-8"))
-            return "".join(parts), bad
-        except UnicodeDecodeError as err:
-            parts.append(raw[pos:pos + err.start].decode("utf-8"))
-            parts.append("\ufffd")
-            bad += err.end - err.start
-            pos += err.end
 
 
 DOC_SEPS = ("auto", "line", "blank")

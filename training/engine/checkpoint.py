@@ -1,7 +1,8 @@
 """DeepSpeed checkpoints plus what DeepSpeed does not keep: the train position and per-rank RNG state.
 
 Layout: OUT/checkpoints/<tag>/ holds DeepSpeed's files, `rng_rank<r>.pt` (each rank's RNG) and
-`meta.json` (model shape, train position, and a manifest of every file with its size; written by rank 0
+`meta.json` (model shape, train position, the state of the run's components (`components`: the stage
+schedule's early ends, see Checkpointer), and a manifest of every file with its size; written by rank 0
 last). `OUT/checkpoints/latest` names the newest complete tag.
 
 Atomicity: a checkpoint is written into `<tag>.tmp` (DeepSpeed writes there too, with its own
@@ -98,10 +99,12 @@ def tag_for(state: TrainState) -> str:
 # ------------------------------------------------------------------------------------------------ save
 
 def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep_last: int,
-         run_info: Optional[dict] = None, metrics_bytes: Optional[int] = None) -> Path:
+         run_info: Optional[dict] = None, components: Optional[dict] = None,
+         metrics_bytes: Optional[int] = None) -> Path:
     """Write the checkpoint of `state` atomically (see the module doc). Collective: call on every rank.
-    `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`;
-    `metrics_bytes`, rank 0's metrics.jsonl length now, as `metrics_bytes` (a resume cuts the file there)."""
+    `run_info` (what the run trains on and how: see check_resumable) goes into meta.json as `run`; `components`,
+    the run's components' own state (JSON: the stage schedule's early ends), as `components`; `metrics_bytes`,
+    rank 0's metrics.jsonl length now, as `metrics_bytes` (a resume cuts the file there)."""
 
     tag = tag_for(state)
     final, tmp_tag = ckpt_dir / tag, tag + TMP_SUFFIX
@@ -130,6 +133,8 @@ def save(engine, ckpt_dir: Path, state: TrainState, model_cfg: ModelConfig, keep
                     "checksums": {"algorithm": HASH, "files": _checksums(tmp, files)}}
             if run_info is not None:
                 meta["run"] = run_info
+            if components is not None:
+                meta["components"] = components
             if metrics_bytes is not None:
                 meta["metrics_bytes"] = metrics_bytes
             write_atomic(tmp / "meta.json", json.dumps(meta, indent=1), fsync=True)
@@ -234,3 +239,35 @@ def load(engine, ckpt_dir: Path, tag: str) -> TrainState:
     else:
         set_rng_state(rng)
     return TrainState.from_dict(client_state["train_state"])
+
+
+class Checkpointer:
+    """When the run checkpoints and with what: every run.save_every steps (not inside a streak of non-finite steps),
+    at the run's end and where it pauses (run.stop_at_step, run.stop_below_unigram, a pre-emption), never twice at
+    one step; each checkpoint holds the state of the run's components (`components`: name -> an object with
+    state_dict/load_state_dict), which `load` gives back."""
+
+    def __init__(self, ckpt_dir: Path, run, components: dict):
+        self.ckpt_dir, self.run, self.components = ckpt_dir, run, components
+        self._saved_step: Optional[int] = None
+
+    def should_save(self, step: int, final: bool, bad_streak: int = 0) -> bool:
+        periodic = self.run.save_every and step % self.run.save_every == 0 and not bad_streak
+        return bool(periodic or final)
+
+    def save(self, engine, state: TrainState, model_cfg: ModelConfig, run_info: dict,
+             metrics_bytes: Optional[int] = None) -> None:
+        if self._saved_step == state.step:
+            return  # e.g. a pre-emption signal at a step that was just saved
+        save(engine, self.ckpt_dir, state, model_cfg, self.run.keep_last, run_info=run_info,
+             components={name: c.state_dict() for name, c in self.components.items()}, metrics_bytes=metrics_bytes)
+        self._saved_step = state.step
+
+    def load(self, engine, tag: str, meta: dict) -> TrainState:
+        """Load checkpoint `tag` (its verified `meta`) into `engine`; each component gets its saved state (None:
+        a checkpoint from before it kept one) with the train position."""
+        state = load(engine, self.ckpt_dir, tag)
+        saved = meta.get("components") or {}
+        for name, component in self.components.items():
+            component.load_state_dict(saved.get(name), state)
+        return state

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -94,6 +94,35 @@ def skipped_step(engine):
     finally:
         del opt.step
     engine._step_applied = False
+
+
+class FaultCounter:
+    """The policy above over a run: consecutive non-finite steps counted (a skipped bf16/fp32 step also in the
+    train state's `skipped_steps`), each one a `fault` record, and after run.max_bad_steps in a row a restore of the
+    last good checkpoint (RestoreRequested) or a stop (NumericalFault)."""
+
+    def __init__(self, run, precision: str, write: Callable[[dict], None]):
+        self.run, self.precision, self.write = run, precision, write
+        self.streak = 0  # consecutive non-finite steps; no periodic checkpoint is taken inside a streak
+
+    def check(self, result, state) -> None:
+        if not result.bad:
+            self.streak = 0
+            return
+        self.streak += 1
+        if self.precision != "fp16":
+            state.skipped_steps += 1
+        log.warning("step %d: non-finite loss or gradient on some rank; optimizer step skipped (%d in a row)",
+                    state.step, self.streak)
+        self.write({"kind": "fault", "step": state.step, "what": "non-finite loss/gradient",
+                    "consecutive": self.streak, "skipped_total": state.skipped_steps})
+        if self.streak >= self.run.max_bad_steps:
+            self.streak = 0
+            what = (f"{self.run.max_bad_steps} consecutive steps with a non-finite loss or gradient "
+                    f"(last: step {state.step})")
+            if self.run.on_nan == "restore":
+                raise RestoreRequested(what)
+            raise NumericalFault(f"{what}; stopping (run.on_nan=stop)")
 
 
 # ---------------------------------------------------------------------------------------- debug hooks

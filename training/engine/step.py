@@ -30,7 +30,7 @@ Phase = Callable[[str], ContextManager]
 
 @dataclass
 class StepResult:
-    loss: float  # global token-mean MLM loss (+ NSP) of this optimizer step
+    loss: float  # global token-mean MLM loss (+ NSP) of this optimizer step, without the auxiliary losses
     tokens: int  # tokens in this optimizer step, all ranks
     samples: int  # sequences in this optimizer step, all ranks
     bad: bool = False  # some rank's loss or gradient was not finite (agreed by all ranks)
@@ -65,12 +65,15 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, w
         samples = float(sum(b["input_ids"].shape[0] for b in micro_batches))
         global_count, global_samples = all_reduce_scalars([sum(counts), samples])
     scale = world_size * len(micro_batches)
-    losses, penalties = [], []
+    losses, auxiliary = [], []
     for i, batch in enumerate(micro_batches):
         with phase("forward"):
             out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()}, **forward_kwargs)
             weight = out["mlm_count"] / max(global_count, 1.0)
-            loss = out["mlm_loss"].float() * weight
+            # The model's auxiliary losses (an add-on's regulariser) train beside the MLM loss, weighted like it
+            # (the weights of all micro-batches and ranks sum to 1: each enters the step once); not reported.
+            aux = sum(a.float() for a in out.get("aux_losses", {}).values())
+            loss = (out["mlm_loss"].float() + aux) * weight
             if "nsp_loss" in out:
                 loss = loss + out["nsp_loss"].float() * batch["input_ids"].shape[0] / global_samples
             if loss_factor is not None:
@@ -78,8 +81,8 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, w
         with phase("backward"):
             engine.backward(loss * scale)
         losses.append(loss.detach())
-        if "slimming_penalty" in out:  # trained on, but not part of the reported MLM loss
-            penalties.append(out["slimming_penalty"].float() * weight)
+        if torch.is_tensor(aux):  # trained on, but not part of the reported MLM loss
+            auxiliary.append(aux.detach() * weight)
         if i < len(micro_batches) - 1:
             with phase("step"):
                 engine.step()  # inside the accumulation: DeepSpeed only counts the micro-step
@@ -97,6 +100,6 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, *, w
         else:
             engine.step()
     tokens = int(sum(b["input_ids"].numel() for b in micro_batches)) * world_size
-    reported = loss_t - torch.stack(penalties).sum() if penalties else loss_t
+    reported = loss_t - torch.stack(auxiliary).sum() if auxiliary else loss_t
     return StepResult(loss=float(reported), tokens=tokens, samples=int(samples) * world_size,
                       bad=bad > 0, preempt=preempt > 0, stop=stop > 0)

@@ -31,6 +31,7 @@ from torch import nn
 
 from training.errors import UserError
 from training.model import fused
+from training.model.addons import addons_of
 from training.model.compiled import compile_layers
 from training.model.config import ModelConfig
 from training.model.encoder import Bert
@@ -105,6 +106,9 @@ class BertForPreTraining(nn.Module):
             with torch.no_grad():
                 self.bert.embeddings.position_embeddings.weight.copy_(
                     sinusoidal_positions(cfg.max_position, cfg.hidden_size, cfg.initializer_range))
+        self.addons = addons_of(cfg)  # methods that add parameters (training/model/addons.py)
+        for addon in self.addons:
+            addon.attach(self)
         if cfg.compile:
             compile_layers(self.bert.encoder.layer)
 
@@ -168,14 +172,17 @@ class BertForPreTraining(nn.Module):
         nsp_loss      when next_sentence_label is given (requires cfg.nsp)
         logits        [B, S, vocab] only when labels is None (parity tests / export)
         nsp_logits    [B, 2] when cfg.nsp
-        slimming_penalty  cfg.slimming in training mode: slimming_l1 * sum|c|, already included in mlm_loss
+        aux_losses    in training mode with labels, when a model add-on has some: name -> loss (EarlyBERT's
+                      `slimming_penalty`), included in `loss`, not in `mlm_loss`
 
         locality: strength of the training-time locality bias on every attention layer (locality_bias);
         0 (the default, and always at evaluation) is plain BERT attention.
         """
         if layer_keep_prob is not None:
-            if self.cfg.norm != "pre":
-                raise UserError("progressive layer dropping (layer_keep_prob) needs model.norm: pre")
+            try:
+                self.cfg.check_layer_drop()
+            except ValueError as err:
+                raise UserError(f"layer_keep_prob: {err}") from None
             if len(layer_keep_prob) != self.cfg.num_layers:
                 raise UserError(f"layer_keep_prob has {len(layer_keep_prob)} entries for "
                                 f"{self.cfg.num_layers} layers")
@@ -199,21 +206,14 @@ class BertForPreTraining(nn.Module):
             if next_sentence_label is not None:
                 out["nsp_loss"] = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
                 losses.append(out["nsp_loss"])
-        if self.cfg.slimming and self.training and self.cfg.slimming_l1 > 0 and "mlm_loss" in out:
-            # EarlyBERT's L1 penalty, folded into mlm_loss: the runner weights each micro-batch's mlm_loss
-            # by its share of the global masked-token count, so the penalty enters each step exactly once.
-            penalty = self.cfg.slimming_l1 * self.slimming_l1_norm()
-            out["slimming_penalty"] = penalty.detach()
-            out["mlm_loss"] = out["mlm_loss"] + penalty
-            losses[0] = out["mlm_loss"]
+        aux = {name: loss for addon in self.addons for name, loss in addon.aux_losses(self).items()} \
+            if self.training and "mlm_loss" in out else {}
+        if aux:  # the step trains on them beside the MLM loss, not knowing what they are (engine/step.py)
+            out["aux_losses"] = aux
+            losses[0] = losses[0] + sum(aux.values())
         if losses:
             out["loss"] = sum(losses)
         return out
-
-    def slimming_l1_norm(self) -> torch.Tensor:
-        """sum |c| over every slimming coefficient (heads and FFN neurons), in fp32."""
-        return sum(p.float().abs().sum() for name, p in self.named_parameters()
-                   if name.endswith(("head_coef", "neuron_coef")))
 
     def _masked_lm(self, hidden: torch.Tensor, labels: torch.Tensor) -> dict:
         """MLM loss on masked positions only: gather, then transform + vocab projection."""

@@ -67,6 +67,19 @@ NonNegativeInt = domain(int, ge=0)
 DropoutRate = domain(float, ge=0, lt=1)  # 1 would drop everything (and divide by 1 - p = 0)
 
 
+def check_seq_len(seq_len: int, max_position: int, what: str = "seq_len") -> None:
+    """Whether rows of `seq_len` tokens fit a position table of `max_position` rows: the one place this is
+    decided (the config's stages, the prepared data, the model's forward ask here). ValueError otherwise."""
+    if not 0 < seq_len <= max_position:
+        raise ValueError(f"{what} {seq_len} exceeds model.max_position {max_position}")
+
+
+def check_locality(attention: str) -> None:
+    """Whether an attention backend takes the additive locality bias (training/model/ops.py locality_bias)."""
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"locality_bias needs model.attention eager or sdpa, not {attention}")
+
+
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
@@ -117,12 +130,16 @@ class ModelConfig(BaseModel):
     slimming_l1: NonNegativeFloat = 1e-4  # 0: the coefficients train without the L1 pull
     # Start from a Hugging Face BERT checkpoint directory; its config.json then sets the shape.
     init_from_hf: Optional[str] = None
+    # Model add-ons by name, with their arguments (training/model/addons.py: methods that add parameters; EarlyBERT's
+    # slimming is one, switched by `slimming` above). Names are checked against the registry by the model and when
+    # the config loads (stages/plan.check_stages).
+    addons: dict[str, dict[str, Any]] = {}
 
     # Field groups: every module that asks which fields a change may touch asks these (and diff) instead of
     # keeping its own list.
     SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (  # decide the tensors' shapes: a checkpoint loads only if they agree
         "vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_size", "max_position", "type_vocab_size",
-        "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank", "slimming")
+        "norm", "nsp", "heads_per_layer", "ffn_per_layer", "ffn_rank", "slimming", "addons")
     PER_LAYER_FIELDS: ClassVar[tuple[str, ...]] = ("heads_per_layer", "ffn_per_layer")  # one entry per layer
     REGULARISATION_FIELDS: ClassVar[tuple[str, ...]] = ("dropout", "attention_dropout")  # free between stages
     RELAXED_FIELDS: ClassVar[tuple[str, ...]] = ("attention", "ffn_rank")  # what CoRe's relaxed model changes
@@ -135,6 +152,15 @@ class ModelConfig(BaseModel):
     def describe_diff(self, other: "ModelConfig", ignore=()) -> str:
         """`field a -> b, ...`: the diff as error messages print it."""
         return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in self.diff(other, ignore).items())
+
+    def check_seq_len(self, seq_len: int, what: str = "seq_len") -> None:
+        check_seq_len(seq_len, self.max_position, what)
+
+    def check_layer_drop(self) -> None:
+        """Progressive layer dropping needs Pre-LN layers: with Post-LN a skipped layer would also skip its
+        LayerNorms and the residual stream would change scale."""
+        if self.norm != "pre":
+            raise ValueError(f"layer_drop needs model.norm: pre, got {self.norm!r}")
 
     @property
     def head_dim(self) -> int:

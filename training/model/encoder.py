@@ -14,7 +14,7 @@ from torch import nn
 
 from training.errors import UserError
 from training.model import fused
-from training.model.config import ModelConfig
+from training.model.config import ModelConfig, check_locality, check_seq_len
 from training.model.ops import (Dropout, eager_attention, fused_attention, linear_attention, linear_gelu,
                                 locality_bias, residual_layernorm, sdpa_attention)
 from training.model.unpad import Packed, pack
@@ -38,9 +38,10 @@ class Embeddings(nn.Module):
                 packed: Optional[Packed] = None) -> torch.Tensor:
         """[B, S, hidden]; with `packed`, the real tokens only: [total, hidden]."""
         seq_len = input_ids.shape[1]
-        if seq_len > self.position_embeddings.num_embeddings:
-            raise UserError(f"sequence length {seq_len} exceeds model.max_position "
-                            f"({self.position_embeddings.num_embeddings})")
+        try:
+            check_seq_len(seq_len, self.position_embeddings.num_embeddings, "sequence length")
+        except ValueError as err:
+            raise UserError(str(err)) from None
         positions = torch.arange(seq_len, device=input_ids.device)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
@@ -66,8 +67,6 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, inner)
         self.key = nn.Linear(cfg.hidden_size, inner)
         self.value = nn.Linear(cfg.hidden_size, inner)
-        if cfg.slimming:  # EarlyBERT: one coefficient per head scales that head's context output
-            self.head_coef = nn.Parameter(torch.ones(num_heads))
 
     def _attend(self, q, k, v, key_padding):
         """The configured backend on [B, H, S, D] with a bool or additive key mask."""
@@ -99,8 +98,6 @@ class SelfAttention(nn.Module):
         if isinstance(key_padding, Packed):
             q, k, v = (t.view(-1, self.num_heads, self.head_dim) for t in (self.query(x), self.key(x), self.value(x)))
             out = self._attend_packed(q, k, v, key_padding)  # [total, H, D]
-            if hasattr(self, "head_coef"):
-                out = out * self.head_coef.to(out.dtype)[:, None]
             return out.reshape(-1, self.num_heads * self.head_dim)
         batch, seq, _ = x.shape
 
@@ -109,12 +106,12 @@ class SelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         if key_padding is not None and key_padding.is_floating_point():
-            if self.backend not in ("eager", "sdpa"):
-                raise UserError(f"the locality bias needs model.attention eager or sdpa, not {self.backend}")
+            try:
+                check_locality(self.backend)
+            except ValueError as err:
+                raise UserError(str(err)) from None
             key_padding = key_padding[:, : self.num_heads]  # a pruned layer keeps its first heads' slopes
         out = self._attend(q, k, v, key_padding)
-        if hasattr(self, "head_coef"):
-            out = out * self.head_coef.to(out.dtype)[:, None, None]
         return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
@@ -151,15 +148,12 @@ class Intermediate(nn.Module):
         else:
             self.dense_u = nn.Linear(cfg.hidden_size, cfg.ffn_rank, bias=False)
             self.dense_v = nn.Linear(cfg.ffn_rank, ffn_size)
-        if cfg.slimming:  # EarlyBERT: one coefficient per FFN neuron scales its post-GELU activation
-            self.neuron_coef = nn.Parameter(torch.ones(ffn_size))
         self.fused_gelu = "bias_gelu" in cfg.fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "dense_u"):
             x = self.dense_u(x)
-        x = linear_gelu(x, self.dense if hasattr(self, "dense") else self.dense_v, self.fused_gelu)
-        return x * self.neuron_coef.to(x.dtype) if hasattr(self, "neuron_coef") else x
+        return linear_gelu(x, self.dense if hasattr(self, "dense") else self.dense_v, self.fused_gelu)
 
 
 class Output(nn.Module):

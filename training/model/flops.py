@@ -40,12 +40,12 @@ Embedding lookups, LayerNorm, GELU, softmax and residual adds are ignored (<~2% 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from torch import nn
 
+from training.model import params
 from training.model.config import ModelConfig
 
 
@@ -66,33 +66,24 @@ class Trainable:
     pooler: bool = True
 
 
-_LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+# Which flag of Trainable a part of the model (training/model/params.py) sets; the MLM output bias has no matmul.
+_PART_FLAG = {"embeddings": "embeddings", "decoder": "decoder_weight", "mlm_transform": "mlm_transform",
+              "final_norm": "final_norm", "pooler": "pooler", "nsp": "pooler"}
 
 
 def trainable_parts(model: nn.Module) -> Trainable:
-    """Trainable from the parameters' requires_grad and their (HF-style) names: bert.embeddings.*,
-    bert.encoder.layer.<i>.*, bert.encoder.final_layer_norm.*, cls.predictions.transform.*,
-    cls.predictions.decoder.weight, bert.pooler.* / cls.seq_relationship.*. Parts a model lacks count as
-    frozen (they cost nothing); other parameters (biases, ...) carry no matmul of their own."""
+    """Trainable from the parameters' requires_grad and what each is (params.describe): the encoder layers, the
+    embeddings, the decoder weight (tied to the word embeddings), the MLM transform, the Pre-LN final norm, the
+    pooler and NSP classifier. Parts a model lacks count as frozen (they cost nothing); other parameters
+    (the MLM output bias, ...) carry no matmul of their own."""
     layers: dict[int, bool] = {}
-    flags = {"embeddings": False, "decoder_weight": False, "mlm_transform": False, "final_norm": False,
-             "pooler": False}
+    flags = dict.fromkeys(("embeddings", "decoder_weight", "mlm_transform", "final_norm", "pooler"), False)
     for name, p in model.named_parameters(remove_duplicate=False):  # the tied decoder weight by its own name
-        g = p.requires_grad
-        m = _LAYER.search(name)
-        if m is not None:
-            i = int(m[1])
-            layers[i] = layers.get(i, False) or g
-        elif "embeddings." in name:
-            flags["embeddings"] |= g
-        elif name.endswith("predictions.decoder.weight"):
-            flags["decoder_weight"] |= g
-        elif "predictions.transform." in name:
-            flags["mlm_transform"] |= g
-        elif "encoder.final_layer_norm." in name:
-            flags["final_norm"] |= g
-        elif "pooler." in name or "seq_relationship." in name:
-            flags["pooler"] |= g
+        param = params.describe(name)
+        if param.layer is not None:
+            layers[param.layer] = layers.get(param.layer, False) or p.requires_grad
+        elif param.part in _PART_FLAG:
+            flags[_PART_FLAG[param.part]] |= p.requires_grad
     return Trainable(layers=tuple(layers.get(i, False) for i in range(max(layers, default=-1) + 1)), **flags)
 
 

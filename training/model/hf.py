@@ -27,6 +27,7 @@ import torch
 from pydantic import ValidationError
 
 from training.errors import UserError
+from training.model import params
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
 
@@ -125,7 +126,7 @@ def _normalise_keys(raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 _PRE_LN_PREFIX = "roberta_prelayernorm."
-# The inverse of hf_export._PRE_LN_RENAMES: RobertaPreLayerNormForMaskedLM's names -> ours, first matching pattern wins.
+# The inverse of hf_export._pre_ln_name: RobertaPreLayerNormForMaskedLM's names -> ours, first matching pattern wins.
 _PRE_LN_IMPORTS = (
     (r"^roberta_prelayernorm\.encoder\.layer\.(\d+)\.attention\.LayerNorm\.",
      r"bert.encoder.layer.\1.attention.output.LayerNorm."),
@@ -219,9 +220,9 @@ def load_hf_weights(model: BertForPreTraining, hf_dir: PathLike) -> list[str]:
         log.info("ignoring checkpoint tensors the model does not use: %s", ", ".join(unexpected))
 
     missing = [k for k in ours if k not in state]
-    # EarlyBERT slimming coefficients (model.slimming) are ours only: they keep their init (1).
+    # A model add-on's tensors (EarlyBERT's slimming coefficients) are ours only: they keep their init.
     body_missing = [k for k in missing if not k.startswith(("cls.", "bert.pooler."))
-                    and not k.endswith(("head_coef", "neuron_coef"))]
+                    and params.describe(k).addon is None]
     if body_missing:
         raise UserError(f"{hf_dir}: checkpoint lacks {body_missing[0]} ({len(body_missing)} "
                         f"embedding/encoder tensors missing)")

@@ -10,7 +10,7 @@ training/model/hf.py, which reads HF configs and checkpoints) is written back as
 Pre-LN export. transformers' RoBERTa-PreLayerNorm is the same network as our `norm: pre` model: embeddings
 (word + position + token type, then LayerNorm, dropout), layers x + attn(LN(x)) and x + ffn(LN(x)), a final
 LayerNorm, and the MLM head dense -> erf GeLU -> LayerNorm -> decoder tied to the word embeddings, all with
-one layer_norm_eps. The tensors only move (`_PRE_LN_RENAMES`): per layer, `attention.output.LayerNorm` (ours,
+one layer_norm_eps. The tensors only move (`_pre_ln_name`): per layer, `attention.output.LayerNorm` (ours,
 before attention) -> `attention.LayerNorm`, `output.LayerNorm` (ours, before the FFN) -> `intermediate.LayerNorm`;
 `bert.encoder.final_layer_norm` -> `roberta_prelayernorm.LayerNorm`; `cls.predictions.transform.{dense,
 LayerNorm}` -> `lm_head.{dense,layer_norm}`, `cls.predictions.bias` -> `lm_head.bias`; every other `bert.` name
@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from training.errors import UserError
+from training.model import params
 from training.model.bert import BertForPreTraining
 from training.model.config import ModelConfig
 from training.model.hf import POOLER_KEYS, PathLike
@@ -46,19 +46,12 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json")
-# Pre-LN export: our name -> RobertaPreLayerNormForMaskedLM's, first matching pattern wins (see the docstring).
-_PRE_LN_RENAMES = (
-    (r"^bert\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.",
-     r"roberta_prelayernorm.encoder.layer.\1.attention.LayerNorm."),
-    (r"^bert\.encoder\.layer\.(\d+)\.output\.LayerNorm\.",
-     r"roberta_prelayernorm.encoder.layer.\1.intermediate.LayerNorm."),
-    (r"^bert\.encoder\.final_layer_norm\.", "roberta_prelayernorm.LayerNorm."),
-    (r"^bert\.(embeddings|encoder)\.", r"roberta_prelayernorm.\1."),
-    (r"^cls\.predictions\.transform\.dense\.", "lm_head.dense."),
-    (r"^cls\.predictions\.transform\.LayerNorm\.", "lm_head.layer_norm."),
-    (r"^cls\.predictions\.bias$", "lm_head.bias"),
-)
-_PRE_LN_DROPPED = ("bert.pooler.", "cls.seq_relationship.")  # no NSP head in RobertaPreLayerNormForMaskedLM
+# Pre-LN export: our name -> RobertaPreLayerNormForMaskedLM's (see the docstring), by what each tensor is
+# (training/model/params.py): a layer's two LayerNorms move, the rest of `bert.` becomes `roberta_prelayernorm.`.
+_PRE_LN_LAYER_ROLES = {"attention.output.LayerNorm.": "attention.LayerNorm.", "output.LayerNorm.": "intermediate.LayerNorm."}
+_PRE_LN_PARTS = {"final_norm": ("bert.encoder.final_layer_norm.", "roberta_prelayernorm.LayerNorm."),
+                 "mlm_bias": ("cls.predictions.bias", "lm_head.bias")}
+_PRE_LN_DROPPED = ("pooler", "nsp")  # no NSP head in RobertaPreLayerNormForMaskedLM
 PRE_LN_POSITIONS = "roberta_prelayernorm.embeddings.position_embeddings.weight"
 
 
@@ -81,22 +74,36 @@ def check_exportable(cfg: ModelConfig) -> None:
                         f"model.ffn_per_layer is non-uniform {cfg.ffn_per_layer}")
 
 
+def _pre_ln_name(param: params.Param):
+    """RobertaPreLayerNormForMaskedLM's name for our tensor (None: it has no place there, the pooler and NSP head)."""
+    if param.part in _PRE_LN_DROPPED:
+        return None
+    if param.layer is not None:
+        role = next((param.role.replace(ours, theirs, 1) for ours, theirs in _PRE_LN_LAYER_ROLES.items()
+                     if param.role.startswith(ours)), param.role)
+        return f"roberta_prelayernorm.encoder.layer.{param.layer}.{role}"
+    if param.part in _PRE_LN_PARTS:
+        ours, theirs = _PRE_LN_PARTS[param.part]
+        return param.name.replace(ours, theirs, 1)
+    if param.part == "mlm_transform":
+        return param.name.replace("cls.predictions.transform.", "lm_head.", 1).replace("lm_head.LayerNorm.",
+                                                                                    "lm_head.layer_norm.")
+    if param.part == "embeddings":
+        return param.name.replace("bert.", "roberta_prelayernorm.", 1)
+    raise UserError(f"cannot export to HF: tensor {param.name} has no place in RobertaPreLayerNormForMaskedLM")
+
+
 def _pre_ln_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our Pre-LN tensors under RobertaPreLayerNormForMaskedLM's names; our position row p at their row
     p + pad_token_id + 1 (RoBERTa's first real position id is pad_token_id + 1), rows before it zero; pooler and
     NSP head left out (no place there)."""
     out, dropped = {}, []
     for name, tensor in tensors.items():
-        if name.startswith(_PRE_LN_DROPPED):
+        hf_name = _pre_ln_name(params.describe(name))
+        if hf_name is None:
             dropped.append(name)
-            continue
-        for pattern, replacement in _PRE_LN_RENAMES:
-            hf_name, hits = re.subn(pattern, replacement, name)
-            if hits:
-                break
         else:
-            raise UserError(f"cannot export to HF: tensor {name} has no place in RobertaPreLayerNormForMaskedLM")
-        out[hf_name] = tensor
+            out[hf_name] = tensor
     if dropped:
         log.warning("HF RobertaPreLayerNormForMaskedLM has no pooler or NSP head: the export leaves out %s",
                     ", ".join(dropped))
@@ -186,9 +193,8 @@ def export_hf(model: BertForPreTraining, cfg: ModelConfig, out_dir: PathLike,
 
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in model.named_parameters()}  # de-duplicated: no decoder aliases
-    if cfg.slimming:  # EarlyBERT coefficients are folded into the next Linear: same function, HF names
-        from training.model.slimming import fold_slimming
-        tensors = fold_slimming(tensors, cfg)
+    for addon in model.addons:  # e.g. EarlyBERT's coefficients, folded into the next Linear: same function
+        tensors = addon.fold(tensors, cfg)
     if cfg.norm == "pre":
         tensors = _pre_ln_tensors(tensors, cfg)
         hf_cfg = _pre_ln_config(cfg, Path(tokenizer_dir) if tokenizer_dir is not None else None)

@@ -5,7 +5,7 @@ Attention is the one op that needs the rows: on CUDA with `model.attention: fuse
 (`kernels.attention.fused_attention_varlen`) runs on the packed tokens directly; everywhere else the rows are
 grouped by length into buckets (lengths rounded up to a multiple of BUCKET_ROUND), each bucket padded only to
 its own longest row, and the configured attention runs per bucket with its key-padding mask. A padded key is
-masked in both forms, so each real token's output is the padded model's (tests/test_unpad.py: forward and
+masked in both forms, so each real token's output is the padded model's (tests/unit/test_unpad.py: forward and
 every gradient). Pre-training rows are packed full (no padding): there `pack` returns None and nothing changes.
 
 Everything here depends on the batch's mask only; it is computed once per batch (one host sync for the

@@ -19,7 +19,7 @@ Optimizer state (`optimizer_state: carry`): every copied parameter keeps its Ada
 unscaled. Moments follow the gradients (see growth.py), and there is no exact gradient rule here: the
 switch to softmax attention changes the function, so every gradient changes; copying is the documented
 option (with the attention unchanged, refining only the FFN, the copied tensors' gradients are exactly
-the old ones: tests/test_moments.py). The moments of the factors say nothing about the moments of their
+the old ones: tests/unit/test_moments.py). The moments of the factors say nothing about the moments of their
 product (the factors' gradients are V^T G and G U^T of the product's G, which cannot be inverted), so
 the new full FFN weights start with fresh state: the moment transforms (moment 1 and 2) drop them, and
 `transfer.load_into_engine` installs state only for a parameter present in both exp_avg and exp_avg_sq.
@@ -34,8 +34,9 @@ import sys
 
 import torch
 
+from training.model import params
 from training.model.config import ModelConfig
-from training.stages.protocol import Hook, HookContext, Tensors
+from training.stages.protocol import Hook, HookContext, Tensors, Transition
 
 # Everything but ModelConfig.RELAXED_FIELDS must agree between the relaxed and the refined model; regularisation
 # (REGULARISATION_FIELDS) may change at the boundary (e.g. no dropout in the short refine phase).
@@ -51,7 +52,7 @@ def relaxed_config(cfg: ModelConfig, rank: int | None = None) -> ModelConfig:
     return cfg.model_copy(update={"attention": "linear", "ffn_rank": rank})
 
 
-def _validate(old: ModelConfig, new: ModelConfig, stage) -> None:
+def _validate(old: ModelConfig, new: ModelConfig) -> None:
     if not is_relaxed(old):
         raise ValueError("the previous stage must be the relaxed model (model.attention: linear and/or "
                          "model.ffn_rank set); it is already full-rank softmax BERT")
@@ -64,7 +65,7 @@ def _validate(old: ModelConfig, new: ModelConfig, stage) -> None:
 
 
 def _ffn_prefixes(cfg: ModelConfig) -> list[str]:
-    return [f"bert.encoder.layer.{i}.{part}." for i in range(cfg.num_layers) for part in ("intermediate", "output")]
+    return [params.layer_name(i, f"{part}.") for i in range(cfg.num_layers) for part in ("intermediate", "output")]
 
 
 def refine_ffn(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
@@ -93,8 +94,8 @@ class CoreRefine(Hook):
     """The relaxed model (linear attention, low-rank FFN) becomes full BERT: the FFN factors are multiplied."""
     name = "core_refine"
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
-        _validate(old, new, stage)
+    def validate(self, t: Transition) -> None:
+        _validate(t.old, t.new)
 
     def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
                   ctx: HookContext) -> Tensors:

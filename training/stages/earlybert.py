@@ -2,9 +2,10 @@
 
 Search stage (`model: {slimming: true}`): every attention head has a coefficient scaling its context
 output (`...attention.self.head_coef`, before attention.output.dense) and every FFN neuron one scaling
-its post-GELU activation (`...intermediate.neuron_coef`), all initialised to 1. In training mode the
-model adds `slimming_l1 * sum|c|` (lambda, default 1e-4 as the authors' scripts) to its `mlm_loss`
-(training/model/bert.py), so the runner needs no change for the penalty.
+its post-GELU activation (`...intermediate.neuron_coef`), all initialised to 1: a model add-on
+(training/model/slimming.py). In training mode the model returns `slimming_l1 * sum|c|` (lambda, default 1e-4
+as the authors' scripts) as its auxiliary loss `slimming_penalty`, which the optimizer step trains on beside
+the MLM loss without knowing what it is.
 
 Ticket (`draw_ticket`): by coefficient magnitude, heads layerwise (`ratio_heads` of each layer's heads
 pruned, default 1/3, at least one head kept) and FFN neurons globally (`ratio_ffn` of all neurons
@@ -41,9 +42,10 @@ search broadcasts the masks read from search.json, so every rank rewinds to the 
 the same early-bird decision whatever its own OUT holds (nothing, or a stale file of an earlier run).
 
 Runner integration: the prune hook (`Prune`, one instance per prune stage) watches the stage before its
-own: the runner asks the next stage's hook for `watch(ctx, write_metrics, rank)` and, given a watcher, calls `start(step, stage_step,
-engine)` when the stage (re)starts and `observe(step, engine)` after every optimizer step; either
-returning True ends the stage now. Records of kind "earlybird" (mask distances, coefficient
+own: the stage schedule (stages/schedule.py) asks the next stage's hook for `watch(ctx, write_metrics, rank)`
+and, given a watcher, calls `start(step, stage_step, engine)` when the stage (re)starts and `observe(step,
+engine)` after every optimizer step; either returning True ends the stage now (the schedule records the early
+end, and a checkpoint keeps it). Records of kind "earlybird" (mask distances, coefficient
 statistics) go to metrics.jsonl.
 
 hook_args of the prune stage:
@@ -53,76 +55,47 @@ hook_args of the prune stage:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
-from pydantic import Field
 
+from training.model import params
 from training.model.config import ModelConfig
-# The slimming tensors' names and the fold live with the model (export folds them too); named here as before.
-from training.model.slimming import HEAD_COEF, NEURON_COEF, _column_scale, _layer, fold_slimming  # noqa: F401
-from training.stages.protocol import Hook, HookArgs, HookContext, Tensors, parse_hook_args
-# The ticket, the search and the files (earlybird.py); the names tests and tools reach through this module too.
-from training.stages.earlybird import (EarlyBirdSearch, Ticket, _is_rank0, _pack, _write_json,  # noqa: F401
-                                       coefficients, draw_ticket, earlybert_dir, load_init_weights, mask_distance,
-                                       save_init_weights, slimming_stats)
+# The slimming tensors and their fold live with the model (export folds them too), the arguments, the ticket, the
+# search and the files in earlybird.py; tests and tools reach them through this module too.
+from training.model.slimming import HEAD_COEF, NEURON_COEF, fold_slimming  # noqa: F401
+from training.stages.earlybird import (EarlyBirdSearch, PruneArgs, SearchArgs, Ticket, _pack,  # noqa: F401
+                                       coefficients, draw_ticket, earlybert_dir, is_rank0, load_init_weights,
+                                       mask_distance, save_init_weights, slimming_stats, write_json)
+from training.stages.protocol import Hook, HookContext, Tensors, Transition
 
 log = logging.getLogger(__name__)
 
 _FREE_FIELDS = (*ModelConfig.REGULARISATION_FIELDS, *ModelConfig.PER_LAYER_FIELDS, "slimming", "slimming_l1")
 
 
-# -------------------------------------------------------------------------------------------- arguments
-
-class SearchArgs(HookArgs):
-    interval: int = Field(10, ge=1)  # steps between two masks
-    window: int = Field(5, ge=2)  # masks compared (the newest against the window - 1 before it)
-    threshold: float = Field(0.1, gt=0, le=1)  # normalised Hamming distance under which the ticket is drawn
-
-
-class PruneArgs(HookArgs):
-    ratio_heads: float = Field(1 / 3, ge=0, lt=1)  # fraction of each layer's heads pruned
-    ratio_ffn: float = Field(0.4, ge=0, lt=1)  # fraction of all FFN neurons pruned (global threshold)
-    rewind: Literal["init", "keep"] = "init"  # init: the weights saved at the search stage's start; keep: searched
-    search: Optional[SearchArgs] = None  # None: no early-bird detection, the search stage runs its length
-
-
-def parse_args(raw: dict[str, Any]) -> PruneArgs:
-    """The prune hook's typed hook_args (checked when the config loads: Hook.args)."""
-    return parse_hook_args(PruneArgs, raw)
-
-
 # ------------------------------------------------------------------------------------------ the weights
 
 def prune_tensors(tensors: Tensors, cfg: ModelConfig, ticket: Ticket) -> Tensors:
-    """Keep only the ticket's heads (Q/K/V rows, attention.output.dense columns) and FFN neurons
-    (intermediate rows, output columns) in every layer; other tensors pass through."""
-    out = dict(tensors)
+    """Keep only the ticket's heads and FFN neurons in every layer, along every axis that runs over them
+    (training/model/params.py: the attention width A of Q/K/V and of attention.output.dense's input, the heads N
+    of a per-head tensor, the FFN's neurons F of the intermediate rows and the output's input, full or low-rank);
+    other tensors pass through."""
     d = cfg.head_dim
-
-    def take(key, dim, index):
-        if key in out:
-            out[key] = out[key].index_select(dim, index).clone()
-
-    for i in range(cfg.num_layers):
-        p = _layer(i)
-        heads = torch.tensor(ticket.heads[i], dtype=torch.long)
-        rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
-        for name in ("query", "key", "value"):
-            take(p + f"attention.self.{name}.weight", 0, rows)
-            take(p + f"attention.self.{name}.bias", 0, rows)
-        take(p + "attention.output.dense.weight", 1, rows)
-        take(p + HEAD_COEF, 0, heads)
-        neurons = torch.tensor(ticket.neurons[i], dtype=torch.long)
-        if cfg.ffn_rank is None:
-            take(p + "intermediate.dense.weight", 0, neurons)
-            take(p + "intermediate.dense.bias", 0, neurons)
-            take(p + "output.dense.weight", 1, neurons)
-        else:
-            take(p + "intermediate.dense_v.weight", 0, neurons)
-            take(p + "intermediate.dense_v.bias", 0, neurons)
-            take(p + "output.dense_u.weight", 1, neurons)
-        take(p + NEURON_COEF, 0, neurons)
+    out = {}
+    for name, t in tensors.items():
+        param = params.describe(name)
+        if param.layer is None:
+            out[name] = t
+            continue
+        heads = torch.tensor(ticket.heads[param.layer], dtype=torch.long)
+        keep = {"A": (heads[:, None] * d + torch.arange(d)[None, :]).flatten(), "N": heads,
+                "F": torch.tensor(ticket.neurons[param.layer], dtype=torch.long)}
+        cut = t
+        for dim, axis in enumerate(param.axes):
+            if axis.upper() in keep:
+                cut = cut.index_select(dim, keep[axis.upper()])
+        out[name] = cut.clone() if cut is not t else t
     return out
 
 
@@ -155,8 +128,8 @@ class Prune(Hook):
         self.ticket: Optional[Ticket] = None
         self.coefs: Optional[tuple[list[torch.Tensor], list[torch.Tensor]]] = None
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
-        _validate(old, new, stage, self.args)
+    def validate(self, t: Transition) -> None:
+        _validate(t.old, t.new, t.stage, self.args)
 
     def watch(self, ctx: HookContext, write: Callable[[dict], None], rank: int) -> EarlyBirdSearch:
         return EarlyBirdSearch(self.args, ctx.out_dir, write, rank)
@@ -171,8 +144,8 @@ class Prune(Hook):
         ticket = self.ticket
         new = declared.model_copy(update={"heads_per_layer": ticket.heads_per_layer,
                                           "ffn_per_layer": ticket.ffn_per_layer})
-        if _is_rank0():
-            _write_json(earlybert_dir(ctx.out_dir) / "ticket.json",
+        if is_rank0():
+            write_json(earlybert_dir(ctx.out_dir) / "ticket.json",
                         {"step": ctx.step, "reason": "prune", "rewind": self.args.rewind, **ticket.to_json()})
         log.info("EarlyBERT: pruning to heads %s, FFN %s (rewind: %s)", ticket.heads_per_layer,
                  ticket.ffn_per_layer, self.args.rewind)

@@ -8,20 +8,35 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from training.errors import UserError
 from training.model import slimming
 from training.outdir import write_atomic
-from training.stages.protocol import Tensors
+from training.stages import transfer
+from training.stages.protocol import HookArgs, Tensors
 
-if TYPE_CHECKING:
-    from training.stages.earlybert import PruneArgs
 
 log = logging.getLogger(__name__)
+
+
+# -------------------------------------------------------------------------------------------- arguments
+
+class SearchArgs(HookArgs):
+    interval: int = Field(10, ge=1)  # steps between two masks
+    window: int = Field(5, ge=2)  # masks compared (the newest against the window - 1 before it)
+    threshold: float = Field(0.1, gt=0, le=1)  # normalised Hamming distance under which the ticket is drawn
+
+
+class PruneArgs(HookArgs):
+    ratio_heads: float = Field(1 / 3, ge=0, lt=1)  # fraction of each layer's heads pruned
+    ratio_ffn: float = Field(0.4, ge=0, lt=1)  # fraction of all FFN neurons pruned (global threshold)
+    rewind: Literal["init", "keep"] = "init"  # init: the weights saved at the search stage's start; keep: searched
+    search: Optional[SearchArgs] = None  # None: no early-bird detection, the search stage runs its length
 
 
 # ----------------------------------------------------------------------------------------- coefficients
@@ -121,12 +136,12 @@ def earlybert_dir(out_dir: Path) -> Path:
     return Path(out_dir) / "earlybert"
 
 
-def _is_rank0() -> bool:
+def is_rank0() -> bool:
     import torch.distributed as dist
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps(obj))
 
@@ -239,7 +254,6 @@ class EarlyBirdSearch:
         init_path = earlybert_dir(self.out_dir) / "init.pt"
         if stage_step == 0:
             if self.args.rewind == "init":
-                from training.stages import transfer
                 # Every rank: under ZeRO 1/2 assembling the fp32 masters is a collective.
                 weights = transfer.fp32_weights(engine)
                 if self.rank == 0:
@@ -289,12 +303,12 @@ class EarlyBirdSearch:
                     "distance_max": max(distances) if distances else None,
                     "distance_prev": distances[-1] if distances else None, "drawn": drawn, **stats})
         if self.rank == 0:
-            _write_json(self.path, {"ratio_heads": self.args.ratio_heads, "ratio_ffn": self.args.ratio_ffn,
+            write_json(self.path, {"ratio_heads": self.args.ratio_heads, "ratio_ffn": self.args.ratio_ffn,
                                     "masks": self.records})
         if drawn:
             self.drawn_step = step
             if self.rank == 0:
-                _write_json(earlybert_dir(self.out_dir) / "ticket.json",
+                write_json(earlybert_dir(self.out_dir) / "ticket.json",
                             {"step": step, "reason": "early_bird", "distance_max": max(distances),
                              **ticket.to_json()})
             log.info("EarlyBERT: early-bird ticket drawn at step %d (mask distance %.4f < %g over %d masks)",
@@ -306,7 +320,6 @@ def coefficients(source) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(head coefficients per layer, neuron coefficients per layer), fp32 CPU copies (model/slimming.py), read from
     a DeepSpeed engine's fp32 masters where `source` is an engine."""
     if hasattr(source, "module") and hasattr(source, "optimizer"):
-        from training.stages import transfer
-        masters = dict(transfer._named_master_params(source))
+        masters = dict(transfer.named_master_params(source))
         source = {n: masters.get(n, p) for n, p in source.module.named_parameters()}
     return slimming.coefficients(source)

@@ -12,7 +12,7 @@ object), new copies are fresh tensors. Keys are Hugging Face BertForPreTraining 
 result has exactly the keys of the grown model.
 
 Optimizer moments follow the gradients, not the weights. Each operator knows, per tensor, the factor g
-its gradient gets on the grown model (measured with autograd in tests/test_moments.py); `exp_avg` is
+its gradient gets on the grown model (measured with autograd in tests/unit/test_moments.py); `exp_avg` is
 multiplied by g and `exp_avg_sq` by g**2, so the carried moments are what the grown model's own gradients
 would have accumulated. For the width operators the weight's factor and the gradient's differ:
 
@@ -52,19 +52,21 @@ so tiling the [H*head_dim] axis makes new head h an exact copy of old head h % H
 """
 from __future__ import annotations
 
-import re
 from fractions import Fraction
 from typing import Callable, Iterable, Optional, Union
 
 import torch
 
+from training.model import params
 from training.model.config import ModelConfig
+from training.stages.protocol import Hook, HookContext, Transition
 
 Tensors = dict[str, torch.Tensor]
 KINDS = ("hidden", "ffn", "stack", "seq")  # the fixed order compose()/grow() applies them in
 
 # Config fields no growth operator can change (they fix a parameter's meaning or a head's shape).
-_FIXED = ("vocab_size", "type_vocab_size", "pad_token_id", "norm", "nsp", "ffn_rank", "layer_norm_eps", "slimming")
+_FIXED = ("vocab_size", "type_vocab_size", "pad_token_id", "norm", "nsp", "ffn_rank", "layer_norm_eps", "slimming",
+          "addons")
 # Shape fields, and which growth kinds may change each.
 _MAY_CHANGE = {
     "hidden_size": {"hidden"}, "num_heads": {"hidden"}, "heads_per_layer": {"hidden", "stack"},
@@ -72,32 +74,9 @@ _MAY_CHANGE = {
     "max_position": {"seq"},
 }
 
-# Axis roles of every parameter, first match wins. H: hidden, A: attention inner (heads*head_dim),
-# F: FFN inner, "": never widened. Lower case = the input (fan-in) axis of a Linear: tiling it
-# means a k-fold sum, hence the 1/k. Embedding tables are [rows, hidden]: an output axis.
-_ROLES: list[tuple[re.Pattern, tuple[str, ...]]] = [(re.compile(p), r) for p, r in [
-    (r"embeddings\.(word|position|token_type)_embeddings\.weight$", ("", "H")),
-    (r"cls\.predictions\.decoder\.weight$", ("", "H")),  # tied to word_embeddings: same rule
-    (r"cls\.predictions\.(decoder\.)?bias$", ("",)),
-    (r"(LayerNorm|final_layer_norm)\.(weight|bias)$", ("H",)),
-    (r"attention\.self\.(query|key|value)\.weight$", ("A", "h")),
-    (r"attention\.self\.(query|key|value)\.bias$", ("A",)),
-    (r"attention\.output\.dense\.weight$", ("H", "a")),
-    (r"intermediate\.dense\.weight$", ("F", "h")),
-    (r"intermediate\.dense(_v)?\.bias$", ("F",)),
-    (r"output\.dense\.weight$", ("H", "f")),
-    (r"intermediate\.dense_u\.weight$", ("", "h")),  # low-rank FFN (CoRe): W = V U
-    (r"intermediate\.dense_v\.weight$", ("F", "")),
-    (r"output\.dense_u\.weight$", ("", "f")),
-    (r"output\.dense_v\.weight$", ("H", "")),
-    (r"(transform|pooler)\.dense\.weight$", ("H", "h")),
-    (r"(output|transform|pooler)\.dense(_v)?\.bias$", ("H",)),
-    (r"seq_relationship\.weight$", ("", "h")),
-    (r"seq_relationship\.bias$", ("",)),
-]]
-# The MLM transform LayerNorm that feeds the tied decoder (see grow_hidden).
-_HEAD_LN = re.compile(r"cls\.predictions\.transform\.LayerNorm\.(weight|bias)$")
-_LAYER = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..+)$")
+# A tensor's axes (which are the hidden size H, the attention width A, the FFN's neurons F; lower case the
+# input axis of a Linear, where tiling means a k-fold sum, hence the 1/k) are training/model/params.py's answer.
+_WIDENED = ("H", "A", "F")
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -179,11 +158,21 @@ def check_seq_len(seq_len: int, cfg: ModelConfig) -> None:
 # ------------------------------------------------------------------------------------ operators
 
 def _roles(name: str) -> tuple[str, ...]:
-    for pattern, roles in _ROLES:
-        if pattern.search(name):
-            return roles
-    # Failing beats silently leaving an unknown parameter at its old width.
-    raise ValueError(f"no growth rule for tensor {name!r}")
+    """The axes of tensor `name` (params.describe). Failing beats silently leaving an unknown parameter at its
+    old width: a name the model does not have, or an axis no growth rule widens (a per-head add-on tensor)."""
+    try:
+        axes = params.describe(name).axes
+    except ValueError:
+        raise ValueError(f"no growth rule for tensor {name!r}") from None
+    if any(a.upper() not in _WIDENED for a in axes if a):
+        raise ValueError(f"no growth rule for tensor {name!r} (axes {axes})")
+    return axes
+
+
+def _is_head_layernorm(name: str) -> bool:
+    """The MLM transform's LayerNorm, which feeds the tied decoder (see grow_hidden)."""
+    param = params.describe(name)
+    return param.part == "mlm_transform" and "LayerNorm" in param.role
 
 
 def _widen(tensors: Tensors, factors: dict[str, int], moment: int,
@@ -261,7 +250,7 @@ def grow_hidden(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: in
     validate_growth("hidden", old, new)
     k = new.hidden_size // old.hidden_size
     return _widen(tensors, {"H": k, "A": k}, moment,
-                  extra_divisor=lambda name: k if _HEAD_LN.search(name) else 1)
+                  extra_divisor=lambda name: k if _is_head_layernorm(name) else 1)
 
 
 def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0) -> Tensors:
@@ -273,15 +262,14 @@ def stack(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int = 0)
     validate_growth("stack", old, new)
     out = {}
     for name, t in tensors.items():
-        m = _LAYER.match(name)
-        if m is None:
+        i = params.describe(name).layer
+        if i is None:
             out[name] = t
             continue
-        i = int(m[2])
         if i >= old.num_layers:
             raise ValueError(f"tensor {name!r} is beyond the old model's {old.num_layers} layers")
         for j in range(i, new.num_layers, old.num_layers):
-            out[f"{m[1]}{j}{m[3]}"] = t if j == i else t.clone()
+            out[params.renumbered(name, j)] = t if j == i else t.clone()
     return out
 
 
@@ -296,7 +284,7 @@ def grow_seq(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int =
     out = dict(tensors)
     if new.max_position > old.max_position:
         for name, t in tensors.items():
-            if name.endswith("position_embeddings.weight"):
+            if name == params.POSITION_EMBEDDINGS:
                 rows = torch.arange(new.max_position, device=t.device) % old.max_position
                 out[name] = t.index_select(0, rows)
     return out
@@ -344,3 +332,59 @@ def compose(kinds: Union[str, Iterable[str]]):
 
 
 grow = compose(KINDS)  # any combination of depth, FFN, hidden and position-table growth
+
+
+# ------------------------------------------------------------------------------------------ the hooks
+
+class _Growth(Hook):
+    """A growth operator of this module (`kinds`: one of its kinds, or several applied together)."""
+    kinds: tuple[str, ...] | str
+
+    def validate(self, t: Transition) -> None:
+        validate_growth(self.kinds, t.old, t.new)
+
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        op = compose(self.kinds) if isinstance(self.kinds, tuple) else grow
+        return op(tensors, old, new, moment=moment)
+
+
+class Stack(_Growth):
+    name, kinds = "stack", "stack"
+
+
+class GrowFfn(_Growth):
+    name, kinds = "grow_ffn", "ffn"
+
+
+class GrowHidden(_Growth):
+    name, kinds = "grow_hidden", "hidden"
+
+
+class GrowWidth(_Growth):
+    name, kinds = "grow_width", ("hidden", "ffn")
+
+
+class Compound(_Growth):
+    name, kinds = "compound", "compound"
+
+
+class GrowSeq(Hook):
+    """Longer sequences: the same model unless max_position grew (then the position table is extended)."""
+    name = "grow_seq"
+
+    def validate(self, t: Transition) -> None:
+        stage = t.stage
+        if stage.seq_len is None:
+            raise ValueError("needs the stage's seq_len")
+        if t.new.max_position != t.old.max_position:
+            validate_growth("seq", t.old, t.new)
+        elif t.old != t.new:
+            raise ValueError("changes only the sequence length (and max_position)")
+        if t.previous_seq_len is not None and stage.seq_len <= t.previous_seq_len:
+            raise ValueError(f"must lengthen sequences ({t.previous_seq_len} -> {stage.seq_len})")
+
+    def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
+                  ctx: HookContext) -> Tensors:
+        # Same position table unless max_position grew: shorter early stages share it.
+        return grow_seq(tensors, old, new, moment=moment) if new.max_position != old.max_position else tensors

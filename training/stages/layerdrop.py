@@ -1,4 +1,5 @@
-"""Progressive layer dropping (Zhang & He, NeurIPS 2020) as a pure schedule.
+"""Progressive layer dropping (Zhang & He, NeurIPS 2020) as a pure schedule, and the training modifier that
+applies it to a stage (`LayerDrop`, for `stages[].layer_drop`; protocol.Modifier).
 
 DeepSpeed 0.19 no longer ships its `progressive_layer_drop` block, so the schedule lives here and the
 model does the dropping: `BertForPreTraining.forward(..., layer_keep_prob=probs)` in training mode
@@ -14,6 +15,7 @@ from __future__ import annotations
 import math
 
 from training.model.config import ModelConfig
+from training.stages.protocol import Modifier, StepContext
 
 THETA_BAR = 0.5  # the paper's limit keep ratio
 GAMMA = 0.001  # the paper's decay rate per step
@@ -53,9 +55,8 @@ def expected_layers(step: float, num_layers: int, theta_bar: float = THETA_BAR,
 
 
 def check_layerdrop(cfg: ModelConfig) -> None:
-    """Config-load check: layer dropping needs Pre-LN layers."""
-    if cfg.norm != "pre":
-        raise ValueError(f"progressive layer dropping needs model.norm: pre, got {cfg.norm!r}")
+    """Layer dropping needs Pre-LN layers (the model says so: ModelConfig.check_layer_drop)."""
+    cfg.check_layer_drop()
 
 
 def forward_kwargs(layer_drop, step: int, num_layers: int, seed: int) -> dict:
@@ -68,3 +69,27 @@ def forward_kwargs(layer_drop, step: int, num_layers: int, seed: int) -> dict:
         return {}
     probs = layer_keep_probs(step, num_layers, theta_bar=layer_drop.theta_bar, gamma=layer_drop.gamma)
     return {"layer_keep_prob": probs, "layer_drop_generator": torch.Generator().manual_seed(seed * 1_000_003 + step)}
+
+
+class LayerDrop(Modifier):
+    """`stages[].layer_drop: {theta_bar, gamma}`: each step's keep probabilities from the global step (the same
+    decisions on every rank), and the FLOPs that step computes with them."""
+    name, field = "layer_drop", "layer_drop"
+
+    @classmethod
+    def configured(cls, cfg, index: int):
+        return cfg.stages[index].layer_drop
+
+    @classmethod
+    def check(cls, cfg, index: int, start_step) -> None:
+        if cls.configured(cfg, index) is not None:
+            try:
+                check_layerdrop(cfg.stage_model(index))
+            except ValueError as err:
+                raise ValueError(f"stage '{cfg.stages[index].name}': {err}") from None
+
+    def forward_kwargs(self, at: StepContext) -> dict:
+        return forward_kwargs(self.args, at.step, at.model.num_layers, at.seed)
+
+    def flops_args(self, kwargs: dict) -> dict:
+        return {"keep_probs": kwargs["layer_keep_prob"]}

@@ -26,7 +26,7 @@ Two stage hooks (classes `Mslt`, `MsltJoint`; training/stages/protocol.py for th
   (``training.engine.lamb.param_groups_for``), and DeepSpeed 0.19.8 reduces only those (ZeRO 0:
   ``engine._get_gradients_for_reduction`` skips frozen params; ZeRO 1/2 and the bf16/fp16 wrappers only know
   the optimizer's groups), so the gradient all-reduce carries exactly the trainable parameters' gradients
-  (measured by ``python -m training.bench mslt``, tested in tests/test_mslt.py).
+  (measured by ``python -m training.bench mslt``, tested in tests/integration/test_mslt_runs.py).
 
   ``hook_args`` (all optional; the config loader fills in ``train_top``, so ``prepare`` is a pure function of
   the stage config and the model shape and a resumed run freezes the same parameters):
@@ -46,20 +46,18 @@ Two stage hooks (classes `Mslt`, `MsltJoint`; training/stages/protocol.py for th
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any, Optional
 
 import torch
 
+from training.model import params
 from training.model.config import ModelConfig
-from training.stages.protocol import Hook, HookArgs, HookContext, Tensors, parse_hook_args
+from training.stages.protocol import Hook, HookArgs, HookContext, Tensors, Transition, parse_hook_args
 
-_LAYER = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..+)$")
-# Parameters outside the encoder layers that stay trainable in a frozen stage.
-_HEAD_TRAINABLE = re.compile(r"^(cls\.predictions\.transform\.|cls\.predictions\.bias$|cls\.seq_relationship\.|"
-                             r"bert\.pooler\.|bert\.encoder\.final_layer_norm\.)")
-_EMBEDDINGS = re.compile(r"^bert\.embeddings\.")
+# Parts of the model (training/model/params.py) outside the encoder layers that stay trainable in a frozen stage;
+# the embeddings and the decoder (tied to them) follow freeze_embeddings.
+_HEAD_TRAINABLE = ("mlm_transform", "mlm_bias", "nsp", "pooler", "final_norm")
 _PER_LAYER = ModelConfig.PER_LAYER_FIELDS
 DEFAULT_JOINT_FRACTION = 0.1
 
@@ -79,14 +77,20 @@ def resolve_args(old: ModelConfig, new: ModelConfig, args: dict) -> dict:
     """The stage's hook_args (typed: MsltArgs) with their defaults filled in (train_top = k, the added layers;
     freeze_embeddings true), resolved once when the config loads so that prepare() (also on resume) needs only
     (model, stage). Returns a new dict; validate() then checks it."""
-    resolved = parse_hook_args(MsltArgs, args).model_dump()
-    if resolved["train_top"] is None:
-        resolved["train_top"] = _added(old, new)
-    return resolved
+    return _resolved(parse_hook_args(MsltArgs, args), old, new).model_dump()
+
+
+def _resolved(args: MsltArgs, old: ModelConfig, new: ModelConfig) -> MsltArgs:
+    return args if args.train_top is not None else args.model_copy(update={"train_top": _added(old, new)})
 
 
 def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
-    """Config-load check of an `mslt` stage (its hook_args already resolved: resolve_args). Changes nothing."""
+    """Config-load check of an `mslt` stage (its hook_args typed here; the run resolves them once: Mslt). Changes
+    nothing."""
+    _check(old, new, parse_hook_args(MsltArgs, stage.hook_args).train_top)
+
+
+def _check(old: ModelConfig, new: ModelConfig, train_top: Optional[int]) -> None:
     k = _added(old, new)
     if k < 1:
         raise ValueError(f"MSLT adds layers on top: model.num_layers must grow ({old.num_layers} -> "
@@ -102,7 +106,6 @@ def validate(old: ModelConfig, new: ModelConfig, stage) -> None:
         if getattr(new, field) != expected:
             raise ValueError(f"model.{field} must become {expected} (the top {k} layers copied), "
                              f"got {getattr(new, field)}")
-    train_top = parse_hook_args(MsltArgs, stage.hook_args).train_top
     train_top = k if train_top is None else train_top
     if not k <= train_top <= new.num_layers:
         raise ValueError(f"hook_args.train_top must be in [{k}, {new.num_layers}] (at least the {k} added "
@@ -116,14 +119,13 @@ def copy_top_layers(tensors: Tensors, old: ModelConfig, new: ModelConfig, moment
     out = {}
     for name, t in tensors.items():
         out[name] = t
-        m = _LAYER.match(name)
-        if m is None:
+        i = params.describe(name).layer
+        if i is None:
             continue
-        i = int(m[2])
         if i >= top:
             raise ValueError(f"tensor {name!r} is beyond the old model's {top} layers")
         if i >= top - k:
-            out[f"{m[1]}{i + k}{m[3]}"] = t.clone()
+            out[params.renumbered(name, i + k)] = t.clone()
     return out
 
 
@@ -136,17 +138,15 @@ def freeze(model: torch.nn.Module, train_top: int, freeze_embeddings: bool = Tru
     frozen = []
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):  # the tied decoder weight too
-        m = _LAYER.match(name)
-        if m is not None:
-            trainable = int(m[2]) >= first_trainable
-        elif _EMBEDDINGS.match(name) or name == "cls.predictions.decoder.weight":
+        param = params.describe(name)  # ValueError for a name no part of the model has
+        if param.layer is not None:
+            trainable = param.layer >= first_trainable
+        elif param.part in ("embeddings", "decoder"):
             trainable = not freeze_embeddings
-        elif name == "cls.predictions.decoder.bias":  # is cls.predictions.bias
+        elif param.part in _HEAD_TRAINABLE:
             trainable = True
         else:
-            trainable = bool(_HEAD_TRAINABLE.match(name))
-            if not trainable:
-                raise ValueError(f"MSLT does not know whether {name!r} trains in a frozen stage")
+            raise ValueError(f"MSLT does not know whether {name!r} (part {param.part}) trains in a frozen stage")
         if id(p) in seen:
             if p.requires_grad != trainable:
                 raise ValueError(f"{name!r} is tied to a parameter with the opposite MSLT role")
@@ -177,12 +177,11 @@ class Mslt(Hook):
     """Grow by k layers copied from the top; only the top `train_top` layers (and the head) train."""
     name, Args = "mslt", MsltArgs
 
-    @classmethod
-    def resolve_args(cls, old: ModelConfig, new: ModelConfig, args: dict) -> dict:
-        return resolve_args(old, new, args)
+    def resolve_args(self, t: Transition) -> MsltArgs:
+        return _resolved(self.args, t.old, t.new)
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
-        validate(old, new, stage)
+    def validate(self, t: Transition) -> None:
+        _check(t.old, t.new, self.args.train_top)
 
     def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
                   ctx: HookContext) -> Tensors:
@@ -198,8 +197,8 @@ class MsltJoint(Hook):
     """The last stage: every layer trains again, same model."""
     name = "mslt_joint"
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
-        validate_joint(old, new, stage)
+    def validate(self, t: Transition) -> None:
+        validate_joint(t.old, t.new, t.stage)
 
     def transform(self, tensors: Tensors, old: ModelConfig, new: ModelConfig, moment: int,
                   ctx: HookContext) -> Tensors:

@@ -1,22 +1,25 @@
 """What will happen when: a run's stages resolved against its data and world size.
 
-`Plan` owns the resolved schedule: each stage's steps (a token budget converted with the stage's own global
-batch x sequence length), its first global step, its sequence length, its model as declared, the LR segments
-of the whole run (a warmup per stage, one decay: engine/schedule.py), and the stages a watcher ended early
-(EarlyBERT's early-bird search: the next stage takes over the remaining steps, so the total is unchanged).
+`Plan` owns the resolved schedule, built once per run and never changed: each stage's steps (a token budget
+converted with the stage's own global batch x sequence length), its first global step, its sequence length,
+its model as declared, its hook instance, and the LR segments of the whole run (a warmup per stage, one decay:
+engine/schedule.py). A stage a watcher ends early (EarlyBERT's early-bird search) gives a new plan
+(`with_boundary`: the next stage takes over the remaining steps, so the total is unchanged); the run's
+StageSchedule (stages/schedule.py) holds the one in force.
 
-The sequence-length rules live here once (`seq_lens`): a stage's length is its own `seq_len` or the prepared
-data's; it may not exceed the data's, nor the stage model's `max_position`. `planned_steps` is the same
-arithmetic for tools that plan a run before it starts (the compare tool's progress bars).
+The data-side sequence-length rules live here once (`seq_lens`): a stage's length is its own `seq_len` or the
+prepared data's; it may not exceed the data's, nor the stage model's `max_position` (ModelConfig.check_seq_len,
+the one place that decides it). `planned_steps` is the same arithmetic for tools that plan a run before it starts.
 
-A run's config is loaded here too (`load_config`): the file as training.config reads it, then each hook's
-arguments resolved once (`resolve_hook_args`) and every stage transition checked (`check_transitions`), so
-that nothing after the load changes the config. Each stage's hook instance lives on its StagePlan.
+A run's config is loaded here too (`load_config`): the file as training.config reads it, then every stage checked
+once (`check_stages`: each transition by its hook, which also resolves its arguments' defaults; each stage's
+training modifiers) and the warmups, so that nothing after the load changes the config.
 """
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -26,12 +29,14 @@ from training.config.length import scale_to_max_steps
 from training.engine.precision import resolve_precision
 from training.engine.schedule import staged_segments
 from training.errors import UserError
+from training.model.addons import ADDONS
 from training.model.config import ModelConfig
-from training.stages.hooks import hook_class, make_hook
-from training.stages.protocol import Hook
+from training.stages.hooks import make_hook
+from training.stages.modifiers import check_modifiers
+from training.stages.protocol import Hook, Transition
 
 
-@dataclass
+@dataclass(frozen=True)
 class StagePlan:
     """A stage resolved for this run: its steps (tokens converted), first global step and data length."""
     index: int
@@ -64,52 +69,59 @@ def load_config(path, overrides: list[str] = (), notes: Optional[list[str]] = No
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
             update={"precision": resolve_precision(cfg.train.precision)})})
     try:
-        cfg = resolve_hook_args(cfg)
-        check_transitions(cfg)
+        cfg = check_stages(cfg)
         check_warmups(cfg)
     except ValueError as err:
         raise UserError(f"{path if path is not None else 'config'}: {err}") from None
     return cfg
 
 
-def resolve_hook_args(cfg: RunConfig) -> RunConfig:
-    """Each hook's hook_args with their defaults filled in from the shapes (MSLT: train_top = the added
-    layers), once, here: validation and the hooks at run time then change nothing. A new frozen config."""
+def check_stages(cfg: RunConfig) -> RunConfig:
+    """Every stage, checked once (ValueError, one line naming the stage): its declared seq_len fits its model;
+    the first stage names no hook; a later one names a hook if its model changes, and that hook accepts the
+    transition (`Hook.validate`: the one place a transition is decided), with its arguments' defaults resolved
+    from the shapes (`Hook.resolve_args`: MSLT's train_top); each stage's training modifiers suit it
+    (modifiers.check_modifiers). Returns a new frozen config holding the resolved arguments."""
     stages = list(cfg.stages)
-    for i, stage in enumerate(stages[1:], start=1):
-        if not stage.hook:
-            continue
-        try:
-            args = hook_class(stage.hook).resolve_args(cfg.stage_model(i - 1), cfg.stage_model(i), stage.hook_args)
-        except ValueError as err:
-            raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
-        stages[i] = stage.model_copy(update={"hook_args": args})
-    return cfg.model_copy(update={"stages": stages})
-
-
-def check_transitions(cfg: RunConfig) -> None:
-    """Whether each stage may follow the one before it: a hook names the change (ValueError otherwise), the
-    hook accepts it (`Hook.validate`), grow_seq lengthens the rows, no stage declares more positions than its
-    model has. Changes nothing."""
     prev_model, prev_seq = None, None
-    for i, stage in enumerate(cfg.stages):
+    for i, stage in enumerate(stages):
         model = cfg.stage_model(i)
-        seq = stage.seq_len
-        if seq is not None and seq > model.max_position:
-            raise ValueError(f"stage '{stage.name}': seq_len {seq} exceeds model.max_position {model.max_position}")
-        if i == 0:
-            if stage.hook:
-                raise ValueError(f"stage '{stage.name}': the first stage has no previous stage to hook from")
-        elif not stage.hook and model != prev_model:
-            raise ValueError(f"stage '{stage.name}': the model shape changes but the stage names no hook")
-        elif stage.hook:
+        for name in model.addons:
             try:
-                make_hook(stage).validate(prev_model, model, stage)
+                ADDONS.lookup(name)
             except ValueError as err:
-                raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
-            if stage.hook == "grow_seq" and prev_seq is not None and seq <= prev_seq:
-                raise ValueError(f"stage '{stage.name}': grow_seq must lengthen sequences ({prev_seq} -> {seq})")
-        prev_model, prev_seq = model, seq if seq is not None else prev_seq
+                raise ValueError(f"stage '{stage.name}': model.addons: {err}") from None
+        if stage.seq_len is not None:
+            try:
+                model.check_seq_len(stage.seq_len)
+            except ValueError as err:
+                raise ValueError(f"stage '{stage.name}': {err}") from None
+        if i == 0 and stage.hook:
+            raise ValueError(f"stage '{stage.name}': the first stage has no previous stage to hook from")
+        if i > 0 and not stage.hook and model != prev_model:
+            raise ValueError(f"stage '{stage.name}': the model shape changes but the stage names no hook")
+        if i > 0 and stage.hook:
+            stages[i] = _checked_transition(Transition(prev_model, model, stage, stages[i - 1], prev_seq))
+        prev_model, prev_seq = model, stage.seq_len if stage.seq_len is not None else prev_seq
+    cfg = cfg.model_copy(update={"stages": stages})
+    starts = None if any(s.steps is None for s in stages) else [sum(s.steps for s in stages[:i])
+                                                                    for i in range(len(stages))]
+    check_modifiers(cfg, starts)  # stages in tokens: the run's plan checks what needs their start steps
+    return cfg
+
+
+def _checked_transition(t: Transition):
+    """The stage of transition `t` with its hook's resolved arguments, once its hook accepts it."""
+    stage = t.stage
+    try:
+        hook = make_hook(stage)
+        args = hook.resolve_args(t)
+        if args is not None:
+            hook.args, stage = args, stage.model_copy(update={"hook_args": args.model_dump()})
+        hook.validate(replace(t, stage=stage))
+    except ValueError as err:
+        raise ValueError(f"stage '{stage.name}': {stage.hook}: {err}") from None
+    return stage
 
 
 def check_warmups(cfg: RunConfig, steps: Optional[list[int]] = None) -> None:
@@ -153,11 +165,13 @@ def seq_lens(cfg: RunConfig, data_seq_len: int, data_dir: Optional[str] = None) 
         if seq_len > data_seq_len:
             raise UserError(f"stage '{stage.name}': seq_len {seq_len} exceeds the prepared data's "
                             f"{data_seq_len} (data.dir={data_dir})")
-        max_position = cfg.stage_model(i).max_position
-        if seq_len > max_position:
+        model = cfg.stage_model(i)
+        try:
+            model.check_seq_len(seq_len)
+        except ValueError:
             where = f"stage '{stage.name}' seq_len" if stage.seq_len else f"data.dir={data_dir} has seq_len"
-            raise UserError(f"{where} {seq_len}, more than model.max_position={max_position}; raise "
-                            "model.max_position or prepare the data with a shorter --seq-len")
+            raise UserError(f"{where} {seq_len}, more than model.max_position={model.max_position}; raise "
+                            "model.max_position or prepare the data with a shorter --seq-len") from None
         lengths.append(seq_len)
     return lengths
 
@@ -169,21 +183,22 @@ def _steps(cfg: RunConfig, world_size: int, lengths: list[int]) -> list[int]:
 
 
 class Plan:
-    """The run's stages as they will run (indexable: plan[i] is a StagePlan)."""
+    """The run's stages as they will run (indexable: plan[i] is a StagePlan); never changed after it is made."""
 
     def __init__(self, cfg: RunConfig, data_seq_len: int, world_size: int, data_dir: Optional[str] = None):
         self.cfg = cfg
         lengths = seq_lens(cfg, data_seq_len, data_dir)
-        self.stages: list[StagePlan] = []
+        stages: list[StagePlan] = []
         start = 0
         for i, (stage, steps, seq_len) in enumerate(zip(cfg.stages, _steps(cfg, world_size, lengths), lengths)):
-            self.stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i), make_hook(stage)))
+            stages.append(StagePlan(i, stage.name, steps, start, seq_len, cfg.stage_model(i), make_hook(stage)))
             start += steps
-        try:
+        self.stages = tuple(stages)
+        try:  # what needs every stage's steps (stages given in tokens: warmups) and start step (train.locality_bias)
             check_warmups(cfg, [p.steps for p in self.stages])
+            check_modifiers(cfg, [p.start_step for p in self.stages])
         except ValueError as err:
             raise UserError(str(err)) from None
-        self._check_locality_schedule()
         self.lr_segments = self._lr_segments()
 
     def __getitem__(self, index: int) -> StagePlan:
@@ -199,16 +214,6 @@ class Plan:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.stages)
 
-    def _check_locality_schedule(self) -> None:
-        """train.locality_bias runs by global step: every stage it reaches needs an attention that takes it
-        (stage lengths in tokens are only known here, so is what the schedule covers)."""
-        schedule = self.cfg.train.locality_bias
-        for p in self.stages:
-            if schedule is not None and p.start_step < schedule.steps and p.model.attention not in ("eager", "sdpa"):
-                raise UserError(f"train.locality_bias covers stage '{p.name}' (from step {p.start_step}), whose "
-                                f"model.attention is {p.model.attention}: it needs eager or sdpa (or a shorter "
-                                "train.locality_bias.steps)")
-
     def _lr_segments(self) -> list:
         cfg, total = self.cfg, self.total_steps
         warmups = [(p.start_step, cfg.warmup_steps(total) if p.index == 0 else cfg.stages[p.index].warmup_steps)
@@ -217,16 +222,21 @@ class Plan:
         warmups = [(start, min(w, p.steps) if p.ended_early else w) for (start, w), p in zip(warmups, self.stages)]
         return staged_segments(total, cfg.optimizer.lr, warmups, cfg.optimizer.end_lr, cfg.optimizer.decay_power)
 
-    def move_boundary(self, index: int, start: int) -> None:
-        """Stage `index` starts at global step `start` instead of where planned (its previous stage ended
-        early: EarlyBERT's early-bird ticket); it takes over the previous stage's remaining steps, so the
-        run's total steps are unchanged. The stage's LR warmup moves with it."""
+    def with_boundary(self, index: int, start: int) -> "Plan":
+        """This plan with stage `index` starting at global step `start` instead (its previous stage ended early:
+        EarlyBERT's early-bird ticket); it takes over the previous stage's remaining steps, so the run's total
+        steps are unchanged, and its LR warmup moves with it. A new plan; this one is unchanged."""
         prev, cur = self.stages[index - 1], self.stages[index]
         shift = cur.start_step - start
-        if shift:
-            prev.steps, cur.start_step, cur.steps = prev.steps - shift, start, cur.steps + shift
-            prev.ended_early = shift > 0
-            self.lr_segments = self._lr_segments()
+        if not shift:
+            return self
+        moved = copy.copy(self)
+        stages = list(self.stages)
+        stages[index - 1] = replace(prev, steps=prev.steps - shift, ended_early=shift > 0)
+        stages[index] = replace(cur, start_step=start, steps=cur.steps + shift)
+        moved.stages = tuple(stages)
+        moved.lr_segments = moved._lr_segments()
+        return moved
 
 
 def planned_steps(cfg: RunConfig, world_size: int = 1) -> Optional[int]:

@@ -1,5 +1,13 @@
-"""The stage-hook protocol (stages/hooks.py lists the hooks): the base class every hook is (one instance per
-stage), and what it gets at a boundary. Method modules (growth, mslt, core, earlybert) import this, never the registry."""
+"""What a method of a staged run is, in two kinds (stages/README.md):
+
+- a stage *hook* (`Hook`; stages/hooks.py lists them) enters a stage from the one before: it is checked with
+  its `Transition` when the config loads and gets a `Boundary` (the old model's weights and moments) when the
+  run reaches the stage;
+- a training *modifier* (`Modifier`; stages/modifiers.py lists them) changes how a stage trains, not its model:
+  each step's forward arguments and FLOPs, and what an evaluation adds (layer dropping, the locality bias).
+
+(A method that adds parameters is a model add-on: training/model/addon.py.) Method modules import this, never
+the registries."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,18 +31,25 @@ class HookContext:
     out_dir: Path
 
 
+@dataclass(frozen=True)
+class Transition:
+    """A stage and the one before it, as the config declares them: what a hook checks when the config loads."""
+    old: ModelConfig  # the previous stage's model
+    new: ModelConfig  # this stage's model as declared
+    stage: Any  # this stage's StageSection (name, hook, hook_args, seq_len, ...)
+    previous: Any  # the previous stage's StageSection
+    previous_seq_len: Optional[int] = None  # the last seq_len a stage before this one declares (None: the data's)
+
+
 @dataclass
 class Boundary:
-    """Everything a hook gets at a stage boundary, in one object (StageRunner._enter_stage builds it)."""
+    """Everything a hook gets at a stage boundary, in one object (StageRunner.enter_stage builds it)."""
     step: int  # global step at the boundary
-    rank: int
     out_dir: Path
-    stage: Any  # the config's StageSection being entered (name, hook, hook_args, optimizer_state, ...)
     old: ModelConfig  # the model trained so far
     declared: ModelConfig  # the entered stage's model as the config declares it
     weights: Tensors  # fp32, by parameter name (the masters where DeepSpeed keeps them)
     moments: dict[str, Tensors]  # {'exp_avg': ..., 'exp_avg_sq': ...} with optimizer_state: carry, else {}
-    write_metrics: Callable[[dict], None] = lambda record: None
 
     def context(self) -> HookContext:
         return HookContext(step=self.step, out_dir=self.out_dir)
@@ -50,8 +65,8 @@ class Entered:
 
 class HookArgs(BaseModel):
     """Base of a hook's typed `hook_args` (pydantic, like the rest of the config): unknown keys refused, types
-    strict, frozen. Parsed when the config loads (plan.resolve_hook_args) and again, into `Hook.args`, when
-    the stage's hook instance is made."""
+    strict, frozen. Parsed when a stage's hook instance is made (`Hook.args`): when the config loads, where its
+    defaults are filled in once (`Hook.resolve_args`), and for the run's own instance."""
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
@@ -83,9 +98,11 @@ class Hook:
     Class attributes: `name` (what a stage's `hook:` says), `Args` (a HookArgs subclass, or None for a hook
     that takes no arguments).
 
-    Load time (the config is checked before anything runs; both must change nothing):
-    - `resolve_args(old, new, args)` (class method): the stage's hook_args with defaults filled in, a new dict;
-    - `validate(old, new, stage)`: raise ValueError (one line) for a change the method cannot make.
+    Load time (the config is checked before anything runs; neither changes the config):
+    - `resolve_args(t)`: this stage's arguments with shape-dependent defaults filled in (MSLT: train_top), a new
+      Args instance (the config keeps them: resolved once);
+    - `validate(t)`: raise ValueError (one line) for a transition the method cannot make: the one place where
+      that is decided (the schema checks shapes only).
     Boundary time (`enter`):
     - `resolve(old, declared, weights, ctx)`: the new stage's model config (most hooks: as declared);
     - `transform(tensors, old, new, moment, ctx)`: the old model's tensors as the new model's, for the weights
@@ -107,11 +124,10 @@ class Hook:
         else:
             self.args = None
 
-    @classmethod
-    def resolve_args(cls, old: ModelConfig, new: ModelConfig, args: dict) -> dict:
-        return parse_hook_args(cls.Args, args).model_dump() if cls.Args is not None else dict(args)
+    def resolve_args(self, t: Transition) -> Optional[HookArgs]:
+        return self.args
 
-    def validate(self, old: ModelConfig, new: ModelConfig, stage) -> None:
+    def validate(self, t: Transition) -> None:
         return None
 
     def resolve(self, old: ModelConfig, declared: ModelConfig, weights: Tensors, ctx: HookContext) -> ModelConfig:
@@ -141,3 +157,66 @@ class Hook:
 def enter_without_hook(boundary: Boundary) -> Entered:
     """A stage that names no hook keeps the model (the config refuses a shape change without one)."""
     return Entered(boundary.old, boundary.weights, boundary.moments)
+
+
+# ------------------------------------------------------------------------------------------- modifiers
+
+@dataclass(frozen=True)
+class StepContext:
+    """Where a training step is: what a modifier's schedule reads."""
+    step: int  # optimizer steps done before this one, over the whole run
+    stage_step: int  # of them, in this stage
+    stage_steps: int  # the stage's length as it runs (an early end shortens it)
+    model: ModelConfig  # the model the stage trains
+    seed: int  # run.seed
+
+
+class Modifier:
+    """A training modifier: how a stage trains, not what it trains (one instance per stage that uses it,
+    `modifiers.stage_modifiers`). The runner asks every modifier of the current stage, knowing none of them:
+
+    - `forward_kwargs(at)`: the forward arguments of the step at `at` (layer dropping's keep probabilities, the
+      locality bias's strength); the evaluation never gets them (it scores the plain model);
+    - `flops_args(kwargs)` and `flops_factor(kwargs)`: the FLOPs per token that step computes, as the stage's
+      count (training/model/flops.py flops_per_token) with extra arguments (layer dropping: its keep
+      probabilities), times a factor; defaults: none, 1;
+    - `eval_record(at, evaluate)`: what an evaluation records beside the plain model's score (the locality bias:
+      the score of the model as it trains, `evaluate(**forward_kwargs)`); default nothing.
+
+    Configuration: a stage names it in `stages[].modifiers: {NAME: {args}}` (typed by `Args`, a HookArgs
+    subclass), or, for the shipped ones, in their own stage field (`field`: `layer_drop`, `locality_bias`);
+    `configured(cfg, index)` reads it. `check(cfg, index, start_step)` refuses (ValueError, one line naming the
+    stage) a stage the modifier cannot train, when the config loads: the one place that is decided."""
+
+    name: ClassVar[str]
+    Args: ClassVar[Optional[type[HookArgs]]] = None
+    field: ClassVar[Optional[str]] = None  # the StageSection field that configures it instead of `modifiers`
+
+    def __init__(self, args):
+        self.args = args
+
+    @classmethod
+    def configured(cls, cfg, index: int):
+        """This modifier's arguments in stage `index` (typed), or None when the stage does not use it."""
+        raw = cfg.stages[index].modifiers.get(cls.name)
+        if raw is None:
+            return None
+        return parse_hook_args(cls.Args, raw) if cls.Args is not None else dict(raw)
+
+    @classmethod
+    def check(cls, cfg, index: int, start_step: Optional[int]) -> None:
+        """ValueError for a stage this modifier cannot train (`start_step`: the stage's first global step where
+        the config alone gives it, else None)."""
+        return None
+
+    def forward_kwargs(self, at: StepContext) -> dict:
+        return {}
+
+    def flops_args(self, kwargs: dict) -> dict:
+        return {}
+
+    def flops_factor(self, kwargs: dict) -> float:
+        return 1.0
+
+    def eval_record(self, at: StepContext, evaluate: Callable[..., dict]) -> dict:
+        return {}

@@ -35,7 +35,7 @@ def _partitioned(engine) -> bool:
     return engine.zero_optimization_stage() in (1, 2)
 
 
-def _named_master_params(engine) -> Iterator[tuple[str, torch.Tensor]]:
+def named_master_params(engine) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, fp32 master) pairs at ZeRO 0; nothing under ZeRO 1/2 (see _partitioned_masters)."""
     basic = _basic_optimizer(engine)
     if _partitioned(engine):
@@ -67,7 +67,7 @@ def fp32_weights(engine) -> Tensors:
     if _partitioned(engine):
         masters = _partitioned_masters(engine)
     else:
-        masters = ((name, p.detach().float().clone()) for name, p in _named_master_params(engine))
+        masters = ((name, p.detach().float().clone()) for name, p in named_master_params(engine))
     for name, master in masters:
         weights[name] = master
         decoder = "cls.predictions.decoder.weight"  # tied to the word embeddings in the state dict
@@ -81,7 +81,7 @@ def optimizer_moments(engine) -> tuple[dict[str, Tensors], dict[str, object]]:
     basic = _basic_optimizer(engine)
     moments: dict[str, Tensors] = {key: {} for key in MOMENT_POWER}
     steps: dict[str, object] = {}
-    for name, p in _named_master_params(engine):
+    for name, p in named_master_params(engine):
         state = basic.state.get(p, {})
         for key in MOMENT_POWER:
             if key in state:
@@ -106,7 +106,7 @@ def load_into_engine(engine, weights: Tensors, moments: dict[str, Tensors] | Non
             if name in weights:
                 safe_set_full_fp32_param(p, weights[name].to(p.device, torch.float32))
         return 0
-    for name, p in _named_master_params(engine):
+    for name, p in named_master_params(engine):
         if name in weights:
             p.data.copy_(weights[name].to(p.dtype))
         if moments is None or not all(name in moments[key] for key in MOMENT_POWER):
