@@ -11,6 +11,9 @@ from tests.helpers.paths import REPO
 def bench_env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # The kernel test modules set TRITON_INTERPRET=1 in this process when they are collected (-m slow collects
+    # them all); a bench run is a user's command and must see the CPU tensors as they are.
+    env.pop("TRITON_INTERPRET", None)
     return env
 
 
