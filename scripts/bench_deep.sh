@@ -21,9 +21,9 @@ D=configs/bench/deep
 ALL=(baseline baseline_seed2 baseline_budget stacking mslt compound layerdrop core earlybert stacking_layerdrop)
 CONFIGS=()
 for n in "${ALL[@]}"; do CONFIGS+=("$D/$n.yaml"); done
-# BLiMP (50 pairs of each paradigm) at each run's target crossing, every 1500 steps and at its end: a PLL costs a
-# forward pass per word piece, about 4 minutes of one core per checkpoint of this model (the baseline, run first,
-# was scored every 500 steps).
+# BLiMP (50 pairs of each paradigm) at each run's target crossing and at its end; the baseline, run first, also
+# every 500 steps (its BLiMP curve). A PLL costs a forward pass per word piece: about 3-4 minutes of one core per
+# checkpoint of this model.
 compare() {  # compare BLIMP_EVERY ARGS...: the main comparison (every config of the folder), ARGS added
   $PY -m training.bench compare --out "$ROOT/deep" --pause-at-target --control baseline_budget --blimp "$BLIMP" \
     --blimp-per-paradigm 50 --blimp-every "$1" --no-progress --configs "${CONFIGS[@]}" "${@:2}"
@@ -35,11 +35,11 @@ anneal() {
 }
 case "${1:-}" in
   baseline) compare 500 --only baseline ;;
-  lane-a) compare 1500 --only baseline_seed2 stacking mslt compound layerdrop ;;
+  lane-a) compare 0 --only baseline_seed2 stacking mslt compound layerdrop ;;
   lane-b) anneal 400 && anneal 1200 &&
-          compare 1500 --only baseline_budget core earlybert stacking_layerdrop ;;
+          compare 0 --only baseline_budget core earlybert stacking_layerdrop ;;
   anneal) anneal "${2:?anneal STEPS}" "${@:3}" ;;
-  report) compare 1500 --report-only
+  report) compare 0 --report-only
           for a in 400 1200; do anneal "$a" --report-only; done ;;
   *) echo "usage: $0 baseline|lane-a|lane-b|anneal STEPS|report" >&2; exit 2 ;;
 esac
