@@ -100,29 +100,31 @@ def test_compare_pause_at_target_scores_blimp_there_and_at_the_end(tmp_path, tin
     base = bench_config(tmp_path, "base", tiny_data, lr=1e-3)
     fast = bench_config(tmp_path, "fast", tiny_data, lr=1e-2)
     cfg = yaml.safe_load(fast.read_text())
-    cfg["train"]["max_steps"] = 30
+    # Long enough that compare's twice-a-second poll sees the crossing while the run is still going, whatever
+    # the load (30 steps of this model can pass between two polls).
+    cfg["train"]["max_steps"] = 90
     fast.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "cmp"
     blimp = REPO / "tests" / "data" / "blimp"
     proc = subprocess.run([sys.executable, "-m", "training.bench", "compare", "--configs", str(base), str(fast),
                            "--out", str(out), "--eval-every", "3", "--pause-at-target", "--control", "base",
-                           "--blimp", str(blimp), "--blimp-per-paradigm", "2", "--blimp-every", "6",
+                           "--blimp", str(blimp), "--blimp-per-paradigm", "2", "--blimp-every", "30",
                            "--no-progress"], cwd=REPO, env=bench_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     base_run, fast_run = rep["runs"]
     assert fast_run["status"].startswith("ok (paused at target, step ")
     paused = int(fast_run["status"].split("step ")[1].rstrip(")"))
-    assert fast_run["target"]["reached"] and fast_run["target"]["step"] <= paused < 30
-    assert fast_run["final_step"] == 30  # resumed to the end of its budget
+    assert fast_run["target"]["reached"] and fast_run["target"]["step"] <= paused < 90
+    assert fast_run["final_step"] == 90  # resumed to the end of its budget
     steps = [c["step"] for c in fast_run["curve"]]
-    assert steps == sorted(set(steps)) and steps[-1] == 30
+    assert steps == sorted(set(steps)) and steps[-1] == 90
     points = json.loads((out / "blimp" / "fast.json").read_text())
     labelled = [p for p in points["points"] if p["label"] == "target"]
     at = json.loads((out / "logs" / "fast.json").read_text())["target_checkpoint_step"]
-    # The checkpoint the signal wrote: at the crossing's eval or the few steps before the signal arrived.
-    assert len(labelled) == 1 and labelled[0]["step"] == at and paused <= at < paused + 6
-    assert [p["step"] for p in points["points"]] == sorted({6, 12, 18, 24, 30, at})
+    # The checkpoint the signal wrote: at the crossing's eval or the steps the run took before the signal arrived.
+    assert len(labelled) == 1 and labelled[0]["step"] == at and paused <= at < 90
+    assert [p["step"] for p in points["points"]] == sorted({30, 60, 90, at})
     assert all(0 <= p["mean"] <= 1 and p["tokens"] > 0 for p in points["points"])
     assert 0 <= points["count_models"]["unigram"] <= 1 and 0 <= points["count_models"]["bigram"] <= 1
     assert points["per_paradigm"] == 2 and points["source"] == str(blimp)
@@ -197,6 +199,14 @@ def test_stop_at_target_never_reads_the_metrics_an_earlier_run_left(tmp_path):
 
     assert follow(stale) is None  # the old file is not this run's
     assert follow(None) == 10  # the same file, as the run's own, stops it
+
+    def follow_total(total):
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.0)"])
+        stopped = _follow(proc, metrics, "m", total, 0, progress=False, stop_below=5.0, poll_s=0.05)
+        assert proc.wait() == 0  # never signalled
+        return stopped
+
+    assert follow_total(10) is None  # a crossing at the run's last step is its end, not a stop
 
 
 def test_throughput_stage_trains_as_the_runner_does(tmp_path, tiny_data):

@@ -91,8 +91,11 @@ def _follow(proc: subprocess.Popen, metrics: Path, name: str, total: Optional[in
             if metrics.is_file() and (stale is None or _file_id(metrics) != stale):
                 train, evals = split_records(read_jsonl(metrics))
                 last = evals[-1] if evals else {}
+                # A crossing at the run's last step is its end, not a stop: a signal then would only reach the
+                # child as it exits (and kill it there, outside the training loop's handler).
                 if (stop_below is not None and stopped_at is None and not done and last.get("heldout_loss") is not None
-                        and last["heldout_loss"] <= stop_below and final_stage in (None, last.get("stage"))):
+                        and last["heldout_loss"] <= stop_below and final_stage in (None, last.get("stage"))
+                        and (total is None or int(last["step"]) < total)):
                     stopped_at = int(evals[-1]["step"])
                     proc.send_signal(signal.SIGTERM)
                 if train:
