@@ -195,7 +195,6 @@ def run(args) -> dict:
     if set(only) - set(names):
         raise UserError(f"--only {sorted(set(only) - set(names))}: not among the run names {names}")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sets = list(DEFAULT_SETS) + list(args.set)
     if args.eval_every:
         sets.append(f"run.eval_every={args.eval_every}")
@@ -208,6 +207,7 @@ def run(args) -> dict:
         from training.bench.blimp_points import Scorer
 
         scorer = Scorer(args.blimp, args.blimp_per_paradigm, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)  # after every check of the arguments: a refused command leaves nothing
     stop_at_target = args.stop_at_target or args.pause_at_target
     notes = []
 
